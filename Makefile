@@ -1,0 +1,41 @@
+# Everything runs from a project-local virtual environment (.venv, Python 3.10).
+#   make setup  - create .venv and install torch, detectron2 and this project (idempotent)
+#   make test   - run the test suite (sets up first when .venv is missing)
+#   make demo   - train on the built-in shapes dataset on CPU, evaluate, draw predictions
+# Bring your own detectron2: `make setup SKIP_DETECTRON2=1` (see README, "Installation").
+
+PYTHON_VERSION ?= 3.10.13
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SKIP_DETECTRON2 ?= 0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml requirements.txt
+	@test -x $(PY) || PYENV_VERSION=$(PYTHON_VERSION) python3.10 -m venv $(VENV) || python3.10 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	@if [ "$(SKIP_DETECTRON2)" != "1" ]; then $(PIP) install -q "sal-detectron2==0.7.2"; \
+	  else echo "SKIP_DETECTRON2=1: using the detectron2 already importable by $(PY)"; fi
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import detectron2, solo; print('detectron2', detectron2.__version__, '| solo ready')"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) tools/shapes_demo.py
+
+benchmark: setup
+	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn
+
+lint: setup
+	$(PY) -m flake8 projects tests tools demo train_net.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info projects/SOLO/*.egg-info

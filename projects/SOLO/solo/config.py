@@ -1,0 +1,128 @@
+"""Configuration keys of the SOLO family (``cfg.MODEL.SOLO``).
+
+Every default is the official one (WXinlong/SOLO, ``configs/solo/solo_r50_fpn_8gpu_1x.py``); the
+paper symbol is given where the paper names the quantity. Variants (Decoupled SOLO, SOLOv2, light,
+DCN) change only a few keys in their YAML files.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_solo_config(cfg):
+    """Add the ``MODEL.SOLO`` keys (and the SOLO input/solver defaults) to a Detectron2 config."""
+    cfg.MODEL.SOLO = CN()
+    _C = cfg.MODEL.SOLO
+
+    # Instance head, from SOLO_HEAD_REGISTRY: SOLOHead | DecoupledSOLOHead | DecoupledSOLOLightHead
+    # | SOLOv2Head.
+    _C.HEAD_NAME = "SOLOHead"
+    # FPN levels the head reads, finest first. P2 is resized x0.5 and P6 to P5's size inside the
+    # head, so the effective level strides are LEVEL_STRIDES.
+    _C.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Number of foreground categories (no background channel).
+    _C.NUM_CLASSES = 80
+    # S, the number of grid cells per side, one per level.
+    _C.NUM_GRIDS = [40, 36, 24, 16, 12]
+    # Stride of each level after the P2/P6 resizing; also the minimum mask area kept at inference.
+    _C.LEVEL_STRIDES = [8, 8, 16, 32, 32]
+    # Inclusive [low, high] ranges of sqrt(w * h) of an instance's box that each level is
+    # responsible for. Ranges overlap on purpose: one instance may be positive on two levels.
+    _C.SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
+    # epsilon, scale of the centre region: centre +- SIGMA * half box size, at most 3x3 cells.
+    _C.SIGMA = 0.2
+    # Number of conv + GN + ReLU units in each tower (7 for SOLO, 4 for SOLOv2 R50 / decoupled
+    # light, 2 for SOLOv2 light-448, 3 for SOLOv2 light-512-DCN).
+    _C.NUM_STACKED_CONVS = 7
+    # Channels of the tower convolutions (256; 512 for the SOLOv2 kernel/category towers).
+    _C.HEAD_CHANNELS = 256
+    # Index of the category-tower conv before which features are resized to S x S (SOLO v1).
+    _C.CATE_DOWN_POS = 0
+    # Deformable convolutions in the towers: "none" | "DCN" (v1) | "DCNv2" (modulated).
+    _C.TOWER_DCN = "none"
+    # Where deformable convolutions go in the towers: "all" convs (SOLOv2) or only the "last"
+    # (the official light heads).
+    _C.TOWER_DCN_LAYERS = "all"
+    # Prior probability used to initialise the category (and SOLO v1 mask) biases.
+    _C.PRIOR_PROB = 0.01
+
+    # SOLOv2 only.
+    # E, channels of the unified mask features = input channels of the dynamic 1x1 mask kernels.
+    _C.MASK_KERNEL_CHANNELS = 256
+    # FPN levels fused into the stride-4 mask features (P2-P5).
+    _C.MASK_FEATURE_IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Hidden channels of the mask feature branch (128 for every official model).
+    _C.MASK_FEATURE_CHANNELS = 128
+    # Deformable convolutions in the mask feature branch: "none" | "DCN" | "DCNv2".
+    _C.MASK_FEATURE_DCN = "none"
+
+    # Losses: sigmoid focal loss on categories, dice loss on masks.
+    _C.FOCAL_ALPHA = 0.25
+    _C.FOCAL_GAMMA = 2.0
+    _C.CATE_LOSS_WEIGHT = 1.0
+    # lambda, weight of the mask (dice) loss.
+    _C.DICE_LOSS_WEIGHT = 3.0
+
+    # Inference.
+    # Candidates kept (by rescored score) before mask NMS.
+    _C.NMS_PRE = 500
+    # Category score threshold (strict).
+    _C.SCORE_THRESH = 0.1
+    # Mask probability threshold (strict) used to binarise masks.
+    _C.MASK_THRESH = 0.5
+    # Score threshold applied after NMS (inclusive).
+    _C.UPDATE_THRESH = 0.05
+    # "matrix" (Matrix NMS, SOLOv2) or "mask" (greedy mask-IoU NMS, the SOLO paper's baseline).
+    _C.NMS_TYPE = "matrix"
+    # Matrix NMS decay kernel: "gaussian" exp(-sigma * iou^2) or "linear" (1 - iou).
+    _C.MATRIX_NMS_KERNEL = "gaussian"
+    _C.MATRIX_NMS_SIGMA = 2.0
+    # IoU above which a lower-scored mask of the same class is removed ("mask" NMS).
+    _C.MASK_NMS_IOU_THRESH = 0.5
+    # Instances kept per image.
+    _C.MAX_PER_IMAGE = 100
+
+
+def check_solo_config(cfg):
+    """Fail early, naming the key, on ``MODEL.SOLO`` settings the model cannot work with."""
+    from .layers import DCN_TYPES
+    from .nms import MATRIX_NMS_KERNELS
+    from .postprocess import NMS_TYPES
+
+    c = cfg.MODEL.SOLO
+    num_levels = len(c.IN_FEATURES)
+    for key in ("NUM_GRIDS", "LEVEL_STRIDES", "SCALE_RANGES"):
+        if len(c[key]) != num_levels:
+            raise ValueError(
+                f"MODEL.SOLO.{key} has {len(c[key])} entries but MODEL.SOLO.IN_FEATURES names "
+                f"{num_levels} levels ({list(c.IN_FEATURES)}); give one entry per level."
+            )
+    if num_levels < 2:
+        raise ValueError("MODEL.SOLO.IN_FEATURES needs at least two FPN levels.")
+    ranges = [tuple(r) for r in c.SCALE_RANGES]
+    if any(len(r) != 2 or r[0] > r[1] for r in ranges):
+        raise ValueError(f"MODEL.SOLO.SCALE_RANGES must be [low, high] pairs, got {ranges}.")
+    for (lo0, hi0), (lo1, hi1) in zip(ranges, ranges[1:]):
+        if not (lo1 > lo0 and hi1 > hi0):
+            raise ValueError(
+                f"MODEL.SOLO.SCALE_RANGES must increase from level to level, got {ranges}."
+            )
+    if c.NUM_CLASSES < 1:
+        raise ValueError(f"MODEL.SOLO.NUM_CLASSES must be >= 1, got {c.NUM_CLASSES}.")
+    if any(s < 1 for s in c.NUM_GRIDS):
+        raise ValueError(f"MODEL.SOLO.NUM_GRIDS must be positive, got {list(c.NUM_GRIDS)}.")
+    if c.SIGMA <= 0:
+        raise ValueError(f"MODEL.SOLO.SIGMA must be > 0, got {c.SIGMA}.")
+    if c.HEAD_CHANNELS % 32 or c.MASK_FEATURE_CHANNELS % 32 or c.MASK_KERNEL_CHANNELS % 32:
+        raise ValueError(
+            "MODEL.SOLO.HEAD_CHANNELS, MASK_FEATURE_CHANNELS and MASK_KERNEL_CHANNELS must be "
+            "multiples of 32 (GroupNorm with 32 groups)."
+        )
+    choices = {
+        "NMS_TYPE": NMS_TYPES,
+        "MATRIX_NMS_KERNEL": MATRIX_NMS_KERNELS,
+        "TOWER_DCN": DCN_TYPES,
+        "TOWER_DCN_LAYERS": ("all", "last"),
+        "MASK_FEATURE_DCN": DCN_TYPES,
+    }
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            raise ValueError(f"MODEL.SOLO.{key}={c[key]!r} is not one of {allowed}.")

@@ -1,0 +1,161 @@
+"""What every SOLO instance head shares: level features, the category branch, the interface.
+
+A head turns the five FPN levels into
+* ``cate_logits``: one (N, C, S, S) tensor per level, and
+* mask predictions in a head-specific form (``mask_outputs``),
+and answers two questions about the latter, so that targets, losses and post-processing are
+written once for the whole family:
+* :meth:`training_mask_probs`: mask probabilities of given (image, cell) pairs at the level's
+  mask-target stride (``mask_strides``);
+* :meth:`inference_mask_probs`: mask probabilities of given candidates of one image at stride 4.
+"""
+import math
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+
+from ..layers import ConvGNReLU, resize
+
+
+@dataclass
+class HeadOutputs:
+    cate_logits: List[torch.Tensor]
+    mask_outputs: Any
+
+
+def split_features(features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The official level split: P2 halved (stride 8), P6 brought to P5's size (stride 32)."""
+    features = list(features)
+    features[0] = F.interpolate(features[0], scale_factor=0.5, mode="bilinear", align_corners=False)
+    features[-1] = resize(features[-1], features[-2].shape[-2:])
+    return features
+
+
+def tower_dcn_types(num_convs: int, dcn: str, layers: str) -> List[str]:
+    """Deformable conv type of each tower conv: everywhere, or only on the last one."""
+    if layers not in ("all", "last"):
+        raise ValueError(f"MODEL.SOLO.TOWER_DCN_LAYERS must be 'all' or 'last', got {layers!r}.")
+    if layers == "all":
+        return [dcn] * num_convs
+    return ["none"] * (num_convs - 1) + [dcn]
+
+
+def build_tower(in_channels: int, channels: int, dcn_types: Sequence[str]) -> nn.Sequential:
+    return nn.Sequential(
+        *[
+            ConvGNReLU(in_channels if i == 0 else channels, channels, 3, dcn=dcn)
+            for i, dcn in enumerate(dcn_types)
+        ]
+    )
+
+
+def init_prediction(conv: nn.Conv2d, prior_prob: float = None):
+    """Normal(0, 0.01) weights; bias 0, or set so that sigmoid(bias) = prior_prob."""
+    nn.init.normal_(conv.weight, std=0.01)
+    bias = 0.0 if prior_prob is None else -math.log((1 - prior_prob) / prior_prob)
+    nn.init.constant_(conv.bias, bias)
+
+
+class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
+    """Category branch and level handling common to SOLO, Decoupled SOLO and SOLOv2."""
+
+    #: SOLOv2 keeps every (instance, cell) pair of overlapping centre regions for the mask loss;
+    #: SOLO v1 lets the later instance overwrite the cell.
+    keep_overlapping_masks = False
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        num_grids: Sequence[int],
+        channels: int = 256,
+        num_convs: int = 7,
+        cate_down_pos: int = 0,
+        tower_dcn: str = "none",
+        tower_dcn_layers: str = "all",
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        if not 0 <= cate_down_pos < num_convs:
+            raise ValueError(
+                f"MODEL.SOLO.CATE_DOWN_POS={cate_down_pos} must index one of the "
+                f"{num_convs} tower convs (MODEL.SOLO.NUM_STACKED_CONVS)."
+            )
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.num_grids = list(num_grids)
+        self.channels = channels
+        self.num_convs = num_convs
+        self.cate_down_pos = cate_down_pos
+        self.prior_prob = prior_prob
+        self.dcn_types = tower_dcn_types(num_convs, tower_dcn, tower_dcn_layers)
+        self.cate_tower = build_tower(in_channels, channels, self.dcn_types)
+        self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
+        init_prediction(self.cate_pred, prior_prob)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        channels = {s.channels for s in input_shape}
+        if len(channels) != 1:
+            raise ValueError(
+                f"MODEL.SOLO.IN_FEATURES must all have the same channels, got {sorted(channels)}."
+            )
+        return {
+            "in_channels": channels.pop(),
+            "num_classes": cfg.MODEL.SOLO.NUM_CLASSES,
+            "num_grids": cfg.MODEL.SOLO.NUM_GRIDS,
+            "channels": cfg.MODEL.SOLO.HEAD_CHANNELS,
+            "num_convs": cfg.MODEL.SOLO.NUM_STACKED_CONVS,
+            "cate_down_pos": cfg.MODEL.SOLO.CATE_DOWN_POS,
+            "tower_dcn": cfg.MODEL.SOLO.TOWER_DCN,
+            "tower_dcn_layers": cfg.MODEL.SOLO.TOWER_DCN_LAYERS,
+            "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
+        }
+
+    def category_logits(self, feature: torch.Tensor, level: int) -> torch.Tensor:
+        """(N, C, S, S) logits; features are resized to S x S before conv ``cate_down_pos``."""
+        x = feature
+        for i, conv in enumerate(self.cate_tower):
+            if i == self.cate_down_pos:
+                x = resize(x, (self.num_grids[level],) * 2)
+            x = conv(x)
+        return self.cate_pred(x)
+
+    @abstractmethod
+    def mask_strides(self, level_strides: Sequence[int]) -> List[int]:
+        """Stride of each level's mask predictions (and targets) w.r.t. the input image."""
+
+    @abstractmethod
+    def forward(self, features: Sequence[torch.Tensor]) -> HeadOutputs:
+        """Category logits and mask outputs of the five FPN levels (finest first)."""
+
+    @abstractmethod
+    def training_mask_probs(
+        self, outputs: HeadOutputs, level: int, images: torch.Tensor, cells: torch.Tensor
+    ) -> torch.Tensor:
+        """(K, h, w) mask probabilities of cells ``cells`` (flat i * S + j) of images ``images``
+        at the level's mask stride."""
+
+    @abstractmethod
+    def inference_mask_probs(
+        self, outputs: HeadOutputs, image: int, levels: torch.Tensor, cells: torch.Tensor, size
+    ) -> torch.Tensor:
+        """(K, *size) mask probabilities of candidates (level, cell) of one image at stride 4."""
+
+
+def gather_per_level(levels: torch.Tensor, num_levels: int, compute, out: torch.Tensor):
+    """Fill ``out[k]`` with ``compute(level, positions)`` for the candidates of each level."""
+    for level in range(num_levels):
+        positions = (levels == level).nonzero().flatten()
+        if len(positions):
+            out[positions] = compute(level, positions)
+    return out

@@ -1,0 +1,61 @@
+"""Vanilla SOLO head: one S^2-channel mask map per level, channel k = mask of grid cell k."""
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+
+from ..layers import coord_features, resize
+from .base import (
+    HeadOutputs,
+    SOLOHeadBase,
+    build_tower,
+    gather_per_level,
+    init_prediction,
+    split_features,
+)
+from .registry import SOLO_HEAD_REGISTRY
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+@SOLO_HEAD_REGISTRY.register()
+class SOLOHead(SOLOHeadBase):
+    """Mask branch: CoordConv + tower, x2 upsampling, then a 1x1 conv to S^2 channels per level."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.mask_tower = build_tower(self.in_channels + 2, self.channels, self.dcn_types)
+        self.mask_preds = nn.ModuleList(nn.Conv2d(self.channels, s * s, 1) for s in self.num_grids)
+        for conv in self.mask_preds:
+            init_prediction(conv, self.prior_prob)
+
+    def mask_strides(self, level_strides: Sequence[int]) -> List[int]:
+        return [s // 2 for s in level_strides]
+
+    def forward(self, features):
+        features = split_features(features)
+        cate_logits, mask_logits = [], []
+        for level, x in enumerate(features):
+            mask_feat = self.mask_tower(torch.cat([x, coord_features(x)], dim=1))
+            mask_logits.append(self.mask_preds[level](upsample2x(mask_feat)))
+            cate_logits.append(self.category_logits(x, level))
+        return HeadOutputs(cate_logits, mask_logits)
+
+    def training_mask_probs(self, outputs, level, images, cells):
+        return outputs.mask_outputs[level][images, cells].sigmoid()
+
+    def inference_mask_probs(self, outputs, image, levels, cells, size):
+        mask_logits = outputs.mask_outputs
+
+        def compute(level, positions):
+            probs = mask_logits[level][image, cells[positions]].sigmoid()
+            return resize(probs[None], size)[0]
+
+        out = mask_logits[0].new_empty((len(cells), *size))
+        return gather_per_level(levels, len(mask_logits), compute, out)

@@ -1,0 +1,167 @@
+"""The SOLO meta-architecture: backbone -> SOLO instance head -> targets/losses or instances."""
+import logging
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from .config import check_solo_config
+from .heads import SOLOHeadBase, build_solo_head
+from .losses import category_loss, mask_loss
+from .postprocess import SOLOPostProcessor
+from .targets import SOLOTargetAssigner, gather_ground_truth
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class SOLO(nn.Module):
+    """SOLO, Decoupled SOLO and SOLOv2: segmenting objects by locations, without boxes or ROIs.
+
+    The head (``MODEL.SOLO.HEAD_NAME``) predicts, for every cell of an S x S grid on each level,
+    a category score and a mask; training assigns instances to cells by their centres, inference
+    keeps confident cells and removes duplicate masks with Matrix NMS.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: SOLOHeadBase,
+        head_in_features: Sequence[str],
+        target_assigner: SOLOTargetAssigner,
+        postprocessor: SOLOPostProcessor,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        num_classes: int,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        cate_loss_weight: float = 1.0,
+        dice_loss_weight: float = 3.0,
+        input_format: str = "RGB",
+        vis_period: int = 0,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_in_features = list(head_in_features)
+        self.target_assigner = target_assigner
+        self.postprocessor = postprocessor
+        self.num_classes = num_classes
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.cate_loss_weight = cate_loss_weight
+        self.dice_loss_weight = dice_loss_weight
+        self.input_format = input_format
+        self.vis_period = vis_period
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_solo_config(cfg)
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in cfg.MODEL.SOLO.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.SOLO.IN_FEATURES {missing} are not produced by the backbone, which "
+                f"outputs {sorted(shapes)}."
+            )
+        head = build_solo_head(cfg, [shapes[f] for f in cfg.MODEL.SOLO.IN_FEATURES])
+        c = cfg.MODEL.SOLO
+        assigner = SOLOTargetAssigner(
+            num_classes=c.NUM_CLASSES,
+            num_grids=c.NUM_GRIDS,
+            scale_ranges=c.SCALE_RANGES,
+            mask_strides=head.mask_strides(c.LEVEL_STRIDES),
+            sigma=c.SIGMA,
+            keep_overlapping_masks=head.keep_overlapping_masks,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": c.IN_FEATURES,
+            "target_assigner": assigner,
+            "postprocessor": SOLOPostProcessor.from_config(cfg),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_classes": c.NUM_CLASSES,
+            "focal_alpha": c.FOCAL_ALPHA,
+            "focal_gamma": c.FOCAL_GAMMA,
+            "cate_loss_weight": c.CATE_LOSS_WEIGHT,
+            "dice_loss_weight": c.DICE_LOSS_WEIGHT,
+            "input_format": cfg.INPUT.FORMAT,
+            "vis_period": cfg.VIS_PERIOD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
+        images = [self._normalize(x["image"]) for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.to(self.device, non_blocking=True) - self.pixel_mean) / self.pixel_std
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """
+        Args:
+            batched_inputs: Detectron2's list of dicts: ``image`` (C, H, W) in ``INPUT.FORMAT``,
+                ``instances`` (training: ``gt_boxes``, ``gt_classes``, ``gt_masks``), and
+                optionally ``height``/``width`` of the wanted output.
+        Returns:
+            training: dict of losses ``loss_cate`` and ``loss_mask``;
+            inference: ``[{"instances": Instances}]`` with ``pred_masks`` (bool, output size),
+            ``scores``, ``pred_classes`` and ``pred_boxes`` (tight boxes of the masks).
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        outputs = self.head([features[f] for f in self.head_in_features])
+        if self.training:
+            gt_instances = [x["instances"] for x in batched_inputs]
+            return self.losses(outputs, gt_instances, tuple(images.tensor.shape[-2:]))
+        return self.inference_from_outputs(outputs, images, batched_inputs)
+
+    def losses(self, outputs, gt_instances: List[Instances], padded_size: Tuple[int, int]):
+        with torch.no_grad():
+            gt = gather_ground_truth(gt_instances, padded_size, self.device)
+            targets = self.target_assigner(gt)
+        mask_probs = [
+            self.head.training_mask_probs(outputs, level, t.pos_images, t.pos_cells)
+            for level, t in enumerate(targets)
+        ]
+        storage = get_event_storage()
+        for level, t in enumerate(targets):
+            storage.put_scalar(
+                f"solo/num_pos_p{level}", t.positive_cells.sum().item() / len(gt_instances)
+            )
+        loss_cate = category_loss(
+            outputs.cate_logits, targets, self.num_classes, self.focal_alpha, self.focal_gamma
+        )
+        return {
+            "loss_cate": loss_cate * self.cate_loss_weight,
+            "loss_mask": mask_loss(mask_probs, targets) * self.dice_loss_weight,
+        }
+
+    def inference_from_outputs(self, outputs, images: ImageList, batched_inputs):
+        output_sizes = [
+            (x.get("height", size[0]), x.get("width", size[1]))
+            for x, size in zip(batched_inputs, images.image_sizes)
+        ]
+        results = self.postprocessor(
+            self.head,
+            outputs,
+            tuple(images.tensor.shape[-2:]),
+            images.image_sizes,
+            output_sizes,
+        )
+        return [{"instances": r} for r in results]

@@ -1,0 +1,89 @@
+"""Duplicate removal for masks: Matrix NMS (SOLOv2), greedy mask NMS, and point NMS on grids."""
+import torch
+import torch.nn.functional as F
+
+MATRIX_NMS_KERNELS = ("gaussian", "linear")
+
+
+def points_nms(scores: torch.Tensor) -> torch.Tensor:
+    """Zero every grid score that is below one of its up, left and up-left neighbours.
+
+    The official 2x2 max-pool (stride 1, padding 1, last row/column dropped): not centred, a cell
+    only competes with the cells above and to the left of it. ``scores``: (N, C, S, S).
+    """
+    local_max = F.max_pool2d(scores, kernel_size=2, stride=1, padding=1)[:, :, :-1, :-1]
+    return scores * (local_max == scores)
+
+
+def mask_iou_matrix(masks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of (N, H, W) binary masks, as one matrix product."""
+    flat = masks.flatten(1).float()
+    inter = flat @ flat.t()
+    union = areas[:, None] + areas[None, :] - inter
+    return inter / union.clamp(min=1e-6)
+
+
+def matrix_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    areas: torch.Tensor = None,
+) -> torch.Tensor:
+    """Matrix NMS: decayed scores of masks sorted by descending score.
+
+    Each mask's score is multiplied by min_i f(iou_i,j) / f(comp_i) over the higher-scored masks i
+    of its class, where comp_i is the largest IoU of mask i with a mask scored above it.
+    Gaussian: f(x) = exp(-sigma * x^2) (sigma not divided, as the official code); linear:
+    f(x) = 1 - x.
+    """
+    if kernel not in MATRIX_NMS_KERNELS:
+        raise ValueError(f"Unknown Matrix NMS kernel {kernel!r}; expected {MATRIX_NMS_KERNELS}.")
+    n = len(scores)
+    if n == 0:
+        return scores
+    if areas is None:
+        areas = masks.flatten(1).sum(dim=1).float()
+    same_class = labels[:, None] == labels[None, :]
+    # iou[i, j] for i ranked above j, same class; zero elsewhere.
+    decay_iou = (mask_iou_matrix(masks, areas) * same_class).triu(diagonal=1)
+    compensate_iou = decay_iou.max(dim=0).values[:, None]  # per row i: its own worst overlap
+    if kernel == "gaussian":
+        decay = torch.exp(-sigma * (decay_iou**2 - compensate_iou**2))
+    else:
+        # comp_i = 1 means mask i duplicates a higher one and is itself suppressed: the clamp
+        # makes its row ineffective (or 0 for a third identical mask, already 0 through k).
+        decay = (1 - decay_iou) / (1 - compensate_iou).clamp(min=1e-6)
+    return scores * decay.min(dim=0).values
+
+
+def mask_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float = 0.5,
+    areas: torch.Tensor = None,
+) -> torch.Tensor:
+    """Greedy mask NMS on masks sorted by descending score; returns the boolean keep mask.
+
+    Greedy NMS keeps mask j iff no kept mask ranked above j overlaps it (same class) by more than
+    ``iou_threshold``. That recursion is solved as a fixed point with whole-matrix steps: after t
+    steps the first t decisions are final, and in practice it converges in a few steps.
+    """
+    n = len(scores)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=scores.device)
+    if areas is None:
+        areas = masks.flatten(1).sum(dim=1).float()
+    suppresses = (mask_iou_matrix(masks, areas) > iou_threshold) & (
+        labels[:, None] == labels[None, :]
+    )
+    suppresses = suppresses.triu(diagonal=1).float()
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    for _ in range(n):
+        new_keep = (keep.float() @ suppresses) == 0
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    return keep

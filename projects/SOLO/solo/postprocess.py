@@ -1,0 +1,170 @@
+"""From grid predictions to final instances (the official ``get_seg_single``, batched).
+
+Per image: point NMS on the category scores; candidates are the (cell, class) pairs scoring
+strictly above ``score_thresh``; their masks (at stride 4) are binarised at ``mask_thresh``; masks
+not larger than their level's stride are dropped; the score is multiplied by the maskness (mean
+probability inside the binary mask); the top ``nms_pre`` go through Matrix NMS (or greedy mask
+NMS); scores >= ``update_thresh`` survive, at most ``max_per_image``. The survivors' soft masks are
+upsampled to the padded input, cropped to the image, resized to the requested output size and
+binarised.
+
+Memory stays bounded: candidate masks are computed in chunks, keeping only the best ``nms_pre``
+so far, and the final full-resolution masks are produced chunk by chunk as booleans.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from .heads.base import HeadOutputs, SOLOHeadBase
+from .layers import resize
+from .nms import mask_nms, matrix_nms, points_nms
+
+NMS_TYPES = ("matrix", "mask")
+
+
+class SOLOPostProcessor:
+    def __init__(
+        self,
+        *,
+        level_strides: Sequence[int],
+        score_thresh: float = 0.1,
+        mask_thresh: float = 0.5,
+        nms_pre: int = 500,
+        update_thresh: float = 0.05,
+        nms_type: str = "matrix",
+        matrix_nms_kernel: str = "gaussian",
+        matrix_nms_sigma: float = 2.0,
+        mask_nms_iou_thresh: float = 0.5,
+        max_per_image: int = 100,
+        chunk_size: int = 128,
+    ):
+        if nms_type not in NMS_TYPES:
+            raise ValueError(f"MODEL.SOLO.NMS_TYPE must be one of {NMS_TYPES}, got {nms_type!r}.")
+        self.level_strides = list(level_strides)
+        self.score_thresh = score_thresh
+        self.mask_thresh = mask_thresh
+        self.nms_pre = nms_pre
+        self.update_thresh = update_thresh
+        self.nms_type = nms_type
+        self.matrix_nms_kernel = matrix_nms_kernel
+        self.matrix_nms_sigma = matrix_nms_sigma
+        self.mask_nms_iou_thresh = mask_nms_iou_thresh
+        self.max_per_image = max_per_image
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.SOLO
+        return cls(
+            level_strides=c.LEVEL_STRIDES,
+            score_thresh=c.SCORE_THRESH,
+            mask_thresh=c.MASK_THRESH,
+            nms_pre=c.NMS_PRE,
+            update_thresh=c.UPDATE_THRESH,
+            nms_type=c.NMS_TYPE,
+            matrix_nms_kernel=c.MATRIX_NMS_KERNEL,
+            matrix_nms_sigma=c.MATRIX_NMS_SIGMA,
+            mask_nms_iou_thresh=c.MASK_NMS_IOU_THRESH,
+            max_per_image=c.MAX_PER_IMAGE,
+        )
+
+    def __call__(
+        self,
+        head: SOLOHeadBase,
+        outputs: HeadOutputs,
+        padded_size: Tuple[int, int],
+        image_sizes: Sequence[Tuple[int, int]],
+        output_sizes: Sequence[Tuple[int, int]],
+    ) -> List[Instances]:
+        scores = torch.cat(
+            [points_nms(x.sigmoid()).permute(0, 2, 3, 1).flatten(1, 2) for x in outputs.cate_logits],
+            dim=1,
+        )  # (N, sum S^2, C)
+        cells_per_level = [x.shape[-2] * x.shape[-1] for x in outputs.cate_logits]
+        return [
+            self._single_image(
+                head, outputs, i, scores[i], cells_per_level, padded_size, image_size, out_size
+            )
+            for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes))
+        ]
+
+    def _single_image(
+        self, head, outputs, image, scores, cells_per_level, padded_size, image_size, output_size
+    ) -> Instances:
+        device = scores.device
+        stride4_size = (padded_size[0] // 4, padded_size[1] // 4)
+        flat_cells, labels = (scores > self.score_thresh).nonzero(as_tuple=True)
+        cand_scores = scores[flat_cells, labels]
+        level_ends = torch.tensor(cells_per_level, device=device).cumsum(0)
+        levels = torch.searchsorted(level_ends, flat_cells, right=True)
+        cells = flat_cells - (level_ends - level_ends[0].new_tensor(cells_per_level))[levels]
+        strides = torch.tensor(self.level_strides, device=device, dtype=torch.float)[levels]
+
+        # Mask, area filter and maskness rescoring, chunk by chunk, keeping the top nms_pre.
+        best = None
+        for start in range(0, len(cand_scores), self.chunk_size):
+            part = slice(start, start + self.chunk_size)
+            probs = head.inference_mask_probs(
+                outputs, image, levels[part], cells[part], stride4_size
+            )
+            masks = probs > self.mask_thresh
+            areas = masks.flatten(1).sum(dim=1).float()
+            keep = areas > strides[part]
+            probs, masks, areas = probs[keep], masks[keep], areas[keep]
+            maskness = (probs * masks).flatten(1).sum(dim=1) / areas
+            chunk = (probs, masks, areas, cand_scores[part][keep] * maskness, labels[part][keep])
+            best = chunk if best is None else tuple(torch.cat(p) for p in zip(best, chunk))
+            best = _top_k(best, score_index=3, k=self.nms_pre)
+        if best is None or len(best[3]) == 0:
+            return _empty_instances(output_size, device)
+        probs, masks, areas, cand_scores, labels = _top_k(best, score_index=3, k=self.nms_pre)
+
+        if self.nms_type == "matrix":
+            cand_scores = matrix_nms(
+                masks, labels, cand_scores, self.matrix_nms_kernel, self.matrix_nms_sigma, areas
+            )
+            keep = cand_scores >= self.update_thresh
+        else:
+            keep = mask_nms(masks, labels, cand_scores, self.mask_nms_iou_thresh, areas)
+            keep &= cand_scores >= self.update_thresh
+        probs, cand_scores, labels = _top_k(
+            (probs[keep], cand_scores[keep], labels[keep]), score_index=1, k=self.max_per_image
+        )
+        if len(cand_scores) == 0:
+            return _empty_instances(output_size, device)
+
+        result = Instances(output_size)
+        result.pred_masks = self._paste_masks(probs, padded_size, image_size, output_size)
+        result.scores = cand_scores
+        result.pred_classes = labels
+        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes().to(device)
+        return result
+
+    def _paste_masks(self, probs, padded_size, image_size, output_size) -> torch.Tensor:
+        """Stride-4 soft masks -> padded input -> crop to the image -> output size -> bool."""
+        h, w = image_size
+        out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
+        for start in range(0, len(probs), self.chunk_size):
+            part = probs[start : start + self.chunk_size][None]
+            part = resize(part, padded_size)[:, :, :h, :w]
+            if (h, w) != tuple(output_size):
+                part = resize(part, output_size)
+            out[start : start + self.chunk_size] = part[0] > self.mask_thresh
+        return out
+
+
+def _top_k(tensors, score_index: int, k: int):
+    """Sort ``tensors`` (a tuple of aligned tensors) by descending score and keep the first k."""
+    order = torch.argsort(tensors[score_index], descending=True)[:k]
+    return tuple(t[order] for t in tensors)
+
+
+def _empty_instances(output_size, device) -> Instances:
+    result = Instances(output_size)
+    result.pred_masks = torch.zeros((0, *output_size), dtype=torch.bool, device=device)
+    result.scores = torch.zeros((0,), device=device)
+    result.pred_classes = torch.zeros((0,), dtype=torch.long, device=device)
+    result.pred_boxes = Boxes(torch.zeros((0, 4), device=device))
+    return result
