@@ -79,7 +79,8 @@ def gather_ground_truth(
             else torch.zeros((0,), dtype=torch.long, device=device)
         ),
         image_ids=torch.repeat_interleave(
-            torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+            torch.arange(len(counts), device=device),
+            torch.tensor(counts, dtype=torch.long, device=device),
         ),
         num_images=len(gt_instances),
     )
