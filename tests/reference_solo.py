@@ -3,8 +3,8 @@
 references for the vectorised code in ``solo``. Slow on purpose: one instance, cell or pair at a
 time, in the order of the official code.
 """
-import numpy as np
 import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -174,10 +174,13 @@ def reference_seg_single(
     kernel="gaussian",
     sigma=2.0,
     max_per_img=100,
+    nms_type="matrix",
+    mask_nms_thr=0.5,
 ):
     """The official ``get_seg_single`` for one image.
 
     ``cate_scores_per_level``: per level (C, S, S) sigmoid scores *before* point NMS;
+    ``nms_type="mask"`` swaps Matrix NMS for greedy mask NMS (the SOLO paper's baseline);
     ``seg_preds``: (sum S^2, h, w) soft masks of every cell at stride 4, computed the official
     way (all channels). Returns ``(masks (n, H, W) bool, labels, scores)`` numpy, or empty.
     """
@@ -211,10 +214,13 @@ def reference_seg_single(
         return empty
     candidates.sort(key=lambda c: -c[0])
     candidates = candidates[:nms_pre]
-    decayed = reference_matrix_nms(
-        [c[3].numpy() for c in candidates], [c[1] for c in candidates],
-        [c[0] for c in candidates], kernel, sigma,
-    )
+    binary = [c[3].numpy() for c in candidates]
+    labels = [c[1] for c in candidates]
+    if nms_type == "matrix":
+        decayed = reference_matrix_nms(binary, labels, [c[0] for c in candidates], kernel, sigma)
+    else:  # greedy mask NMS: suppressed candidates get score 0, the others keep theirs
+        keep = reference_mask_nms(binary, labels, mask_nms_thr)
+        decayed = np.where(keep, [c[0] for c in candidates], 0.0)
     survivors = [(s, c) for s, c in zip(decayed, candidates) if s >= update_thr]
     if not survivors:
         return empty

@@ -113,7 +113,8 @@ class SOLOPostProcessor:
             areas = masks.flatten(1).sum(dim=1).float()
             keep = areas > strides[part]
             probs, masks, areas = probs[keep], masks[keep], areas[keep]
-            maskness = (probs * masks).flatten(1).sum(dim=1) / areas
+            # Accumulated in float32: a half-precision sum overflows beyond 65504 pixels.
+            maskness = (probs * masks).flatten(1).sum(dim=1, dtype=torch.float32) / areas
             chunk = (probs, masks, areas, cand_scores[part][keep] * maskness, labels[part][keep])
             best = chunk if best is None else tuple(torch.cat(p) for p in zip(best, chunk))
             best = _top_k(best, score_index=3, k=self.nms_pre)

@@ -1,0 +1,577 @@
+"""Tests of the checkpoint conversion (solo.convert, tools/convert_checkpoint.py).
+
+The published checkpoints cannot be downloaded here, so the source checkpoints are synthetic:
+their key names and shapes are generated from the architecture definitions of the source code
+bases (WXinlong/SOLO = mmdetection v1, AdelaiDet), written out below independently of the
+conversion rules, and filled with random values.
+"""
+
+import importlib.util
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import solo
+from solo import convert
+from solo.convert import ConversionError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRIDS = [40, 36, 24, 16, 12]
+
+
+def make_cfg(config, opts=()):
+    cfg = get_cfg()
+    solo.add_solo_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", config))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Key names and shapes of the source checkpoints, from the source code bases.
+# ------------------------------------------------------------------------------------------------
+
+
+def _bn(keys, prefix, channels, counter=True):
+    for p in ("weight", "bias", "running_mean", "running_var"):
+        keys[f"{prefix}.{p}"] = (channels,)
+    if counter:
+        keys[f"{prefix}.num_batches_tracked"] = ()
+
+
+def mmdet_resnet(depth, groups=1, base_width=4, dcn=None, prefix="backbone."):
+    """mmdet v1 ResNet / ResNeXt (= torchvision names): conv1/bn1, layer{1-4}.{b}.conv{i}/bn{i},
+    downsample.{0,1}; DCN stages (2-4) add conv2.conv_offset (2 or 3 x 9 channels)."""
+    basic = depth in (18, 34)
+    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    expansion = 1 if basic else 4
+    keys = {f"{prefix}conv1.weight": (64, 3, 7, 7)}
+    _bn(keys, f"{prefix}bn1", 64)
+    inplanes = 64
+    for i, n in enumerate(blocks):
+        planes = 64 * 2**i
+        for b in range(n):
+            p = f"{prefix}layer{i + 1}.{b}."
+            if basic:
+                keys[p + "conv1.weight"] = (planes, inplanes, 3, 3)
+                keys[p + "conv2.weight"] = (planes, planes, 3, 3)
+                _bn(keys, p + "bn1", planes)
+                _bn(keys, p + "bn2", planes)
+            else:
+                width = planes if groups == 1 else math.floor(planes * base_width / 64) * groups
+                keys[p + "conv1.weight"] = (width, inplanes, 1, 1)
+                keys[p + "conv2.weight"] = (width, width // groups, 3, 3)
+                keys[p + "conv3.weight"] = (planes * 4, width, 1, 1)
+                for j, c in ((1, width), (2, width), (3, planes * 4)):
+                    _bn(keys, f"{p}bn{j}", c)
+                if dcn and i > 0:
+                    offsets = (3 if dcn == "DCNv2" else 2) * 9
+                    keys[p + "conv2.conv_offset.weight"] = (offsets, width, 3, 3)
+                    keys[p + "conv2.conv_offset.bias"] = (offsets,)
+            if b == 0 and (i > 0 or inplanes != planes * expansion):
+                keys[p + "downsample.0.weight"] = (planes * expansion, inplanes, 1, 1)
+                _bn(keys, p + "downsample.1", planes * expansion)
+            inplanes = planes * expansion
+    return keys
+
+
+def conv_module(keys, prefix, cin, cout, k=3, dcn=None):
+    """mmdet ConvModule with GN (no conv bias); DCN packs add conv.conv_offset."""
+    keys[f"{prefix}.conv.weight"] = (cout, cin, k, k)
+    if dcn:
+        offsets = (3 if dcn == "DCNv2" else 2) * k * k
+        keys[f"{prefix}.conv.conv_offset.weight"] = (offsets, cin, k, k)
+        keys[f"{prefix}.conv.conv_offset.bias"] = (offsets,)
+    keys[f"{prefix}.gn.weight"] = (cout,)
+    keys[f"{prefix}.gn.bias"] = (cout,)
+
+
+def conv(keys, prefix, cin, cout, k):
+    keys[f"{prefix}.weight"] = (cout, cin, k, k)
+    keys[f"{prefix}.bias"] = (cout,)
+
+
+def official_keys(spec):
+    """The state dict layout of an official (WXinlong/SOLO) model."""
+    depth, head = spec["depth"], spec["head"]
+    keys = mmdet_resnet(depth, spec.get("groups", 1), 4, spec.get("dcn"))
+    in_chs = [64, 128, 256, 512] if depth in (18, 34) else [256, 512, 1024, 2048]
+    for i, c in enumerate(in_chs):  # FPN: ConvModules without norm, so with conv bias
+        conv(keys, f"neck.lateral_convs.{i}.conv", c, 256, 1)
+        conv(keys, f"neck.fpn_convs.{i}.conv", 256, 256, 3)
+    n, ch = spec["convs"], spec["channels"]
+    tower_dcn = spec.get("tower_dcn")
+    for i in range(n):
+        dcn = tower_dcn if (not spec.get("dcn_last_only") or i == n - 1) else None
+        conv_module(keys, f"bbox_head.cate_convs.{i}", 256 if i == 0 else ch, ch, 3, dcn)
+        if head == "SOLOHead" or head == "DecoupledSOLOLightHead":
+            conv_module(keys, f"bbox_head.ins_convs.{i}", 258 if i == 0 else ch, ch, 3, dcn)
+        elif head == "DecoupledSOLOHead":
+            for xy in "xy":
+                conv_module(keys, f"bbox_head.ins_convs_{xy}.{i}", 257 if i == 0 else ch, ch)
+        else:
+            conv_module(keys, f"bbox_head.kernel_convs.{i}", 258 if i == 0 else ch, ch, 3, dcn)
+    if head == "SOLOHead":
+        for level, s in enumerate(GRIDS):
+            conv(keys, f"bbox_head.solo_ins_list.{level}", ch, s * s, 1)
+        conv(keys, "bbox_head.solo_cate", ch, 80, 3)
+    elif head.startswith("Decoupled"):
+        for level, s in enumerate(GRIDS):
+            conv(keys, f"bbox_head.dsolo_ins_list_x.{level}", ch, s, 3)
+            conv(keys, f"bbox_head.dsolo_ins_list_y.{level}", ch, s, 3)
+        conv(keys, "bbox_head.dsolo_cate", ch, 80, 3)
+    else:  # SOLOv2Head / SOLOv2LightHead + MaskFeatHead(start_level=0, end_level=3)
+        conv(keys, "bbox_head.solo_cate", ch, 80, 3)
+        conv(keys, "bbox_head.solo_kernel", ch, spec["kernels"], 3)
+        mdcn = spec.get("mask_dcn")
+        conv_module(keys, "mask_feat_head.convs_all_levels.0.conv0", 256, 128, 3, mdcn)
+        for level in range(1, 4):
+            for j in range(level):
+                cin = (258 if level == 3 else 256) if j == 0 else 128
+                conv_module(
+                    keys, f"mask_feat_head.convs_all_levels.{level}.conv{j}", cin, 128, 3, mdcn
+                )
+        conv_module(keys, "mask_feat_head.conv_pred.0", 128, spec["kernels"], 1, mdcn)
+    return keys
+
+
+def detectron2_resnet(depth, prefix="backbone.bottom_up."):
+    """Detectron2 ResNet names (FrozenBN: no step counter)."""
+    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    keys = {f"{prefix}stem.conv1.weight": (64, 3, 7, 7)}
+    _bn(keys, f"{prefix}stem.conv1.norm", 64, counter=False)
+    inplanes = 64
+    for i, n in enumerate(blocks):
+        planes = 64 * 2**i
+        for b in range(n):
+            p = f"{prefix}res{i + 2}.{b}."
+            for j, shape in enumerate(
+                [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
+            ):
+                keys[f"{p}conv{j + 1}.weight"] = shape
+                _bn(keys, f"{p}conv{j + 1}.norm", shape[0], counter=False)
+            if b == 0:
+                keys[p + "shortcut.weight"] = (planes * 4, inplanes, 1, 1)
+                _bn(keys, p + "shortcut.norm", planes * 4, counter=False)
+            inplanes = planes * 4
+    return keys
+
+
+def adelaidet_keys(depth):
+    """AdelaiDet SOLOv2 R50/R101_3x: 4 tower convs of 512, 256 kernels, GN; flat Sequentials."""
+    keys = detectron2_resnet(depth)
+    for i, c in enumerate([256, 512, 1024, 2048]):
+        conv(keys, f"backbone.fpn_lateral{i + 2}", c, 256, 1)
+        conv(keys, f"backbone.fpn_output{i + 2}", 256, 256, 3)
+    for tower, cin in (("cate", 256), ("kernel", 258)):
+        for i in range(4):
+            keys[f"ins_head.{tower}_tower.{3 * i}.weight"] = (512, cin if i == 0 else 512, 3, 3)
+            keys[f"ins_head.{tower}_tower.{3 * i + 1}.weight"] = (512,)
+            keys[f"ins_head.{tower}_tower.{3 * i + 1}.bias"] = (512,)
+    conv(keys, "ins_head.cate_pred", 512, 80, 3)
+    conv(keys, "ins_head.kernel_pred", 512, 256, 3)
+    for level in range(4):
+        for j in range(max(level, 1)):
+            cin = (258 if level == 3 else 256) if j == 0 else 128
+            keys[f"mask_head.convs_all_levels.{level}.conv{j}.0.weight"] = (128, cin, 3, 3)
+            keys[f"mask_head.convs_all_levels.{level}.conv{j}.1.weight"] = (128,)
+            keys[f"mask_head.convs_all_levels.{level}.conv{j}.1.bias"] = (128,)
+    keys["mask_head.conv_pred.0.weight"] = (256, 128, 1, 1)
+    keys["mask_head.conv_pred.1.weight"] = (256,)
+    keys["mask_head.conv_pred.1.bias"] = (256,)
+    return keys
+
+
+def random_state_dict(keys, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (
+            torch.randint(0, 1000, s, generator=g)
+            if k.endswith("num_batches_tracked") and s == ()
+            else torch.randn(s, generator=g)
+        )
+        for k, s in keys.items()
+    }
+
+
+# Official model zoo: our config -> the official config's settings (configs/solo*/).
+SOLO_V1 = dict(head="SOLOHead", convs=7, channels=256)
+DSOLO = dict(head="DecoupledSOLOHead", convs=7, channels=256)
+DSOLO_LIGHT = dict(head="DecoupledSOLOLightHead", convs=4, channels=256)
+V2 = dict(head="SOLOv2Head", convs=4, channels=512, kernels=256)
+V2_LIGHT = dict(head="SOLOv2Head", convs=2, channels=256, kernels=128)
+V2_DCN = dict(V2, dcn="DCNv2", tower_dcn="DCNv2", mask_dcn="DCNv2")
+OFFICIAL_ZOO = {
+    "SOLO/R50_1x.yaml": dict(SOLO_V1, depth=50),
+    "SOLO/R50_3x.yaml": dict(SOLO_V1, depth=50),
+    "SOLO/R101_3x.yaml": dict(SOLO_V1, depth=101),
+    "DecoupledSOLO/R50_1x.yaml": dict(DSOLO, depth=50),
+    "DecoupledSOLO/R50_3x.yaml": dict(DSOLO, depth=50),
+    "DecoupledSOLO/R101_3x.yaml": dict(DSOLO, depth=101),
+    "DecoupledSOLO/Light_R50_3x.yaml": dict(DSOLO_LIGHT, depth=50),
+    "DecoupledSOLO/Light_DCN_R50_3x.yaml": dict(
+        DSOLO_LIGHT, depth=50, dcn="DCN", tower_dcn="DCN", dcn_last_only=True
+    ),
+    "SOLOv2/R50_1x.yaml": dict(V2, depth=50),
+    "SOLOv2/R50_3x.yaml": dict(V2, depth=50),
+    "SOLOv2/R101_3x.yaml": dict(V2, depth=101),
+    "SOLOv2/R101_DCN_3x.yaml": dict(V2_DCN, depth=101),
+    "SOLOv2/X101_DCN_3x.yaml": dict(V2_DCN, depth=101, groups=64),
+    "SOLOv2/Light_448_R18_3x.yaml": dict(V2_LIGHT, depth=18),
+    "SOLOv2/Light_448_R34_3x.yaml": dict(V2_LIGHT, depth=34),
+    "SOLOv2/Light_448_R50_3x.yaml": dict(V2_LIGHT, depth=50),
+    "SOLOv2/Light_512_DCN_R50_3x.yaml": dict(
+        V2_LIGHT, convs=3, depth=50, dcn="DCN", tower_dcn="DCN", dcn_last_only=True
+    ),
+}
+
+# Hand-written (official key -> our key) pairs, checked wherever the official key exists.
+OFFICIAL_SAMPLES = {
+    "backbone.conv1.weight": "backbone.bottom_up.stem.conv1.weight",
+    "backbone.bn1.running_mean": "backbone.bottom_up.stem.conv1.norm.running_mean",
+    "backbone.layer1.0.downsample.0.weight": "backbone.bottom_up.res2.0.shortcut.weight",
+    "backbone.layer2.0.downsample.1.weight": "backbone.bottom_up.res3.0.shortcut.norm.weight",
+    "backbone.layer3.1.bn2.running_var": "backbone.bottom_up.res4.1.conv2.norm.running_var",
+    "backbone.layer4.2.conv3.weight": "backbone.bottom_up.res5.2.conv3.weight",
+    "backbone.layer4.1.conv2.weight": "backbone.bottom_up.res5.1.conv2.weight",
+    "backbone.layer3.5.conv2.conv_offset.weight": "backbone.bottom_up.res4.5.conv2_offset.weight",
+    "neck.lateral_convs.0.conv.weight": "backbone.fpn_lateral2.weight",
+    "neck.lateral_convs.3.conv.bias": "backbone.fpn_lateral5.bias",
+    "neck.fpn_convs.1.conv.weight": "backbone.fpn_output3.weight",
+    "bbox_head.cate_convs.0.conv.weight": "head.cate_tower.0.conv.weight",
+    "bbox_head.cate_convs.1.gn.bias": "head.cate_tower.1.norm.bias",
+    "bbox_head.cate_convs.3.conv.conv_offset.bias": "head.cate_tower.3.conv.conv_offset.bias",
+    "bbox_head.solo_cate.weight": "head.cate_pred.weight",
+    "bbox_head.dsolo_cate.bias": "head.cate_pred.bias",
+    "bbox_head.ins_convs.6.gn.weight": "head.mask_tower.6.norm.weight",
+    "bbox_head.ins_convs.3.conv.conv_offset.weight": "head.mask_tower.3.conv.conv_offset.weight",
+    "bbox_head.solo_ins_list.4.weight": "head.mask_preds.4.weight",
+    "bbox_head.solo_ins_list.0.bias": "head.mask_preds.0.bias",
+    "bbox_head.ins_convs_x.0.conv.weight": "head.mask_tower_x.0.conv.weight",
+    "bbox_head.ins_convs_y.5.gn.bias": "head.mask_tower_y.5.norm.bias",
+    "bbox_head.dsolo_ins_list_x.2.weight": "head.mask_preds_x.2.weight",
+    "bbox_head.dsolo_ins_list_y.4.bias": "head.mask_preds_y.4.bias",
+    "bbox_head.kernel_convs.0.conv.weight": "head.kernel_tower.0.conv.weight",
+    "bbox_head.kernel_convs.1.gn.weight": "head.kernel_tower.1.norm.weight",
+    "bbox_head.kernel_convs.2.conv.conv_offset.weight": (
+        "head.kernel_tower.2.conv.conv_offset.weight"
+    ),
+    "bbox_head.solo_kernel.weight": "head.kernel_pred.weight",
+    "mask_feat_head.convs_all_levels.0.conv0.gn.bias": "head.mask_features.levels.0.0.norm.bias",
+    "mask_feat_head.convs_all_levels.1.conv0.conv.weight": (
+        "head.mask_features.levels.1.0.conv.weight"
+    ),
+    "mask_feat_head.convs_all_levels.2.conv1.gn.weight": (
+        "head.mask_features.levels.2.2.norm.weight"
+    ),
+    "mask_feat_head.convs_all_levels.3.conv2.conv.weight": (
+        "head.mask_features.levels.3.4.conv.weight"
+    ),
+    "mask_feat_head.convs_all_levels.3.conv0.conv.conv_offset.weight": (
+        "head.mask_features.levels.3.0.conv.conv_offset.weight"
+    ),
+    "mask_feat_head.conv_pred.0.conv.weight": "head.mask_features.pred.conv.weight",
+    "mask_feat_head.conv_pred.0.gn.weight": "head.mask_features.pred.norm.weight",
+}
+
+ADELAIDET_SAMPLES = {
+    "backbone.bottom_up.res3.2.conv2.norm.running_var": (
+        "backbone.bottom_up.res3.2.conv2.norm.running_var"
+    ),
+    "backbone.fpn_output4.weight": "backbone.fpn_output4.weight",
+    "ins_head.cate_tower.0.weight": "head.cate_tower.0.conv.weight",
+    "ins_head.cate_tower.4.bias": "head.cate_tower.1.norm.bias",
+    "ins_head.kernel_tower.9.weight": "head.kernel_tower.3.conv.weight",
+    "ins_head.kernel_tower.10.weight": "head.kernel_tower.3.norm.weight",
+    "ins_head.cate_pred.bias": "head.cate_pred.bias",
+    "ins_head.kernel_pred.weight": "head.kernel_pred.weight",
+    "mask_head.convs_all_levels.0.conv0.0.weight": "head.mask_features.levels.0.0.conv.weight",
+    "mask_head.convs_all_levels.3.conv2.1.bias": "head.mask_features.levels.3.4.norm.bias",
+    "mask_head.convs_all_levels.2.conv1.0.weight": "head.mask_features.levels.2.2.conv.weight",
+    "mask_head.conv_pred.0.weight": "head.mask_features.pred.conv.weight",
+    "mask_head.conv_pred.1.bias": "head.mask_features.pred.norm.bias",
+}
+
+
+def check_conversion(source_sd, converted, model, samples, skip=()):
+    """Strict load, exact values of the sampled pairs, and every source tensor used once."""
+    model.load_state_dict(converted, strict=True)
+    state = model.state_dict()
+    checked = 0
+    for src, dst in samples.items():
+        if src in source_sd and src not in skip:
+            assert torch.equal(state[dst], source_sd[src]), (src, dst)
+            checked += 1
+    assert checked >= 5
+    # Renaming only: the converted values are the source tensors themselves, each used once.
+    used = {id(v) for k, v in converted.items() if k not in skip}
+    wanted = {
+        id(v)
+        for k, v in source_sd.items()
+        if not k.endswith("num_batches_tracked") and k not in skip
+    }
+    assert used == wanted and len(used) == len(converted) - len(skip)
+
+
+@pytest.mark.parametrize("config", sorted(OFFICIAL_ZOO))
+def test_official_zoo(config):
+    cfg = make_cfg(config)
+    model = build_model(cfg)
+    source_sd = random_state_dict(official_keys(OFFICIAL_ZOO[config]))
+    loaded = {"state_dict": source_sd, "meta": {"mmdet_version": "1.0.0", "CLASSES": ("a",) * 80}}
+    converted = convert.convert_loaded(loaded, "official", cfg, config, model=model)
+    check_conversion(source_sd, converted, model, OFFICIAL_SAMPLES)
+
+
+def test_official_legacy_dcn_names():
+    """Checkpoints from mmdet < 1.0 name DCN offset convs ``conv2_offset`` / ``conv_offset``."""
+    config = "DecoupledSOLO/Light_DCN_R50_3x.yaml"
+    source_sd = random_state_dict(official_keys(OFFICIAL_ZOO[config]))
+    legacy = {
+        k.replace("conv2.conv_offset", "conv2_offset").replace("conv.conv_offset", "conv_offset"): v
+        for k, v in source_sd.items()
+    }
+    assert "backbone.layer2.0.conv2_offset.weight" in legacy
+    assert "bbox_head.ins_convs.3.conv_offset.bias" in legacy
+    cfg = make_cfg(config)
+    new = convert.convert_loaded({"state_dict": source_sd}, "official", cfg)
+    old = convert.convert_loaded({"state_dict": legacy}, "official", cfg)
+    assert new.keys() == old.keys()
+    assert all(new[k] is old[k] for k in new)
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_adelaidet(depth):
+    config = f"SOLOv2/R{depth}_3x.yaml"
+    cfg = make_cfg(config, ["MODEL.RESNETS.STRIDE_IN_1X1", "True"])
+    model = build_model(cfg)
+    source_sd = random_state_dict(adelaidet_keys(depth), seed=depth)
+    converted = convert.convert_loaded({"model": source_sd, "iteration": 1}, "adelaidet", cfg)
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    check_conversion(source_sd, converted, model, ADELAIDET_SAMPLES, skip=(stem,))
+
+    # The stem is re-normalised: BGR, mean-subtracted, std 1 inputs -> our RGB, std-normalised.
+    image = torch.rand(1, 3, 32, 32) * 255  # RGB
+    rgb_mean, rgb_std = torch.tensor(cfg.MODEL.PIXEL_MEAN), torch.tensor(cfg.MODEL.PIXEL_STD)
+    ours = F.conv2d((image - rgb_mean.view(3, 1, 1)) / rgb_std.view(3, 1, 1), converted[stem])
+    bgr = image.flip(1) - torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
+    theirs = F.conv2d(bgr, source_sd[stem])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-2)
+
+
+def test_adelaidet_needs_msra_style_config():
+    sd = random_state_dict(adelaidet_keys(50))
+    with pytest.raises(ConversionError, match="STRIDE_IN_1X1 True"):
+        convert.convert_loaded({"model": sd}, "adelaidet", make_cfg("SOLOv2/R50_3x.yaml"))
+
+
+def test_adelaidet_without_gn_is_refused():
+    sd = {"ins_head.cate_tower.2.weight": torch.zeros(1)}
+    with pytest.raises(ConversionError, match="NORM 'GN'"):
+        convert.convert_state_dict(sd, "adelaidet")
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision ImageNet backbones.
+# ------------------------------------------------------------------------------------------------
+
+
+def _randomize_bn(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.1, generator=g)
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+@pytest.mark.parametrize(
+    "arch,config", [("resnet50", "SOLO/R50_1x.yaml"), ("resnet18", "SOLOv2/Light_448_R18_3x.yaml")]
+)
+def test_torchvision_backbone_numerically_equal(tmp_path, arch, config):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(weights=None).eval()
+    _randomize_bn(tv)
+    src, dst = tmp_path / f"{arch}.pth", tmp_path / f"{arch}.pkl"
+    torch.save(tv.state_dict(), src)
+    cfg = make_cfg(config)
+    convert.convert_checkpoint(str(src), str(dst), "torchvision", cfg)
+    with open(dst, "rb") as f:
+        data = pickle.load(f)
+    assert data["matching_heuristics"] is True and "torchvision" in data["__author__"]
+    assert "res2.0.conv1.weight" in data["model"] and "fc.weight" not in data["model"]
+
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(dst))  # as MODEL.WEIGHTS would
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ours = model.backbone.bottom_up(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i in range(1, 5):
+            y = getattr(tv, f"layer{i}")(y)
+            torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_resnext_for_x101():
+    """torchvision's (and open-mmlab's) ResNeXt-101 64x4d names fit the X101 config's body."""
+    with torch.device("meta"):
+        tv = torchvision.models.resnext101_64x4d()
+    cfg = make_cfg("SOLOv2/X101_DCN_3x.yaml")
+    converted = convert.convert_loaded({"state_dict": tv.state_dict()}, "torchvision", cfg)
+    assert converted["res5.2.conv2.weight"].shape == (2048, 32, 3, 3)
+
+
+def test_torchvision_config_must_be_pytorch_style():
+    sd = torchvision.models.resnet50(weights=None).state_dict()
+    cfg = make_cfg("SOLO/R50_1x.yaml", ["MODEL.RESNETS.STRIDE_IN_1X1", "True"])
+    with pytest.raises(ConversionError, match="STRIDE_IN_1X1 False"):
+        convert.convert_loaded(sd, "torchvision", cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Failures are loud and name the problem.
+# ------------------------------------------------------------------------------------------------
+
+SMALL = "SOLOv2/Light_448_R18_3x.yaml"
+
+
+@pytest.fixture(scope="module")
+def small():
+    cfg = make_cfg(SMALL)
+    return cfg, build_model(cfg), random_state_dict(official_keys(OFFICIAL_ZOO[SMALL]))
+
+
+def test_missing_key(small):
+    cfg, model, sd = small
+    sd = dict(sd)
+    del sd["bbox_head.kernel_convs.1.gn.bias"]
+    with pytest.raises(ConversionError, match="missing") as e:
+        convert.convert_loaded({"state_dict": sd}, "official", cfg, "x.pth", model=model)
+    assert "head.kernel_tower.1.norm.bias" in str(e.value) and "x.pth" in str(e.value)
+
+
+def test_wrong_shape(small):
+    cfg, model, sd = small
+    sd = dict(sd, **{"bbox_head.solo_cate.weight": torch.zeros(81, 256, 3, 3)})
+    with pytest.raises(ConversionError, match=r"head\.cate_pred\.weight: converted \(81,"):
+        convert.convert_loaded({"state_dict": sd}, "official", cfg, model=model)
+
+
+def test_wrong_config():
+    """A SOLOv2 checkpoint converted for a SOLO config: same backbone, different head."""
+    sd = random_state_dict(official_keys(OFFICIAL_ZOO["SOLOv2/Light_448_R50_3x.yaml"]))
+    with pytest.raises(ConversionError, match="does not fit") as e:
+        convert.convert_loaded({"state_dict": sd}, "official", make_cfg("SOLO/R50_1x.yaml"))
+    assert "head.mask_preds.0.weight" in str(e.value)  # missing
+    assert "head.kernel_pred.weight" in str(e.value)  # unexpected
+    assert "head.cate_tower.0.conv.weight" not in str(e.value)  # fits
+
+
+def test_unknown_key(small):
+    _, _, sd = small
+    sd = dict(
+        sd,
+        **{
+            "bbox_head.extra_conv.weight": torch.zeros(1),
+            "neck.fpn_convs.4.conv.bias": torch.zeros(1),
+        },
+    )
+    with pytest.raises(ConversionError, match="not in the known official layout") as e:
+        convert.convert_state_dict(sd, "official", "x.pth")
+    assert "bbox_head.extra_conv.weight" in str(e.value) and "neck.fpn_convs.4" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "loaded,source,match",
+    [
+        ({"model": {}}, "official", "'state_dict' entry"),
+        ({"state_dict": {"a": torch.zeros(1)}}, "adelaidet", "'model' entry"),
+        ({"meta": {}, "weights": 3}, "torchvision", "bare state dict"),
+        ([torch.zeros(1)], "official", "expected a dict"),
+        ({"state_dict": {"backbone.conv1.weight": "x"}}, "official", "'backbone.conv1.weight'"),
+    ],
+)
+def test_unknown_layout(loaded, source, match):
+    with pytest.raises(ConversionError, match=match) as e:
+        convert.convert_loaded(loaded, source, origin="ckpt.pth")
+    assert "ckpt.pth" in str(e.value)
+
+
+def test_untrusted_pickle(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({"state_dict": {}, "meta": {"obj": _Opaque()}}, path)
+    with pytest.raises(ConversionError, match="--trust-pickle"):
+        convert.load_checkpoint_file(str(path))
+    assert "state_dict" in convert.load_checkpoint_file(str(path), trust_pickle=True)
+
+
+class _Opaque:
+    pass
+
+
+def test_fold_refuses_mean_shift():
+    w = torch.randn(4, 3, 7, 7)
+    other = convert.InputConvention("RGB", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    with pytest.raises(ConversionError, match="PIXEL_MEAN"):
+        convert.fold_input_normalization(w, convert.RGB_IMAGENET, other)
+    assert convert.fold_input_normalization(w, convert.RGB_IMAGENET, convert.RGB_IMAGENET) is w
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli(tmp_path, small):
+    cfg, model, sd = small
+    cli = _cli()
+    src, dst = tmp_path / "SOLOv2_LIGHT_448_R18_3x.pth", tmp_path / "out" / "converted.pth"
+    torch.save({"state_dict": sd, "meta": {"epoch": 36}}, src)
+    config = os.path.join(ROOT, "configs", SMALL)
+    argv = ["--source", "official", "--config", config, str(src), str(dst)]
+    assert cli.main(argv) == 0
+
+    # Loads with MODEL.WEIGHTS: nothing missing, nothing unexpected, every value in place.
+    fresh = build_model(cfg)
+    checkpointer, reports = DetectionCheckpointer(fresh), []
+    load_model = checkpointer._load_model  # record what load() reports as incompatible
+    checkpointer._load_model = lambda ckpt: reports.append(load_model(ckpt)) or reports[-1]
+    checkpointer.load(str(dst))
+    assert len(reports) == 1
+    assert not reports[0].missing_keys and not reports[0].unexpected_keys
+    assert not reports[0].incorrect_shapes
+    assert torch.equal(
+        fresh.state_dict()["head.kernel_pred.weight"], sd["bbox_head.solo_kernel.weight"]
+    )
+
+    # Failures: exit code 1, nothing written.
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {}}, bad)
+    assert (
+        cli.main(["--source", "official", "--config", config, str(bad), str(tmp_path / "x.pth")])
+        == 1
+    )
+    assert cli.main(["--source", "adelaidet", str(src), str(tmp_path / "y.pth")]) == 1
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["--source", "caffe", str(src), str(dst)])

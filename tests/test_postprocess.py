@@ -1,0 +1,374 @@
+"""Inference post-processing (solo.postprocess.SOLOPostProcessor) on crafted head outputs.
+
+Real heads answer ``inference_mask_probs``; the reference is ``reference_seg_single``, the
+official ``get_seg_single`` for one image fed with *all* cells' soft masks (checked against the
+official computation: every channel sigmoided and upsampled to stride 4).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference_solo import reference_seg_single
+from solo.heads import DecoupledSOLOHead, HeadOutputs, SOLOHead, SOLOv2Head
+from solo.postprocess import SOLOPostProcessor
+
+NUM_CLASSES = 3
+GRIDS = [12, 8, 6]
+LEVEL_STRIDES = [8, 16, 32]  # SOLO mask strides 4, 8, 16
+PADDED = (64, 96)
+STRIDE4 = (16, 24)
+IMAGE_SIZES = [(60, 90), (64, 72)]
+OUTPUT_SIZES = [(60, 90), (32, 36)]  # first at image size, second downscaled
+EMBED = 8  # SOLOv2 kernel / mask feature channels
+
+HEAD_ARGS = dict(in_channels=32, num_classes=NUM_CLASSES, num_grids=GRIDS, channels=32, num_convs=1)
+
+
+def make_head(kind):
+    if kind == "solo":
+        return SOLOHead(**HEAD_ARGS)
+    if kind == "decoupled":
+        return DecoupledSOLOHead(**HEAD_ARGS)
+    return SOLOv2Head(
+        **HEAD_ARGS, mask_in_features_count=2, mask_kernel_channels=32, mask_feature_channels=32
+    )
+
+
+def blob_logits(rng, n, size, centres, axis=None):
+    """(n, h, w) logits of blobs around a few shared centres (so that masks overlap):
+    ``amplitude * (1 - d^2 / r^2)``, d measured along ``axis`` only if given (decoupled X/Y)."""
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    yy, xx = (yy + 0.5) / h, (xx + 0.5) / w
+    out = np.empty((n, h, w), dtype=np.float32)
+    for k in range(n):
+        cy, cx = centres[rng.integers(0, len(centres))] + rng.normal(0, 0.03, 2)
+        r = rng.uniform(0.05, 0.35)
+        d2 = {None: (yy - cy) ** 2 + (xx - cx) ** 2, "x": (xx - cx) ** 2, "y": (yy - cy) ** 2}[axis]
+        out[k] = rng.uniform(2, 6) * (1 - d2 / r**2)
+    return np.maximum(out, -8)
+
+
+def random_outputs(kind, seed, batch=2, cate_mean=-3.0):
+    """Head outputs whose masks are blobs around 4 object centres per image."""
+    rng = np.random.default_rng(seed)
+    cate = [
+        torch.from_numpy(rng.normal(cate_mean, 1.5, (batch, NUM_CLASSES, s, s)).astype(np.float32))
+        for s in GRIDS
+    ]
+    centres = [rng.uniform(0.15, 0.85, (4, 2)) for _ in range(batch)]
+    if kind == "solo":
+        masks = []
+        for s, stride in zip(GRIDS, (4, 8, 16)):
+            size = (PADDED[0] // stride, PADDED[1] // stride)
+            masks.append(
+                torch.from_numpy(np.stack([blob_logits(rng, s * s, size, c) for c in centres]))
+            )
+        return HeadOutputs(cate, masks)
+    if kind == "decoupled":
+        xy = []
+        for s, stride in zip(GRIDS, (4, 8, 16)):
+            size = (PADDED[0] // stride, PADDED[1] // stride)
+            x = np.stack([blob_logits(rng, s, size, c, "x") for c in centres])
+            y = np.stack([blob_logits(rng, s, size, c, "y") for c in centres])
+            xy.append((torch.from_numpy(x), torch.from_numpy(y)))
+        return HeadOutputs(cate, xy)
+    # SOLOv2: mask feature channel e is a blob, each cell's kernel mostly picks one channel.
+    features = torch.from_numpy(np.stack([blob_logits(rng, EMBED, STRIDE4, c) for c in centres]))
+    kernels = []
+    for s in GRIDS:
+        k = rng.normal(0, 0.05, (batch, EMBED, s, s))
+        pick = rng.integers(0, EMBED, (batch, s, s))
+        np.put_along_axis(k, pick[:, None], rng.uniform(0.8, 1.2, (batch, 1, s, s)), axis=1)
+        kernels.append(torch.from_numpy(k.astype(np.float32)))
+    return HeadOutputs(cate, (kernels, features))
+
+
+def official_seg_preds(kind, outputs, image):
+    """(sum S^2, h4, w4) soft masks of every cell of one image, the official way."""
+
+    def up(x):
+        return F.interpolate(x[None], size=STRIDE4, mode="bilinear", align_corners=False)[0]
+
+    if kind == "solo":
+        return torch.cat([up(m[image].sigmoid()) for m in outputs.mask_outputs])
+    if kind == "decoupled":
+        per_level = []
+        for s, (x, y) in zip(GRIDS, outputs.mask_outputs):
+            px, py = up(x[image].sigmoid()), up(y[image].sigmoid())
+            cells = torch.arange(s * s)
+            per_level.append(px[cells % s] * py[cells // s])
+        return torch.cat(per_level)
+    kernels, features = outputs.mask_outputs
+    flat = torch.cat([k[image].permute(1, 2, 0).reshape(-1, EMBED) for k in kernels])
+    return F.conv2d(features[image : image + 1], flat[:, :, None, None])[0].sigmoid()
+
+
+def run_ours(kind, outputs, image_sizes=IMAGE_SIZES, output_sizes=OUTPUT_SIZES, **kwargs):
+    post = SOLOPostProcessor(level_strides=LEVEL_STRIDES, **kwargs)
+    return post(make_head(kind), outputs, PADDED, image_sizes, output_sizes)
+
+
+REF_KEYS = {
+    "score_thresh": "score_thr",
+    "mask_thresh": "mask_thr",
+    "nms_pre": "nms_pre",
+    "update_thresh": "update_thr",
+    "matrix_nms_kernel": "kernel",
+    "matrix_nms_sigma": "sigma",
+    "max_per_image": "max_per_img",
+    "nms_type": "nms_type",
+    "mask_nms_iou_thresh": "mask_nms_thr",
+}
+
+
+def all_cell_probs(kind, outputs, image):
+    """The head's stride-4 soft masks of every cell of one image, checked against the official
+    computation. They feed the reference: CPU bilinear kernels may differ by an ulp between
+    channel subsets, enough to flip a pixel sitting on the mask threshold."""
+    levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(GRIDS)])
+    cells = torch.cat([torch.arange(s * s) for s in GRIDS])
+    probs = make_head(kind).inference_mask_probs(outputs, image, levels, cells, STRIDE4)
+    torch.testing.assert_close(probs, official_seg_preds(kind, outputs, image), atol=1e-6, rtol=0)
+    return probs
+
+
+def run_reference(kind, outputs, image, output_size, **kwargs):
+    cfg = {REF_KEYS[k]: v for k, v in kwargs.items() if k in REF_KEYS}
+    return reference_seg_single(
+        [x[image].sigmoid() for x in outputs.cate_logits],
+        all_cell_probs(kind, outputs, image),
+        LEVEL_STRIDES,
+        IMAGE_SIZES[image],
+        output_size,
+        **cfg,
+    )
+
+
+def assert_same(result, ref):
+    masks, labels, scores = ref
+    assert result.pred_masks.dtype == torch.bool
+    assert result.pred_classes.dtype == torch.int64
+    np.testing.assert_array_equal(result.pred_classes.numpy(), labels)
+    np.testing.assert_allclose(result.scores.numpy(), scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.pred_masks.numpy(), masks)
+
+
+def tight_boxes(masks):
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0])
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Against the official get_seg_single
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_official_get_seg_single(kind, seed):
+    outputs = random_outputs(kind, seed)
+    results = run_ours(kind, outputs)
+    num = 0
+    for image, (result, out_size) in enumerate(zip(results, OUTPUT_SIZES)):
+        assert result.image_size == out_size
+        assert_same(result, run_reference(kind, outputs, image, out_size))
+        num += len(result)
+    assert num > 3  # the crafted outputs do produce instances
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(nms_pre=6),
+        dict(max_per_image=3),
+        dict(score_thresh=0.3, mask_thresh=0.6),
+        dict(matrix_nms_kernel="linear", update_thresh=0.2),
+        dict(nms_type="mask", mask_nms_iou_thresh=0.4),
+    ],
+    ids=["nms_pre", "max_per_image", "thresholds", "linear_kernel", "greedy_mask_nms"],
+)
+def test_options_match_official_get_seg_single(options):
+    outputs = random_outputs("solo", 7, cate_mean=-2.0)
+    results = run_ours("solo", outputs, **options)
+    for image, (result, out_size) in enumerate(zip(results, OUTPUT_SIZES)):
+        assert_same(result, run_reference("solo", outputs, image, out_size, **options))
+    if "max_per_image" in options:
+        assert all(len(r) == 3 for r in results)
+
+
+def test_nms_pre_caps_the_candidates_entering_nms():
+    outputs = random_outputs("solo", 3, cate_mean=-2.0)
+    # With nms_pre = 1 and nothing left to decay it, the single best candidate is the output.
+    result, _ = run_ours("solo", outputs, nms_pre=1)
+    assert len(result) == 1
+    full, _ = run_ours("solo", outputs, matrix_nms_sigma=0.0)  # sigma 0: no decay at all
+    assert result.scores[0] == full.scores[0] and len(full) > 1
+
+
+@pytest.mark.parametrize("kind", ["solo", "solov2"])
+def test_chunk_size_does_not_change_the_result(kind):
+    outputs = random_outputs(kind, 11, cate_mean=-2.0)
+    reference = run_ours(kind, outputs, nms_pre=20, chunk_size=1000)
+    for chunk_size in (1, 7, 64):
+        results = run_ours(kind, outputs, nms_pre=20, chunk_size=chunk_size)
+        for a, b in zip(results, reference):
+            assert torch.equal(a.pred_masks, b.pred_masks)
+            assert torch.equal(a.pred_classes, b.pred_classes)
+            # Row sums of differently sized chunks may round differently in the last bit.
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+def test_pred_boxes_are_the_tight_boxes_of_the_final_masks(kind):
+    results = run_ours(kind, random_outputs(kind, 5))
+    for result in results:
+        assert len(result)
+        np.testing.assert_array_equal(
+            result.pred_boxes.tensor.numpy(), tight_boxes(result.pred_masks.numpy())
+        )
+
+
+def test_output_size_different_from_the_image_resizes_the_cropped_masks():
+    outputs = random_outputs("solo", 2)
+    sizes = [(120, 180), (50, 47)]  # upscaled, and a different aspect ratio
+    results = run_ours("solo", outputs, output_sizes=sizes)
+    for image, (result, size) in enumerate(zip(results, sizes)):
+        assert result.image_size == size and result.pred_masks.shape[1:] == size
+        assert_same(result, run_reference("solo", outputs, image, size))
+
+
+# --------------------------------------------------------------------------------------------
+# Crafted single-candidate cases (level 0 masks are at stride 4: no resampling before scoring)
+# --------------------------------------------------------------------------------------------
+
+
+def single_cell_outputs(cells_and_masks, batch=1):
+    """SOLO outputs where only the given (class, level-0 cell, cate logit, mask logits) fire."""
+    cate = [torch.full((batch, NUM_CLASSES, s, s), -30.0) for s in GRIDS]
+    masks = [
+        torch.full((batch, s * s, PADDED[0] // st, PADDED[1] // st), -30.0)
+        for s, st in zip(GRIDS, (4, 8, 16))
+    ]
+    for cls, cell, logit, mask in cells_and_masks:
+        cate[0][0, cls, cell // GRIDS[0], cell % GRIDS[0]] = logit
+        masks[0][0, cell] = mask
+    return HeadOutputs(cate, masks)
+
+
+def block(value, rows, cols, background=-30.0):
+    m = torch.full(STRIDE4, background)
+    m[rows[0] : rows[1], cols[0] : cols[1]] = value
+    return m
+
+
+def test_score_threshold_is_strict():
+    outputs = single_cell_outputs([(1, 30, 2.0, block(30.0, (4, 10), (4, 10)))])
+    score = float(torch.sigmoid(torch.tensor(2.0)))
+    (at,) = run_ours("solo", outputs, [IMAGE_SIZES[0]], [IMAGE_SIZES[0]], score_thresh=score)
+    assert len(at) == 0
+    below = float(np.nextafter(np.float32(score), np.float32(0)))  # the float32 just below
+    (just_below,) = run_ours(
+        "solo", outputs, [IMAGE_SIZES[0]], [IMAGE_SIZES[0]], score_thresh=below
+    )
+    assert len(just_below) == 1 and just_below.pred_classes.tolist() == [1]
+    assert just_below.scores.item() == pytest.approx(score)
+
+
+def test_area_filter_keeps_masks_strictly_larger_than_the_level_stride():
+    # Level 0 has stride 8: 8 mask pixels at stride 4 are dropped, 9 are kept.
+    outputs = single_cell_outputs(
+        [(0, 30, 3.0, block(30.0, (2, 4), (2, 6))), (2, 70, 3.0, block(30.0, (8, 11), (8, 11)))]
+    )
+    (result,) = run_ours("solo", outputs, [IMAGE_SIZES[0]], [IMAGE_SIZES[0]])
+    assert result.pred_classes.tolist() == [2]
+
+
+def test_mask_threshold_is_strict_and_maskness_rescales_the_score():
+    # 8 pixels at p = 0.75 plus 4 at exactly p = 0.5 (logit 0): the binary mask has 8 pixels
+    # (not > stride 8) and the candidate is dropped; with 9 pixels at 0.75 it is kept, with
+    # score sigmoid(3) * 0.75 (maskness: mean probability inside the binary mask).
+    logit = math.log(3.0)
+    eight = block(logit, (2, 4), (2, 6))
+    eight[4, 2:6] = 0.0
+    nine = block(logit, (2, 5), (2, 5))
+    nine[5, 2:6] = 0.0
+    (dropped,) = run_ours(
+        "solo", single_cell_outputs([(0, 30, 3.0, eight)]), [(64, 96)], [(64, 96)]
+    )
+    assert len(dropped) == 0
+    (kept,) = run_ours("solo", single_cell_outputs([(0, 30, 3.0, nine)]), [(64, 96)], [(64, 96)])
+    assert kept.scores.item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item() * 0.75)
+
+
+def test_points_nms_removes_a_cell_below_its_upper_left_neighbour():
+    mask = block(30.0, (4, 10), (4, 10))
+    shifted = block(30.0, (10, 15), (14, 20))  # disjoint: Matrix NMS alone would keep both
+    outputs = single_cell_outputs([(0, 13, 2.0, shifted), (0, 0, 3.0, mask)])
+    (result,) = run_ours("solo", outputs, [(64, 96)], [(64, 96)])
+    assert len(result) == 1  # cell 13 = (1, 1) is below (0, 0) of the same class
+    outputs = single_cell_outputs([(0, 13, 2.0, shifted), (1, 0, 3.0, mask)])
+    (result,) = run_ours("solo", outputs, [(64, 96)], [(64, 96)])
+    assert sorted(result.pred_classes.tolist()) == [0, 1]  # other class: no competition
+
+
+def test_masks_are_cropped_to_the_image_before_resizing():
+    # A candidate whose mask lies in the padding (columns >= 72 of 96) ends up empty.
+    outputs = single_cell_outputs([(0, 30, 3.0, block(30.0, (2, 10), (19, 24)))])
+    (result,) = run_ours("solo", outputs, [(64, 72)], [(64, 72)])
+    assert len(result) == 1 and not result.pred_masks.any()
+    assert result.pred_boxes.tensor.tolist() == [[0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+def test_no_candidate_gives_empty_typed_instances_of_the_output_size(kind):
+    outputs = random_outputs(kind, 0, cate_mean=-30.0)
+    results = run_ours(kind, outputs, output_sizes=[(30, 45), (64, 72)])
+    for result, size in zip(results, [(30, 45), (64, 72)]):
+        assert len(result) == 0 and result.image_size == size
+        assert result.pred_masks.shape == (0, *size) and result.pred_masks.dtype == torch.bool
+        assert result.scores.shape == (0,) and result.scores.dtype == torch.float32
+        assert result.pred_classes.shape == (0,) and result.pred_classes.dtype == torch.int64
+        assert result.pred_boxes.tensor.shape == (0, 4)
+        device = outputs.cate_logits[0].device
+        for value in (
+            result.pred_masks,
+            result.scores,
+            result.pred_classes,
+            result.pred_boxes.tensor,
+        ):
+            assert value.device == device
+
+
+def test_candidates_all_below_the_update_threshold_give_empty_instances():
+    outputs = random_outputs("solo", 1)
+    results = run_ours("solo", outputs, update_thresh=1.0)
+    assert all(len(r) == 0 and r.pred_masks.shape[1:] == s for r, s in zip(results, OUTPUT_SIZES))
+
+
+def test_all_masks_filtered_by_area_give_empty_instances():
+    outputs = single_cell_outputs([(0, 30, 3.0, block(30.0, (2, 3), (2, 3)))])
+    (result,) = run_ours("solo", outputs, [(64, 96)], [(20, 30)])
+    assert len(result) == 0 and result.pred_masks.shape == (0, 20, 30)
+
+
+def test_half_precision_maskness_of_a_mask_over_65504_pixels_is_finite():
+    # 260 x 260 = 67600 stride-4 pixels at p = sigmoid(8): a float16 sum would overflow to inf.
+    head = SOLOHead(**{**HEAD_ARGS, "num_classes": 1, "num_grids": [2, 2]})
+    cate = [torch.full((1, 1, 2, 2), -30.0, dtype=torch.half) for _ in range(2)]
+    cate[0][0, 0, 0, 0] = 3.0
+    masks = [
+        torch.full((1, 4, 260, 260), 8.0, dtype=torch.half),
+        torch.full((1, 4, 130, 130), -30.0, dtype=torch.half),
+    ]
+    post = SOLOPostProcessor(level_strides=[8, 16])
+    (result,) = post(head, HeadOutputs(cate, masks), (1040, 1040), [(1040, 1040)], [(52, 52)])
+    expected = torch.sigmoid(torch.tensor(3.0)) * torch.sigmoid(torch.tensor(8.0))
+    assert len(result) == 1 and result.scores.item() == pytest.approx(expected.item(), rel=1e-3)
+    assert result.pred_masks.all()
