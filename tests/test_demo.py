@@ -1,0 +1,224 @@
+"""demo/demo.py end to end on CPU: images (directory, glob, single file), video, errors.
+
+The model is the shapes SOLOv2 config, narrowed and run on small images so that a forward pass
+takes a fraction of a second. Its weights are random, but the category bias is raised so that
+every grid cell is a confident candidate: SOLOv2's masks then come from random dynamic kernels,
+which reliably gives a few large masks to draw.
+"""
+
+import importlib.util
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
+from conftest import REPO_ROOT, solo_cfg
+
+CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
+# Narrow model and small test size: the demo's code path is the same, only faster.
+SMALL = [
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.SOLO.HEAD_CHANNELS", "64",
+    "MODEL.SOLO.MASK_KERNEL_CHANNELS", "32",
+    "MODEL.SOLO.MASK_FEATURE_CHANNELS", "32",
+    "MODEL.SOLO.NMS_PRE", "20",
+    "MODEL.SOLO.MAX_PER_IMAGE", "3",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "80",
+]  # fmt: skip
+IMAGE_SIZE = (60, 76)  # (H, W); deliberately not the test size, so resizing back is exercised
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Single-threaded inference: on a shared 2-core machine, 2 threads are often 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("solo_demo", REPO_ROOT / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A checkpoint of the small shapes model whose every cell is a confident candidate."""
+    torch.manual_seed(0)
+    model = build_model(solo_cfg(CONFIG.replace("configs/", "", 1), SMALL))
+    with torch.no_grad():
+        model.head.cate_pred.bias.fill_(4.0)  # sigmoid(4) ~ 0.98
+    path = tmp_path_factory.mktemp("weights") / "model.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+def synthetic_image(seed, size=IMAGE_SIZE):
+    rng = np.random.default_rng(seed)
+    h, w = size
+    image = np.full((h, w, 3), rng.integers(0, 80), np.uint8)
+    center = (int(rng.integers(20, w - 20)), int(rng.integers(20, h - 20)))
+    cv2.circle(image, center, 15, tuple(int(c) for c in rng.integers(120, 256, 3)), -1)
+    cv2.rectangle(image, (2, 2), (18, 14), (255, 255, 255), -1)
+    return image
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    directory = tmp_path / "images"
+    directory.mkdir()
+    for i in range(2):
+        assert cv2.imwrite(str(directory / f"img{i}.png"), synthetic_image(i))
+    (directory / "notes.txt").write_text("not an image")  # must be ignored
+    return directory
+
+
+def run_demo(demo, weights, *args):
+    argv = ["--config-file", str(REPO_ROOT / CONFIG), *args]
+    return demo.main(argv + ["--opts", "MODEL.WEIGHTS", weights, *SMALL])
+
+
+def changed_pixels(a, b):
+    return int((a != b).any(axis=2).sum())
+
+
+def test_directory_input_draws_instances(demo, weights, image_dir, tmp_path):
+    out = tmp_path / "vis"
+    written = run_demo(demo, weights, "--input", str(image_dir), "--output", str(out))
+    assert sorted(written) == [str(out / "img0.png"), str(out / "img1.png")]
+    for name in ("img0.png", "img1.png"):
+        original, drawn = cv2.imread(str(image_dir / name)), cv2.imread(str(out / name))
+        assert drawn is not None and drawn.shape == original.shape
+        assert changed_pixels(original, drawn) > 0
+    assert not (out / "notes.txt").exists()
+
+
+def test_glob_input_above_every_score_draws_nothing(demo, weights, image_dir, tmp_path):
+    out = tmp_path / "vis"
+    pattern = str(image_dir / "img*.png")
+    args = ["--input", pattern, "--output", str(out), "--confidence-threshold", "1.01"]
+    written = run_demo(demo, weights, *args)
+    assert len(written) == 2
+    for name in ("img0.png", "img1.png"):
+        # Images without instances are written unchanged (no matplotlib round trip).
+        np.testing.assert_array_equal(
+            cv2.imread(str(out / name)), cv2.imread(str(image_dir / name))
+        )
+
+
+def test_single_input_to_file(demo, weights, image_dir, tmp_path):
+    target = tmp_path / "new" / "drawn.png"
+    written = run_demo(
+        demo, weights, "--input", str(image_dir / "img1.png"), "--output", str(target)
+    )
+    assert written == [str(target)]
+    assert cv2.imread(str(target)).shape == (*IMAGE_SIZE, 3)
+
+
+def test_without_output_nothing_is_written(demo, weights, image_dir):
+    before = sorted(image_dir.iterdir())
+    assert run_demo(demo, weights, "--input", str(image_dir)) == []
+    assert sorted(image_dir.iterdir()) == before
+
+
+def write_video(path, frames, fps=5.0):
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h), True)
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write 'mp4v' videos")
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def read_video(path):
+    video = cv2.VideoCapture(str(path))
+    assert video.isOpened(), f"cannot open {path}"
+    frames = []
+    while True:
+        ok, frame = video.read()
+        if not ok:
+            break
+        frames.append(frame)
+    video.release()
+    return frames
+
+
+def test_video_input(demo, weights, tmp_path):
+    # Even sizes: mp4v (like most codecs) wants them.
+    frames = [synthetic_image(i, size=(64, 80)) for i in range(5)]
+    source = tmp_path / "clip.mp4"
+    write_video(source, frames)
+    out = tmp_path / "vis"
+    written = run_demo(demo, weights, "--video-input", str(source), "--output", str(out))
+    assert written == [str(out / "clip.mp4")]
+    drawn = read_video(out / "clip.mp4")
+    assert len(drawn) == 5
+    assert all(f.shape == (64, 80, 3) for f in drawn)
+    # Masks are drawn with alpha 0.5 over large areas: far above mp4v's compression noise.
+    source_frames = read_video(source)
+    assert max(np.abs(a.astype(int) - b).mean() for a, b in zip(drawn, source_frames)) > 10
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda d: d / "missing.png", "does not exist"),
+        (lambda d: d / "nothing*.png", "matches no files"),
+        (lambda d: d, "contains no images"),
+    ],
+)
+def test_bad_input_names_the_path(demo, tmp_path, capsys, make_input, message):
+    path = str(make_input(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--config-file", str(REPO_ROOT / CONFIG), "--input", path])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert path in err and message in err
+
+
+def test_missing_config_names_the_path(demo, image_dir, tmp_path, capsys):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit):
+        demo.main(["--config-file", missing, "--input", str(image_dir)])
+    assert missing in capsys.readouterr().err
+
+
+def test_unreadable_image_names_the_file(demo, tmp_path):
+    # Checked on the loader: going through main() would build a model for nothing.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(demo.DemoError, match="cannot read image") as exc:
+        demo.load_image(str(broken))
+    assert str(broken) in str(exc.value)
+
+
+def test_missing_weights_fail_early(demo, image_dir, tmp_path, capsys):
+    missing = str(tmp_path / "model_final.pth")
+    with pytest.raises(SystemExit):
+        run_demo(demo, missing, "--input", str(image_dir))
+    assert missing in capsys.readouterr().err
+
+
+def test_output_paths(demo, tmp_path):
+    assert demo.output_paths(["a/x.png"], None) == {"a/x.png": None}
+    assert demo.output_paths(["a/x.png"], "o.jpg") == {"a/x.png": "o.jpg"}
+    for directory in ("o/", "o", str(tmp_path)):  # trailing '/', no extension, existing dir
+        target = demo.output_paths(["a/x.png"], directory)["a/x.png"]
+        assert target.endswith("x.png") and target.startswith(directory.rstrip("/"))
+    # Several inputs always go into a directory, even one that looks like a file name.
+    assert demo.output_paths(["a/x.png", "y.png"], "o.d")["y.png"].endswith("o.d/y.png")
+    with pytest.raises(demo.DemoError, match="both be written"):
+        demo.output_paths(["a/x.png", "b/x.png"], "o")

@@ -1,0 +1,129 @@
+"""Layers of the SOLO heads: deformable convs, CoordConv, the level split, SOLOv2 dynamic convs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
+
+from conftest import solo_cfg, tiny_cfg
+from solo.heads import SOLOv2Head
+from solo.heads.base import split_features
+from solo.layers import ConvGNReLU, DeformConv, DeformConvPack, coord_features
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_deformable_conv_with_zero_offsets_equals_a_plain_conv(modulated):
+    torch.manual_seed(0)
+    layer = DeformConvPack(8, 16, 3, padding=1, modulated=modulated)
+    x = torch.randn(2, 8, 11, 13)
+    expected = F.conv2d(x, layer.weight, padding=1)
+    if modulated:
+        # Zero-initialised offset conv gives masks sigmoid(0) = 0.5 on every tap.
+        expected = expected * 0.5
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_deformable_conv_with_integer_offsets_samples_shifted_pixels():
+    """An offset of (dy, dx) = (0, 1) on every tap reads the input one pixel to the right."""
+    torch.manual_seed(0)
+    conv = DeformConv(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 9, 9)
+    offset = torch.zeros(1, 18, 9, 9)
+    offset[:, 1::2] = 1.0
+    shifted = torch.zeros_like(x)
+    shifted[..., :-1] = x[..., 1:]
+    # Column 0 differs by construction: its left taps read x[..., 0] instead of zero padding.
+    torch.testing.assert_close(
+        conv(x, offset)[..., 1:],
+        F.conv2d(shifted, conv.weight, padding=1)[..., 1:],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_deformable_layers_get_gradients_for_weights_and_offsets():
+    torch.manual_seed(0)
+    layer = ConvGNReLU(32, 32, 3, dcn="DCNv2")
+    layer(torch.randn(2, 32, 8, 8)).square().mean().backward()
+    assert layer.conv.weight.grad.abs().sum() > 0
+    assert layer.conv.conv_offset.weight.grad.abs().sum() > 0
+
+
+def test_unknown_dcn_type_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="DCNv2"):
+        ConvGNReLU(32, 32, dcn="dcn3")
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_backbone_deformable_blocks_run_on_cpu_without_detectron2_ops(modulated):
+    cfg = solo_cfg(
+        "SOLO/Base-SOLO.yaml",
+        [
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]",
+            "MODEL.RESNETS.DEFORM_MODULATED", str(modulated),
+        ],
+    )  # fmt: skip
+    model = build_model(cfg)
+    blocks = [m for m in model.backbone.modules() if isinstance(m, DeformBottleneckBlock)]
+    assert len(blocks) == 4 + 6 + 3  # res3, res4, res5 of ResNet-50
+    assert all(isinstance(b.conv2, DeformConv) for b in blocks)
+    # detectron2's parameter names are kept, so its checkpoints load unchanged.
+    keys = model.state_dict().keys()
+    assert "backbone.bottom_up.res3.0.conv2.weight" in keys
+    assert "backbone.bottom_up.res3.0.conv2_offset.weight" in keys
+    out = model.backbone(torch.randn(1, 3, 64, 64))
+    out["p2"].mean().backward()
+    assert blocks[0].conv2_offset.weight.grad is not None
+
+
+def test_coord_features_are_normalised_x_then_y():
+    coords = coord_features(torch.zeros(2, 5, 3, 4))
+    assert coords.shape == (2, 2, 3, 4)
+    torch.testing.assert_close(coords[0, 0, 0], torch.linspace(-1, 1, 4))
+    torch.testing.assert_close(coords[1, 1, :, 2], torch.linspace(-1, 1, 3))
+
+
+def test_level_split_halves_p2_and_brings_p6_to_p5_size():
+    feats = [torch.randn(1, 4, 64 // 2**i, 96 // 2**i) for i in range(4)]
+    feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))  # P6 as detectron2 builds it
+    split = split_features(feats)
+    assert [tuple(f.shape[-2:]) for f in split] == [(32, 48), (32, 48), (16, 24), (8, 12), (8, 12)]
+    # Bilinear halving of an even-sized map averages 2x2 blocks.
+    torch.testing.assert_close(split[0], F.avg_pool2d(feats[0], 2))
+
+
+def test_solov2_batched_dynamic_conv_equals_a_naive_conv_per_instance():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("SOLOv2Head"))
+    head: SOLOv2Head = model.head
+    features = model.backbone(torch.randn(3, 3, 64, 96))
+    outputs = head([features[f] for f in model.head_in_features])
+    kernels, mask_features = outputs.mask_outputs
+    level = 1
+    images = torch.tensor([2, 0, 2, 1, 0, 2])
+    cells = torch.tensor([5, 17, 5, 99, 0, 42])
+    probs = head.training_mask_probs(outputs, level, images, cells)
+    for k, (image, cell) in enumerate(zip(images, cells)):
+        weight = kernels[level][image].flatten(1)[:, cell].view(1, -1, 1, 1)
+        naive = F.conv2d(mask_features[image : image + 1], weight)[0, 0].sigmoid()
+        torch.testing.assert_close(probs[k], naive, rtol=1e-4, atol=1e-6)
+
+    # Inference path: all candidates of one image, across levels, as one product.
+    levels = torch.tensor([0, 1, 4, 1])
+    cells = torch.tensor([3, 7, 15, 0])
+    size = tuple(mask_features.shape[-2:])
+    probs = head.inference_mask_probs(outputs, 1, levels, cells, size)
+    for k, (level, cell) in enumerate(zip(levels, cells)):
+        weight = kernels[level][1].flatten(1)[:, cell].view(1, -1, 1, 1)
+        naive = F.conv2d(mask_features[1:2], weight)[0, 0].sigmoid()
+        torch.testing.assert_close(probs[k], naive, rtol=1e-4, atol=1e-6)
+
+
+def test_solov2_mask_features_are_at_stride_4():
+    model = build_model(tiny_cfg("SOLOv2Head"))
+    features = model.backbone(torch.randn(1, 3, 96, 128))
+    mask_features = model.head.mask_features(
+        [features[f] for f in ("p2", "p3", "p4", "p5")]
+    )
+    assert mask_features.shape == (1, 32, 24, 32)
