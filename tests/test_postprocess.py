@@ -29,12 +29,24 @@ HEAD_ARGS = dict(in_channels=32, num_classes=NUM_CLASSES, num_grids=GRIDS, chann
 
 def make_head(kind):
     if kind == "solo":
-        return SOLOHead(**HEAD_ARGS)
+        # The crafted SOLO outputs are the S^2 mask logits themselves: identity 1x1 mask convs
+        # make the head's per-cell kernels read them back channel by channel.
+        head = SOLOHead(**HEAD_ARGS)
+        head.mask_preds = torch.nn.ModuleList(identity_conv(s * s) for s in GRIDS)
+        return head
     if kind == "decoupled":
         return DecoupledSOLOHead(**HEAD_ARGS)
     return SOLOv2Head(
         **HEAD_ARGS, mask_in_features_count=2, mask_kernel_channels=32, mask_feature_channels=32
     )
+
+
+def identity_conv(channels):
+    conv = torch.nn.Conv2d(channels, channels, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(channels)[:, :, None, None])
+        conv.bias.zero_()
+    return conv
 
 
 def blob_logits(rng, n, size, centres, axis=None):
@@ -361,6 +373,7 @@ def test_all_masks_filtered_by_area_give_empty_instances():
 def test_half_precision_maskness_of_a_mask_over_65504_pixels_is_finite():
     # 260 x 260 = 67600 stride-4 pixels at p = sigmoid(8): a float16 sum would overflow to inf.
     head = SOLOHead(**{**HEAD_ARGS, "num_classes": 1, "num_grids": [2, 2]})
+    head.mask_preds = torch.nn.ModuleList(identity_conv(4) for _ in range(2)).half()
     cate = [torch.full((1, 1, 2, 2), -30.0, dtype=torch.half) for _ in range(2)]
     cate[0][0, 0, 0, 0] = 3.0
     masks = [

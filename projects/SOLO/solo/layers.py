@@ -137,6 +137,28 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def per_image_dynamic_conv(
+    kernels: torch.Tensor, images: torch.Tensor, features: torch.Tensor, bias=None
+) -> torch.Tensor:
+    """1x1 convolutions of ``features[images[k]]`` (N, C, H, W) with ``kernels[k]`` (K, C).
+
+    Returns (K, H, W) logits from one batched product: the kernels are grouped per image into a
+    zero-padded (N, Kmax, C) tensor, so there is no loop over images or instances.
+    """
+    n, c, h, w = features.shape
+    counts = torch.bincount(images, minlength=n)
+    order = torch.argsort(images, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - starts[images[order]]
+    padded = kernels.new_zeros((n, int(counts.max()) if n else 0, c))
+    padded[images, rank] = kernels.to(padded.dtype)
+    logits = torch.bmm(padded, features.flatten(2).to(padded.dtype))[images, rank]
+    if bias is not None:
+        logits = logits + bias[:, None]
+    return logits.view(-1, h, w)
+
+
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -147,5 +169,6 @@ __all__ = [
     "DeformConv",
     "DeformConvPack",
     "coord_features",
+    "per_image_dynamic_conv",
     "resize",
 ]

@@ -70,6 +70,7 @@ class SOLOPostProcessor:
             max_per_image=c.MAX_PER_IMAGE,
         )
 
+    @torch.no_grad()
     def __call__(
         self,
         head: SOLOHeadBase,

@@ -1,4 +1,10 @@
-"""Vanilla SOLO head: one S^2-channel mask map per level, channel k = mask of grid cell k."""
+"""Vanilla SOLO head: one S^2-channel mask map per level, channel k = mask of grid cell k.
+
+Only a few of the S^2 channels are ever used (the positive cells in training, the candidates at
+inference), and channel k of a 1x1 conv is the dot product of the features with row k of its
+weight. So the head returns the (upsampled) mask features and applies the rows it needs: the same
+logits as the official full S^2-channel conv, without computing (1600 + 1296 + ...) maps.
+"""
 from typing import List, Sequence
 
 import torch
@@ -7,7 +13,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ..layers import coord_features, resize
+from ..layers import coord_features, per_image_dynamic_conv, resize
 from .base import (
     HeadOutputs,
     SOLOHeadBase,
@@ -39,23 +45,32 @@ class SOLOHead(SOLOHeadBase):
         return [s // 2 for s in level_strides]
 
     def forward(self, features):
+        """``mask_outputs``: per level, the x2-upsampled mask tower features (N, C, 2h, 2w)."""
         features = split_features(features)
-        cate_logits, mask_logits = [], []
+        cate_logits, mask_features = [], []
         for level, x in enumerate(features):
             mask_feat = self.mask_tower(torch.cat([x, coord_features(x)], dim=1))
-            mask_logits.append(self.mask_preds[level](upsample2x(mask_feat)))
+            mask_features.append(upsample2x(mask_feat))
             cate_logits.append(self.category_logits(x, level))
-        return HeadOutputs(cate_logits, mask_logits)
+        return HeadOutputs(cate_logits, mask_features)
+
+    def mask_logits(self, features, level, images, cells):
+        """Channels ``cells`` of the level's S^2-channel mask conv on ``features[images]``."""
+        conv = self.mask_preds[level]
+        weight = conv.weight.flatten(1)[cells]  # (K, C)
+        return per_image_dynamic_conv(weight, images, features, conv.bias[cells])
 
     def training_mask_probs(self, outputs, level, images, cells):
-        return outputs.mask_outputs[level][images, cells].sigmoid()
+        return self.mask_logits(outputs.mask_outputs[level], level, images, cells).sigmoid()
 
     def inference_mask_probs(self, outputs, image, levels, cells, size):
-        mask_logits = outputs.mask_outputs
+        num_levels = len(outputs.mask_outputs)
 
         def compute(level, positions):
-            probs = mask_logits[level][image, cells[positions]].sigmoid()
+            features = outputs.mask_outputs[level][image : image + 1]
+            images = torch.zeros_like(positions)
+            probs = self.mask_logits(features, level, images, cells[positions]).sigmoid()
             return resize(probs[None], size)[0]
 
-        out = mask_logits[0].new_empty((len(cells), *size))
-        return gather_per_level(levels, len(mask_logits), compute, out)
+        out = outputs.mask_outputs[0].new_empty((len(cells), *size))
+        return gather_per_level(levels, num_levels, compute, out)

@@ -6,7 +6,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ..layers import coord_features, resize
+from ..layers import coord_features, per_image_dynamic_conv, resize
 from .base import HeadOutputs, SOLOHeadBase, build_tower, init_prediction, split_features
 from .mask_feature_branch import MaskFeatureBranch
 from .registry import SOLO_HEAD_REGISTRY
@@ -70,18 +70,8 @@ class SOLOv2Head(SOLOHeadBase):
 
     def training_mask_probs(self, outputs, level, images, cells):
         kernels, mask_features = outputs.mask_outputs
-        n, e, h, w = mask_features.shape
         selected = kernels[level].flatten(2)[images, :, cells]  # (K, E)
-        # One batched product: kernels are grouped per image into a zero-padded (N, Kmax, E).
-        counts = torch.bincount(images, minlength=n)
-        order = torch.argsort(images, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order), device=order.device) - starts[images[order]]
-        padded = selected.new_zeros((n, int(counts.max()) if len(counts) else 0, e))
-        padded[images, rank] = selected
-        logits = torch.bmm(padded, mask_features.flatten(2))  # (N, Kmax, H*W)
-        return logits[images, rank].view(-1, h, w).sigmoid()
+        return per_image_dynamic_conv(selected, images, mask_features).sigmoid()
 
     def inference_mask_probs(self, outputs, image, levels, cells, size):
         kernels, mask_features = outputs.mask_outputs
