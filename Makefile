@@ -28,8 +28,16 @@ $(STAMP): setup.cfg pyproject.toml requirements.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+# Where the built-in shapes dataset is generated (same rule as solo.data.shapes.get_shapes_root).
+SHAPES_ROOT ?= $(or $(SOLO_SHAPES_ROOT),$(if $(DETECTRON2_DATASETS),$(DETECTRON2_DATASETS)/shapes,datasets/shapes))
+DEMO_CONFIG := configs/Shapes/SOLOv2_R18.yaml
+DEMO_OUTPUT := output/shapes/SOLOv2_R18
+
 demo: setup
-	$(PY) tools/shapes_demo.py
+	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) demo/demo.py --config-file $(DEMO_CONFIG) --input "$(SHAPES_ROOT)/val/00000*.png" \
+	  --output $(DEMO_OUTPUT)/vis --opts MODEL.WEIGHTS $(DEMO_OUTPUT)/model_final.pth
+	@echo "Predictions drawn in $(DEMO_OUTPUT)/vis; metrics in $(DEMO_OUTPUT)/log.txt"
 
 benchmark: setup
 	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn

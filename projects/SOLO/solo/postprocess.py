@@ -79,10 +79,8 @@ class SOLOPostProcessor:
         image_sizes: Sequence[Tuple[int, int]],
         output_sizes: Sequence[Tuple[int, int]],
     ) -> List[Instances]:
-        scores = torch.cat(
-            [points_nms(x.sigmoid()).permute(0, 2, 3, 1).flatten(1, 2) for x in outputs.cate_logits],
-            dim=1,
-        )  # (N, sum S^2, C)
+        per_level = [points_nms(x.sigmoid()).permute(0, 2, 3, 1) for x in outputs.cate_logits]
+        scores = torch.cat([x.flatten(1, 2) for x in per_level], dim=1)  # (N, sum S^2, C)
         cells_per_level = [x.shape[-2] * x.shape[-1] for x in outputs.cate_logits]
         return [
             self._single_image(
@@ -98,9 +96,10 @@ class SOLOPostProcessor:
         stride4_size = (padded_size[0] // 4, padded_size[1] // 4)
         flat_cells, labels = (scores > self.score_thresh).nonzero(as_tuple=True)
         cand_scores = scores[flat_cells, labels]
-        level_ends = torch.tensor(cells_per_level, device=device).cumsum(0)
+        level_sizes = torch.tensor(cells_per_level, device=device)
+        level_ends = level_sizes.cumsum(0)
         levels = torch.searchsorted(level_ends, flat_cells, right=True)
-        cells = flat_cells - (level_ends - level_ends[0].new_tensor(cells_per_level))[levels]
+        cells = flat_cells - (level_ends - level_sizes)[levels]
         strides = torch.tensor(self.level_strides, device=device, dtype=torch.float)[levels]
 
         # Mask, area filter and maskness rescoring, chunk by chunk, keeping the top nms_pre.
