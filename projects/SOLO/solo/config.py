@@ -111,6 +111,9 @@ def check_solo_config(cfg):
         raise ValueError(f"MODEL.SOLO.NUM_GRIDS must be positive, got {list(c.NUM_GRIDS)}.")
     if c.SIGMA <= 0:
         raise ValueError(f"MODEL.SOLO.SIGMA must be > 0, got {c.SIGMA}.")
+    if any(s < 1 for s in c.LEVEL_STRIDES):
+        raise ValueError(f"MODEL.SOLO.LEVEL_STRIDES must be positive, got {list(c.LEVEL_STRIDES)}.")
+    _check_inference_keys(c)
     if c.HEAD_CHANNELS % 32 or c.MASK_FEATURE_CHANNELS % 32 or c.MASK_KERNEL_CHANNELS % 32:
         raise ValueError(
             "MODEL.SOLO.HEAD_CHANNELS, MASK_FEATURE_CHANNELS and MASK_KERNEL_CHANNELS must be "
@@ -126,3 +129,13 @@ def check_solo_config(cfg):
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ValueError(f"MODEL.SOLO.{key}={c[key]!r} is not one of {allowed}.")
+
+
+def _check_inference_keys(c):
+    """Thresholds are probabilities in [0, 1); candidate counts are positive."""
+    for key in ("SCORE_THRESH", "MASK_THRESH", "UPDATE_THRESH"):
+        if not 0 <= c[key] < 1:
+            raise ValueError(f"MODEL.SOLO.{key} must be in [0, 1), got {c[key]}.")
+    for key in ("NMS_PRE", "MAX_PER_IMAGE"):
+        if c[key] < 1:
+            raise ValueError(f"MODEL.SOLO.{key} must be >= 1, got {c[key]}.")

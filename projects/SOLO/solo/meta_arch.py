@@ -1,8 +1,10 @@
 """The SOLO meta-architecture: backbone -> SOLO instance head -> targets/losses or instances."""
 import logging
+import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
@@ -106,8 +108,67 @@ class SOLO(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
-        images = [self._normalize(x["image"]) for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        images = [
+            self._normalize(self._three_channel_image(x, i)) for i, x in enumerate(batched_inputs)
+        ]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        return self._pad_to_min_size(images)
+
+    def _pad_to_min_size(self, images: ImageList) -> ImageList:
+        """Pad a batch of tiny images (e.g. 20x20) to at least twice the backbone's stride.
+
+        Otherwise P5 is 1x1, and a GroupNorm with one channel per group (e.g. 32 channels) then
+        sees a single value per group, which PyTorch rejects. Extra bottom/right padding is what
+        batching with a larger image does anyway; outputs are cropped to the image sizes.
+        """
+        min_size = 2 * max(self.backbone.size_divisibility, 1)
+        h, w = images.tensor.shape[-2:]
+        if h >= min_size and w >= min_size:
+            return images
+        padded = F.pad(images.tensor, (0, max(min_size - w, 0), 0, max(min_size - h, 0)))
+        return ImageList(padded, images.image_sizes)
+
+    def _three_channel_image(self, inputs: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        """``inputs["image"]`` as (3, H, W): grayscale is replicated, an alpha channel dropped.
+
+        Images read by the dataset mapper are already 3-channel (it reads files in
+        ``INPUT.FORMAT``); tensors handed to the model directly may not be. Converting, with a
+        warning (once per process), is friendlier than a channel-mismatch error deep in the
+        backbone; anything else is rejected with the shape and what is expected.
+        """
+        image = inputs.get("image") if isinstance(inputs, dict) else None
+        expected = (
+            f"a (3, H, W) tensor in INPUT.FORMAT={self.input_format!r} (1-channel grayscale and "
+            "4-channel images with alpha are converted)"
+        )
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(
+                f"batched_inputs[{index}]['image'] must be {expected}, got "
+                f"{type(image).__name__}. Convert an HxWxC numpy image with "
+                "torch.as_tensor(image.transpose(2, 0, 1))."
+            )
+        if image.dim() == 2:  # (H, W) grayscale
+            image = image[None]
+        channels = image.shape[0] if image.dim() == 3 else None
+        if channels not in (1, 3, 4) or image.shape[-1] == 0 or image.shape[-2] == 0:
+            raise ValueError(
+                f"batched_inputs[{index}]['image'] has shape {tuple(image.shape)}; expected "
+                f"{expected}. An (H, W, C) image must be permuted to (C, H, W) first."
+            )
+        if channels == 1:
+            warnings.warn(
+                "SOLO got a 1-channel (grayscale) image; replicating it to 3 channels.",
+                stacklevel=3,
+            )
+            image = image.expand(3, -1, -1)
+        elif channels == 4:
+            warnings.warn(
+                f"SOLO got a 4-channel image; dropping the 4th (alpha) channel and reading the "
+                f"first three as {self.input_format}.",
+                stacklevel=3,
+            )
+            image = image[:3]
+        return image
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
         return (image.to(self.device, non_blocking=True) - self.pixel_mean) / self.pixel_std

@@ -1,4 +1,12 @@
-"""Datasets shipped with the project (the procedural ``shapes`` dataset)."""
+"""Datasets shipped with the project (the procedural ``shapes`` dataset) and the SOLO mapper."""
+from .dataset_mapper import (
+    DatasetError,
+    SOLODatasetMapper,
+    check_dataset_dicts,
+    check_num_classes,
+    check_record,
+    load_dataset_dicts,
+)
 from .shapes import ensure_shapes_dataset, register_shapes_datasets
 
 
@@ -7,4 +15,14 @@ def register_builtin_datasets():
     register_shapes_datasets()
 
 
-__all__ = ["ensure_shapes_dataset", "register_builtin_datasets", "register_shapes_datasets"]
+__all__ = [
+    "DatasetError",
+    "SOLODatasetMapper",
+    "check_dataset_dicts",
+    "check_num_classes",
+    "check_record",
+    "ensure_shapes_dataset",
+    "load_dataset_dicts",
+    "register_builtin_datasets",
+    "register_shapes_datasets",
+]

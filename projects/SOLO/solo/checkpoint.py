@@ -1,0 +1,130 @@
+"""A ``DetectionCheckpointer`` that never loses the last good checkpoint and can load strictly.
+
+* Atomic saves: Detectron2 writes ``model_XXXXXXX.pth`` and ``last_checkpoint`` in place, so a
+  job killed (or a disk filling up) mid-write leaves a truncated file that ``--resume`` then
+  fails to load, possibly after overwriting the previous good checkpoint of the same name. Here
+  both are written to a temporary file in the same directory, flushed to disk and renamed over
+  the target with ``os.replace`` (atomic on POSIX and Windows): readers see the old file or the
+  complete new one, never a partial one.
+* Strict loading (``strict=True``, used for ``--eval-only``): Detectron2 only *warns* about
+  parameters whose shapes differ (and skips them) and about parameters the checkpoint lacks, so
+  evaluating e.g. an 80-class checkpoint with ``NUM_CLASSES 3`` silently runs a partly random
+  model. Strict mode raises :class:`CheckpointMismatchError` listing those keys instead.
+  Fine-tuning from ``MODEL.WEIGHTS`` keeps Detectron2's warn-and-skip behaviour (``strict=False``).
+"""
+import logging
+import os
+import uuid
+from typing import Any, Sequence
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["CheckpointMismatchError", "SOLOCheckpointer", "atomic_write"]
+
+logger = logging.getLogger(__name__)
+
+# Keys listed in a mismatch error before the rest is summarised.
+MAX_LISTED_KEYS = 30
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint that does not fit the model built from the config (strict loading)."""
+
+
+def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
+    """Call ``write_fn(file)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    On any error (including KeyboardInterrupt) the temporary file is removed and ``path`` keeps
+    its previous content.
+    """
+    directory, basename = os.path.split(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{basename}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with 0o666 honours the umask, so the checkpoint gets the usual permissions
+    # (tempfile.mkstemp would make it private to the user).
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+class SOLOCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic saves and an optional strict load (see module doc).
+
+    Args: those of ``DetectionCheckpointer``, plus ``strict`` (bool, default False).
+    """
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.strict = strict
+
+    def _is_local(self) -> bool:
+        # Remote storage (PathManager URLs) has no rename; keep Detectron2's behaviour there.
+        return "://" not in self.save_dir
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._is_local():
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        os.makedirs(self.save_dir, exist_ok=True)
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._is_local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and (incompatible.incorrect_shapes or incompatible.missing_keys):
+            raise CheckpointMismatchError(_mismatch_report(incompatible))
+        return incompatible
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    shown = list(items[:MAX_LISTED_KEYS])
+    if len(items) > MAX_LISTED_KEYS:
+        shown.append(f"... and {len(items) - MAX_LISTED_KEYS} more")
+    return f"{title} ({len(items)}):\n    " + "\n    ".join(shown)
+
+
+def _mismatch_report(incompatible) -> str:
+    parts = ["The checkpoint does not fit the model built from the config (strict loading)."]
+    if incompatible.incorrect_shapes:
+        shapes = [
+            f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(model)}"
+            for key, ckpt, model in incompatible.incorrect_shapes
+        ]
+        parts.append(_listing("Parameters with different shapes", shapes))
+    if incompatible.missing_keys:
+        parts.append(
+            _listing("Model parameters missing from the checkpoint", incompatible.missing_keys)
+        )
+    if incompatible.unexpected_keys:
+        parts.append(
+            _listing("Checkpoint keys the model does not have", incompatible.unexpected_keys)
+        )
+    parts.append(
+        "Use the config the checkpoint was trained with (e.g. the same MODEL.SOLO.NUM_CLASSES, "
+        "HEAD_NAME, NUM_GRIDS, channels and backbone depth), or convert the checkpoint with "
+        "tools/convert_checkpoint.py."
+    )
+    return "\n  ".join(parts)
