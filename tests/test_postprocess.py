@@ -385,3 +385,18 @@ def test_half_precision_maskness_of_a_mask_over_65504_pixels_is_finite():
     expected = torch.sigmoid(torch.tensor(3.0)) * torch.sigmoid(torch.tensor(8.0))
     assert len(result) == 1 and result.scores.item() == pytest.approx(expected.item(), rel=1e-3)
     assert result.pred_masks.all()
+
+
+def test_masks_to_boxes_matches_detectron2_bitmasks_including_empty_masks():
+    from detectron2.structures import BitMasks
+
+    from solo.postprocess import masks_to_boxes
+
+    rng = np.random.default_rng(3)
+    masks = torch.from_numpy(rng.random((12, 17, 23)) > 0.97)
+    masks[0] = False  # empty
+    masks[1] = False
+    masks[1, 16, 22] = True  # single corner pixel
+    torch.testing.assert_close(
+        masks_to_boxes(masks).tensor, BitMasks(masks).get_bounding_boxes().tensor
+    )

@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 
 from .heads.base import HeadOutputs, SOLOHeadBase
 from .layers import resize
@@ -39,6 +39,7 @@ class SOLOPostProcessor:
         mask_nms_iou_thresh: float = 0.5,
         max_per_image: int = 100,
         chunk_size: int = 128,
+        paste_chunk_size: int = 16,
     ):
         if nms_type not in NMS_TYPES:
             raise ValueError(f"MODEL.SOLO.NMS_TYPE must be one of {NMS_TYPES}, got {nms_type!r}.")
@@ -53,6 +54,7 @@ class SOLOPostProcessor:
         self.mask_nms_iou_thresh = mask_nms_iou_thresh
         self.max_per_image = max_per_image
         self.chunk_size = chunk_size
+        self.paste_chunk_size = paste_chunk_size
 
     @classmethod
     def from_config(cls, cfg):
@@ -102,8 +104,9 @@ class SOLOPostProcessor:
         cells = flat_cells - (level_ends - level_sizes)[levels]
         strides = torch.tensor(self.level_strides, device=device, dtype=torch.float)[levels]
 
-        # Mask, area filter and maskness rescoring, chunk by chunk, keeping the top nms_pre.
-        best = None
+        # Mask, area filter and maskness rescoring, chunk by chunk. Survivors are pooled and cut
+        # to the best nms_pre only when the pool doubles, so masks are copied O(1) times each.
+        pool = []
         for start in range(0, len(cand_scores), self.chunk_size):
             part = slice(start, start + self.chunk_size)
             probs = head.inference_mask_probs(
@@ -115,12 +118,16 @@ class SOLOPostProcessor:
             probs, masks, areas = probs[keep], masks[keep], areas[keep]
             # Accumulated in float32: a half-precision sum overflows beyond 65504 pixels.
             maskness = (probs * masks).flatten(1).sum(dim=1, dtype=torch.float32) / areas
-            chunk = (probs, masks, areas, cand_scores[part][keep] * maskness, labels[part][keep])
-            best = chunk if best is None else tuple(torch.cat(p) for p in zip(best, chunk))
-            best = _top_k(best, score_index=3, k=self.nms_pre)
-        if best is None or len(best[3]) == 0:
+            pool.append((probs, cand_scores[part][keep] * maskness, labels[part][keep]))
+            if sum(len(p[1]) for p in pool) > 2 * self.nms_pre:
+                pool = [_top_k(_concat(pool), score_index=1, k=self.nms_pre)]
+        if not pool:
             return _empty_instances(output_size, device)
-        probs, masks, areas, cand_scores, labels = _top_k(best, score_index=3, k=self.nms_pre)
+        probs, cand_scores, labels = _top_k(_concat(pool), score_index=1, k=self.nms_pre)
+        if len(cand_scores) == 0:
+            return _empty_instances(output_size, device)
+        masks = probs > self.mask_thresh
+        areas = masks.flatten(1).sum(dim=1).float()
 
         if self.nms_type == "matrix":
             cand_scores = matrix_nms(
@@ -140,20 +147,38 @@ class SOLOPostProcessor:
         result.pred_masks = self._paste_masks(probs, padded_size, image_size, output_size)
         result.scores = cand_scores
         result.pred_classes = labels
-        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes().to(device)
+        result.pred_boxes = masks_to_boxes(result.pred_masks)
         return result
 
     def _paste_masks(self, probs, padded_size, image_size, output_size) -> torch.Tensor:
         """Stride-4 soft masks -> padded input -> crop to the image -> output size -> bool."""
         h, w = image_size
         out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
-        for start in range(0, len(probs), self.chunk_size):
-            part = probs[start : start + self.chunk_size][None]
-            part = resize(part, padded_size)[:, :, :h, :w]
+        # Small chunks: the full-resolution float masks exist for a few instances at a time.
+        step = self.paste_chunk_size
+        for start in range(0, len(probs), step):
+            part = resize(probs[start : start + step][None], padded_size)[:, :, :h, :w]
             if (h, w) != tuple(output_size):
                 part = resize(part, output_size)
-            out[start : start + self.chunk_size] = part[0] > self.mask_thresh
+            out[start : start + step] = part[0] > self.mask_thresh
         return out
+
+
+def masks_to_boxes(masks: torch.Tensor) -> Boxes:
+    """Tight XYXY boxes of (N, H, W) bool masks (x2, y2 exclusive, as ``BitMasks``), vectorised;
+    empty masks get an all-zero box."""
+    n, h, w = masks.shape
+    cols, rows = masks.any(dim=1), masks.any(dim=2)  # (N, W), (N, H)
+    x1 = cols.float().argmax(dim=1)
+    x2 = w - cols.flip(1).float().argmax(dim=1)
+    y1 = rows.float().argmax(dim=1)
+    y2 = h - rows.flip(1).float().argmax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return Boxes(boxes * cols.any(dim=1, keepdim=True))
+
+
+def _concat(parts):
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def _top_k(tensors, score_index: int, k: int):
