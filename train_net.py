@@ -14,17 +14,14 @@ import sys
 from contextlib import contextmanager
 from unittest import mock
 
-import torch
-
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine import defaults as engine_defaults
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "projects", "SOLO"))
-from solo import add_solo_config  # noqa: E402
+from solo import get_solo_cfg  # noqa: E402
 from solo.checkpoint import SOLOCheckpointer  # noqa: E402
 from solo.data import (  # noqa: E402
     SOLODatasetMapper,
@@ -135,12 +132,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available() and "MODEL.DEVICE" not in args.opts[::2]:
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_solo_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     register_builtin_datasets()

@@ -23,7 +23,6 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import cv2
-import torch
 import tqdm
 
 # Work from a plain checkout too (as train_net.py does), and find predictor.py next to this file
@@ -33,12 +32,11 @@ for _path in (os.path.join(os.path.dirname(_DEMO_DIR), "projects", "SOLO"), _DEM
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from predictor import VisualizationDemo  # noqa: E402
-from solo import add_solo_config  # noqa: E402
+from solo import get_solo_cfg  # noqa: E402
 from solo.data import register_builtin_datasets  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -94,13 +92,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     # Same rule as train_net.py: a machine without CUDA runs on the CPU unless told otherwise.
-    if not torch.cuda.is_available() and "MODEL.DEVICE" not in args.opts[::2]:
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_solo_cfg(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

@@ -950,7 +950,6 @@ def run_data(job: dict, cfg, memory: MemoryTracker) -> dict:
     iterator = iter(build_train_loader(job, cfg, datasets))
     memory.start()
     batch_s = _repeat(job, lambda: timed(next, "cpu", iterator)[0], "data")
-    del iterator  # stops the workers
     return {
         "dataset": datasets,
         "num_workers": cfg.DATALOADER.NUM_WORKERS,

@@ -81,6 +81,25 @@ def add_solo_config(cfg):
     _C.MAX_PER_IMAGE = 100
 
 
+def get_solo_cfg(config_file=None, opts=()):
+    """Detectron2's default config + ``MODEL.SOLO``, a config file and ``KEY VALUE`` overrides.
+
+    On a machine without CUDA, ``MODEL.DEVICE`` becomes ``cpu`` unless ``opts`` set it.
+    """
+    import torch
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    opts = list(opts)
+    cfg.merge_from_list(opts)
+    if not torch.cuda.is_available() and "MODEL.DEVICE" not in opts[::2]:
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
 def check_solo_config(cfg):
     """Fail early, naming the key, on ``MODEL.SOLO`` settings the model cannot work with."""
     from .layers import DCN_TYPES
