@@ -210,3 +210,13 @@ def test_points_nms_only_looks_up_and_left():
     assert out[0, 0, 1, 1] == 0.5 and out[0, 0, 2, 2] == 0.9 and out[0, 0, 0, 2] == 0.7
     scores[0, 0, 0, 0] = 0.6  # up-left of (1, 1): suppresses it
     assert points_nms(scores)[0, 0, 1, 1] == 0
+
+
+def test_pairwise_intersections_are_exact_counts_on_large_masks():
+    """The fast (int8) CPU path must give the exact float32 counts of the plain product."""
+    from solo.nms import _pairwise_intersections
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.rand(37, 50_000, generator=gen) > 0.3
+    reference = flat.double() @ flat.double().t()
+    torch.testing.assert_close(_pairwise_intersections(flat).double(), reference, rtol=0, atol=0)

@@ -17,10 +17,25 @@ def points_nms(scores: torch.Tensor) -> torch.Tensor:
 
 def mask_iou_matrix(masks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of (N, H, W) binary masks, as one matrix product."""
-    flat = masks.flatten(1).float()
-    inter = flat @ flat.t()
+    inter = _pairwise_intersections(masks.flatten(1))
     union = areas[:, None] + areas[None, :] - inter
     return inter / union.clamp(min=1e-6)
+
+
+def _pairwise_intersections(flat: torch.Tensor) -> torch.Tensor:
+    """(N, N) pixel counts of pairwise intersections of (N, P) 0/1 masks, as float32.
+
+    On CPU an int8 x int8 -> int32 product gives the same exact counts about twice as fast as
+    a float32 one (it is the dominant cost of Matrix NMS at 500 candidates).
+    """
+    if flat.device.type == "cpu" and hasattr(torch, "_int_mm") and len(flat):
+        x = flat.to(torch.int8)
+        try:
+            return torch._int_mm(x, x.t().contiguous()).float()
+        except RuntimeError:  # unsupported shape or build: the float product below is exact too
+            pass
+    f = flat.float()
+    return f @ f.t()
 
 
 def matrix_nms(
