@@ -11,9 +11,11 @@ binarised.
 Memory stays bounded: candidate masks are computed in chunks, keeping only the best ``nms_pre``
 so far, and the final full-resolution masks are produced chunk by chunk as booleans.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from detectron2.structures import Boxes, Instances
 
@@ -112,12 +114,15 @@ class SOLOPostProcessor:
             probs = head.inference_mask_probs(
                 outputs, image, levels[part], cells[part], stride4_size
             )
-            masks = probs > self.mask_thresh
-            areas = masks.flatten(1).sum(dim=1).float()
+            areas = (probs > self.mask_thresh).flatten(1).sum(dim=1).float()
+            # Sum of the probabilities above the threshold, in one pass; accumulated in float32
+            # (a half-precision sum overflows beyond 65504 pixels).
+            inside = (
+                F.threshold(probs, self.mask_thresh, 0.0).flatten(1).sum(dim=1, dtype=torch.float32)
+            )
             keep = areas > strides[part]
-            probs, masks, areas = probs[keep], masks[keep], areas[keep]
-            # Accumulated in float32: a half-precision sum overflows beyond 65504 pixels.
-            maskness = (probs * masks).flatten(1).sum(dim=1, dtype=torch.float32) / areas
+            probs, areas = probs[keep], areas[keep]
+            maskness = inside[keep] / areas
             pool.append((probs, cand_scores[part][keep] * maskness, labels[part][keep]))
             if sum(len(p[1]) for p in pool) > 2 * self.nms_pre:
                 pool = [_top_k(_concat(pool), score_index=1, k=self.nms_pre)]
@@ -144,16 +149,19 @@ class SOLOPostProcessor:
             return _empty_instances(output_size, device)
 
         result = Instances(output_size)
-        result.pred_masks = self._paste_masks(probs, padded_size, image_size, output_size)
+        result.pred_masks, result.pred_boxes = self._paste_masks(
+            probs, padded_size, image_size, output_size
+        )
         result.scores = cand_scores
         result.pred_classes = labels
-        result.pred_boxes = masks_to_boxes(result.pred_masks)
         return result
 
-    def _paste_masks(self, probs, padded_size, image_size, output_size) -> torch.Tensor:
-        """Stride-4 soft masks -> padded input -> crop to the image -> output size -> bool."""
+    def _paste_masks(self, probs, padded_size, image_size, output_size):
+        """Stride-4 soft masks -> padded input -> crop to the image -> output size -> bool masks,
+        and their tight boxes (computed per chunk, while the chunk is in cache)."""
         h, w = image_size
         out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
+        boxes = []
         # Small chunks: the full-resolution float masks exist for a few instances at a time.
         step = self.paste_chunk_size
         for start in range(0, len(probs), step):
@@ -161,7 +169,8 @@ class SOLOPostProcessor:
             if (h, w) != tuple(output_size):
                 part = resize(part, output_size)
             out[start : start + step] = part[0] > self.mask_thresh
-        return out
+            boxes.append(masks_to_boxes(out[start : start + step]).tensor)
+        return out, Boxes(torch.cat(boxes))
 
 
 def masks_to_boxes(masks: torch.Tensor) -> Boxes:
