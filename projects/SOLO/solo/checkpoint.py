@@ -1,6 +1,6 @@
 """A ``DetectionCheckpointer`` that never loses the last good checkpoint and can load strictly.
 
-* Atomic saves: Detectron2 writes ``model_XXXXXXX.pth`` and ``last_checkpoint`` in place, so a
+* Atomic saves: Detectron2 writes ``model_0004999.pth`` and ``last_checkpoint`` in place, so a
   job killed (or a disk filling up) mid-write leaves a truncated file that ``--resume`` then
   fails to load, possibly after overwriting the previous good checkpoint of the same name. Here
   both are written to a temporary file in the same directory, flushed to disk and renamed over
