@@ -1,5 +1,7 @@
 """Shared helpers for the SOLO tests: configs, tiny models and random instance sets."""
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,19 @@ def random_batch(sizes_and_counts, num_classes, seed=0):
         image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
         batch.append({"image": image, "instances": random_instances(h, w, n, num_classes, rng)})
     return batch
+
+
+@contextmanager
+def capture_warnings(caplog, name):
+    """caplog for a logger that Detectron2's setup_logger (run by earlier train_net tests in the
+    same session) stopped from propagating to the root logger."""
+    logger = logging.getLogger(name)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=name):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

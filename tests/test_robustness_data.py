@@ -4,8 +4,6 @@ Everything goes through :class:`solo.data.SOLODatasetMapper` (what ``train_net.T
 and :func:`solo.data.load_dataset_dicts`, on a few tiny PNG files written per test.
 """
 import json
-import logging
-from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -27,7 +25,7 @@ from solo.data import (
     load_dataset_dicts,
 )
 
-from conftest import tiny_cfg
+from conftest import capture_warnings, tiny_cfg
 
 DATASET = "robust_train"
 
@@ -86,19 +84,6 @@ def train_step(cfg, batch, model=None):
         losses = model(batch)
         sum(losses.values()).backward()
     return losses
-
-
-@contextmanager
-def capture_warnings(caplog, name):
-    """caplog for a logger that Detectron2's setup_logger (run by earlier train_net tests in the
-    same session) stopped from propagating to the root logger."""
-    logger = logging.getLogger(name)
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger=name):
-            yield
-    finally:
-        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

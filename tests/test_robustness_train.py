@@ -2,8 +2,6 @@
 datasets that do not match the config fail clearly, evaluation without predictions gives 0 AP,
 and CPU DDP survives a rank whose batches never contain an instance."""
 import json
-import logging
-from contextlib import contextmanager
 import os
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from detectron2.modeling import build_model
 from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer, atomic_write
 from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
 
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, capture_warnings, tiny_cfg
 from test_train_net import CONFIG, SMALL, load_train_net, run_main
 
 TRAIN = "shapes_robust_train"
@@ -55,19 +53,6 @@ def setup_cfg(train_net, output_dir, extra=()):
     args = default_argument_parser().parse_args(["--config-file", str(REPO_ROOT / CONFIG)])
     args.opts = OPTS + ["OUTPUT_DIR", str(output_dir)] + list(extra)
     return train_net.setup(args)
-
-
-@contextmanager
-def capture_warnings(caplog, name):
-    """caplog for a logger that Detectron2's setup_logger (run by earlier train_net tests in the
-    same session) stopped from propagating to the root logger."""
-    logger = logging.getLogger(name)
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger=name):
-            yield
-    finally:
-        logger.removeHandler(caplog.handler)
 
 
 class SimulatedKill(Exception):
