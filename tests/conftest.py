@@ -1,4 +1,5 @@
 """Shared helpers for the SOLO tests: configs, tiny models and random instance sets."""
+import importlib.util
 import logging
 import os
 from contextlib import contextmanager
@@ -84,6 +85,28 @@ def random_batch(sizes_and_counts, num_classes, seed=0):
         image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
         batch.append({"image": image, "instances": random_instances(h, w, n, num_classes, rng)})
     return batch
+
+
+def load_script(relative_path, module_name):
+    """Import a repository script (train_net.py, tools/*.py, demo/*.py) as a module."""
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def shapes_cache(root):
+    """Point the built-in shapes datasets (SOLO_SHAPES_ROOT) at ``root`` for a while."""
+    old = os.environ.get("SOLO_SHAPES_ROOT")
+    os.environ["SOLO_SHAPES_ROOT"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("SOLO_SHAPES_ROOT")
+        else:
+            os.environ["SOLO_SHAPES_ROOT"] = old
 
 
 @contextmanager

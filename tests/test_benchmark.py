@@ -1,23 +1,19 @@
 """Smoke test of tools/benchmark.py: its JSON report on a tiny input, 1 repeat, in-process."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 TINY_CONFIG = "configs/Shapes/SOLOv2_R18.yaml"  # R-18 GN, small head: fast on CPU
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools/benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/benchmark.py", "benchmark")
 
 
 @pytest.fixture

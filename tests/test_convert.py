@@ -6,7 +6,6 @@ bases (WXinlong/SOLO = mmdetection v1, AdelaiDet), written out below independent
 conversion rules, and filled with random values.
 """
 
-import importlib.util
 import math
 import os
 import pickle
@@ -21,6 +20,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import solo
+from conftest import load_script
 from solo import convert
 from solo.convert import ConversionError
 
@@ -534,12 +534,7 @@ def test_fold_refuses_mean_shift():
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/convert_checkpoint.py", "convert_checkpoint")
 
 
 def test_cli(tmp_path, small):

@@ -6,7 +6,6 @@ every grid cell is a confident candidate: SOLOv2's masks then come from random d
 which reliably gives a few large masks to draw.
 """
 
-import importlib.util
 
 import cv2
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT, solo_cfg
+from conftest import REPO_ROOT, load_script, solo_cfg
 
 CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
 # Narrow model and small test size: the demo's code path is the same, only faster.
@@ -42,10 +41,7 @@ def one_thread():
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("solo_demo", REPO_ROOT / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo/demo.py", "solo_demo")
 
 
 @pytest.fixture(scope="module")

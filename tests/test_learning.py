@@ -1,5 +1,4 @@
 """SOLOv2 actually learns: a short CPU training on a few shapes images fits them."""
-import importlib.util
 import os
 
 import pytest
@@ -7,7 +6,7 @@ import pytest
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from solo.data.shapes import register_shapes_datasets
 
 CONFIG = REPO_ROOT / "configs" / "Shapes" / "SOLOv2_R18.yaml"
@@ -23,10 +22,7 @@ MIN_MASK_AP = 1.0
 def train_net(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes_learning")
     register_shapes_datasets(str(root), splits={SPLIT: dict(num_images=16, seed=11)})
-    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py", "train_net")
 
 
 def test_short_training_lowers_the_loss_and_fits_the_training_images(train_net, tmp_path):

@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer, atomic_write
 from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
 
-from conftest import REPO_ROOT, capture_warnings, tiny_cfg
+from conftest import REPO_ROOT, capture_warnings, shapes_cache, tiny_cfg
 from test_train_net import CONFIG, SMALL, load_train_net, run_main
 
 TRAIN = "shapes_robust_train"
@@ -30,18 +30,12 @@ OPTS += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "80"]
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes_robust")
-    old = os.environ.get("SOLO_SHAPES_ROOT")
-    os.environ["SOLO_SHAPES_ROOT"] = str(root)
     splits = {TRAIN: dict(num_images=8, seed=11), VAL: dict(num_images=6, seed=14)}
-    register_shapes_datasets(str(root), splits=splits)
-    for name in splits:
-        ensure_shapes_dataset(name)  # once here, not in every DDP rank
-    yield root
-    if old is None:
-        os.environ.pop("SOLO_SHAPES_ROOT")
-    else:
-        os.environ["SOLO_SHAPES_ROOT"] = old
+    with shapes_cache(tmp_path_factory.mktemp("shapes_robust")) as root:
+        register_shapes_datasets(str(root), splits=splits)
+        for name in splits:
+            ensure_shapes_dataset(name)  # once here, not in every DDP rank
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """train_net.py end to end on the built-in shapes dataset, on CPU: train, resume, evaluate, DDP."""
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +12,7 @@ from detectron2.engine import default_argument_parser
 
 from solo.data.shapes import register_shapes_datasets
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script, shapes_cache
 
 CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
 # A narrower model than the demo one, so that a few iterations take seconds.
@@ -33,24 +32,15 @@ EVAL_SPLIT = "shapes_val_tiny"
 
 
 def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py", "train_net")
 
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     """Generate the shapes dataset once for this module, in a temporary cache."""
-    root = tmp_path_factory.mktemp("shapes")
-    old = os.environ.get("SOLO_SHAPES_ROOT")
-    os.environ["SOLO_SHAPES_ROOT"] = str(root)
-    register_shapes_datasets(str(root), splits={EVAL_SPLIT: dict(num_images=12, seed=5)})
-    yield root
-    if old is None:
-        os.environ.pop("SOLO_SHAPES_ROOT")
-    else:
-        os.environ["SOLO_SHAPES_ROOT"] = old
+    with shapes_cache(tmp_path_factory.mktemp("shapes")) as root:
+        register_shapes_datasets(str(root), splits={EVAL_SPLIT: dict(num_images=12, seed=5)})
+        yield root
 
 
 @pytest.fixture(scope="module")
