@@ -30,6 +30,7 @@ from solo.data import (  # noqa: E402
     load_dataset_dicts,
     register_builtin_datasets,
 )
+from solo.solver import build_solo_optimizer  # noqa: E402
 
 logger = logging.getLogger("detectron2")
 
@@ -89,6 +90,10 @@ class Trainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         return super().build_hooks()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_solo_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -3,10 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
 
 from conftest import solo_cfg, tiny_cfg
+from solo.backbone import FoldedFrozenBNConv2d
 from solo.heads import SOLOv2Head
 from solo.heads.base import split_features
 from solo.layers import ConvGNReLU, DeformConv, DeformConvPack, coord_features
@@ -75,6 +77,42 @@ def test_backbone_deformable_blocks_run_on_cpu_without_detectron2_ops(modulated)
     out = model.backbone(torch.randn(1, 3, 64, 64))
     out["p2"].mean().backward()
     assert blocks[0].conv2_offset.weight.grad is not None
+
+
+def test_frozen_batchnorm_folding_matches_conv_then_norm_and_keeps_gradients():
+    """FrozenBN convs fold the norm into their weights when no gradient is needed; the
+    result equals the unfolded conv + norm, and training still gets gradients."""
+    torch.manual_seed(0)
+    opts = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"]
+    cfg = tiny_cfg("SOLOv2Head", opts)
+    backbone = build_model(cfg).backbone
+    convs = [m for m in backbone.modules() if isinstance(m, FoldedFrozenBNConv2d)]
+    assert convs and all(isinstance(c.norm, FrozenBatchNorm2d) for c in convs if c.norm)
+    for conv in convs:  # non-trivial statistics, so that folding has something to get wrong
+        if isinstance(conv.norm, FrozenBatchNorm2d):
+            n = conv.norm.weight.numel()
+            conv.norm.weight.uniform_(0.5, 1.5)
+            conv.norm.bias.normal_()
+            conv.norm.running_mean.normal_()
+            conv.norm.running_var.uniform_(0.5, 2.0)
+            assert conv.norm.running_var.numel() == n
+    backbone.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        folded = backbone(x)
+    unfolded = backbone(x.clone().requires_grad_())  # needs a gradient: conv, then the norm
+    for name in folded:
+        torch.testing.assert_close(folded[name], unfolded[name], rtol=1e-4, atol=1e-4)
+    # The stem is frozen (FREEZE_AT=2) and sees the image: it folds even in training, while
+    # trainable convs run conv + norm.
+    norm_calls = []
+    for conv in (backbone.bottom_up.stem.conv1, backbone.bottom_up.res3[0].conv1):
+        conv.norm.register_forward_hook(lambda m, i, o, name=conv: norm_calls.append(name))
+    backbone.train()
+    backbone(x)["p2"].sum().backward()
+    assert norm_calls == [backbone.bottom_up.res3[0].conv1]
+    res3 = backbone.bottom_up.res3[0].conv1
+    assert res3.weight.grad is not None and res3.weight.grad.abs().sum() > 0
 
 
 def test_coord_features_are_normalised_x_then_y():

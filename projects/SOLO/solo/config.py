@@ -80,6 +80,9 @@ def add_solo_config(cfg):
     # Instances kept per image.
     _C.MAX_PER_IMAGE = 100
 
+    # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
+    cfg.SOLVER.OPTIMIZER = "SGD"
+
 
 def get_solo_cfg(config_file=None, opts=()):
     """Detectron2's default config + ``MODEL.SOLO``, a config file and ``KEY VALUE`` overrides.

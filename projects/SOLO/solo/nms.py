@@ -29,9 +29,12 @@ def _pairwise_intersections(flat: torch.Tensor) -> torch.Tensor:
     a float32 one (it is the dominant cost of Matrix NMS at 500 candidates).
     """
     if flat.device.type == "cpu" and hasattr(torch, "_int_mm") and len(flat):
-        x = flat.to(torch.int8)
+        # A bool tensor is reinterpreted in place (same byte size), not converted.
+        # _int_mm needs a contiguous left operand (an expand()ed one gives wrong counts).
+        flat = flat.contiguous()
+        x = flat.view(torch.int8) if flat.dtype == torch.bool else flat.to(torch.int8)
         try:
-            return torch._int_mm(x, x.t().contiguous()).float()
+            return torch._int_mm(x, x.t()).float()
         except RuntimeError:  # unsupported shape or build: the float product below is exact too
             pass
     f = flat.float()
