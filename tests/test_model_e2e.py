@@ -172,6 +172,35 @@ def test_batched_inference_equals_one_image_at_a_time():
         torch.testing.assert_close(a["instances"].scores, b["instances"].scores)
 
 
+@pytest.mark.parametrize("head_name", ["SOLOHead", "SOLOv2Head"])
+def test_channels_last_on_cpu_gives_the_same_losses_gradients_and_predictions(head_name):
+    fast = build(tiny_cfg(head_name, ["MODEL.SOLO.CHANNELS_LAST_ON_CPU", "True"]))
+    plain = build(tiny_cfg(head_name, ["MODEL.SOLO.CHANNELS_LAST_ON_CPU", "False"]))
+    conv = fast.backbone.bottom_up.stem.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dim() == 4
+    assert plain.backbone.bottom_up.stem.conv1.weight.is_contiguous()
+    plain.load_state_dict(fast.state_dict())
+    batch = random_batch([((96, 128), 3), ((64, 96), 2)], 5, seed=11)
+    losses = [train_step(m, batch) for m in (fast, plain)]
+    for name in losses[0]:
+        torch.testing.assert_close(losses[0][name], losses[1][name], rtol=1e-4, atol=1e-5)
+    grads = [m.head.cate_pred.weight.grad for m in (fast, plain)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+    results = []
+    for model in (fast, plain):
+        force_candidates(model)
+        model.eval()
+        with torch.no_grad():
+            results.append(model([{"image": x["image"]} for x in batch]))
+    for a, b in zip(*results):
+        a, b = a["instances"], b["instances"]
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+        # Masks may differ only where a probability is within rounding of the threshold.
+        assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
+
+
 def test_pixel_normalisation_buffers_follow_the_model_device():
     model = build(tiny_cfg())
     assert model.device.type == "cpu"

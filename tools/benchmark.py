@@ -62,7 +62,8 @@ JSON report (``--json FILE``), times in ms unless named ``_s``, memory in MB, FL
         {"kind": "rss" | "cuda_max_allocated", "peak", "before_model",
          "peak_minus_before_model", "peak_reset"}, ...}
     MODEL (inference) += {"latency_ms": {"preprocess"|"backbone"|"head"|"postprocess"|"total"|
-            "parts_sum": {"median", "mean", "min"}},
+            "parts_sum"|"postprocess_mask_products" (ours: the candidates' mask predictions,
+            part of "postprocess"): {"median", "mean", "min"}},
         "calibrated", "candidates_before_nms", "instances_out", "calibration": {...},
         "flops": {"backbone_gflops", "head_gflops", "backbone_head_gflops", "floor_ms",
             "measured_ms", "efficiency", "per_part": {"backbone"|"head": {"floor_ms",
@@ -745,16 +746,36 @@ def solo_inference_parts(model, batched, device: str) -> Dict[str, float]:
         for x, size in zip(batched, images.image_sizes)
     ]
     padded_size = tuple(images.tensor.shape[-2:])
-    times["postprocess"], _ = timed(
-        model.postprocessor,
-        device,
-        model.head,
-        outputs,
-        padded_size,
-        images.image_sizes,
-        output_sizes,
-    )
+    with timing_mask_products(model.head, device) as mask_products:
+        times["postprocess"], _ = timed(
+            model.postprocessor,
+            device,
+            model.head,
+            outputs,
+            padded_size,
+            images.image_sizes,
+            output_sizes,
+        )
+    times["mask_products"] = sum(mask_products)
     return times
+
+
+@contextlib.contextmanager
+def timing_mask_products(head, device: str):
+    """Seconds spent in ``head.inference_mask_probs`` (the candidates' mask predictions, e.g.
+    SOLOv2's dynamic 1x1 convolutions), which the post-processor calls lazily."""
+    seconds, original = [], head.inference_mask_probs
+
+    def timed_call(*args, **kwargs):
+        elapsed, result = timed(original, device, *args, **kwargs)
+        seconds.append(elapsed)
+        return result
+
+    head.inference_mask_probs = timed_call
+    try:
+        yield seconds
+    finally:
+        del head.inference_mask_probs  # the instance attribute; the method is back
 
 
 def mask_rcnn_inference_parts(model, batched, device: str) -> Dict[str, float]:
@@ -790,6 +811,8 @@ def run_inference(job: dict, cfg, model, memory: MemoryTracker) -> dict:
     memory.start()
     samples = _repeat(job, lambda: inference_step(job, model, batched), "inference")
     latency = {part: summarize([s[part] for s in samples]) for part in INFERENCE_PARTS}
+    if "mask_products" in samples[0]:
+        latency["postprocess_mask_products"] = summarize([s["mask_products"] for s in samples])
     parts_sum = [sum(s[p] for p in INFERENCE_PARTS[:-1]) for s in samples]
     latency["parts_sum"] = summarize(parts_sum)
     result = {"latency_ms": latency, "memory_mb": memory.report()}
@@ -1076,6 +1099,10 @@ def _median(key: str) -> Callable:
 
 def _inference_rows() -> List[Tuple[str, Callable]]:
     rows = [(f"{p} ms (median)", _median_latency(p)) for p in (*INFERENCE_PARTS, "parts_sum")]
+    rows.insert(
+        INFERENCE_PARTS.index("postprocess") + 1,
+        ("- of which mask products ms", _median_latency("postprocess_mask_products")),
+    )
     rows += [
         ("total ms (min)", lambda m: m["latency_ms"]["total"]["min"]),
         ("candidates before NMS", lambda m: m.get("candidates_before_nms")),

@@ -48,6 +48,7 @@ class SOLO(nn.Module):
         dice_loss_weight: float = 3.0,
         input_format: str = "RGB",
         vis_period: int = 0,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -64,6 +65,11 @@ class SOLO(nn.Module):
         self.vis_period = vis_period
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # Channels-last on CPU: weights now, images in preprocess_image (see config.py).
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -101,6 +107,7 @@ class SOLO(nn.Module):
             "dice_loss_weight": c.DICE_LOSS_WEIGHT,
             "input_format": cfg.INPUT.FORMAT,
             "vis_period": cfg.VIS_PERIOD,
+            "channels_last": c.CHANNELS_LAST_ON_CPU and cfg.MODEL.DEVICE == "cpu",
         }
 
     @property
@@ -111,8 +118,13 @@ class SOLO(nn.Module):
         images = [
             self._normalize(self._three_channel_image(x, i)) for i, x in enumerate(batched_inputs)
         ]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        return self._pad_to_min_size(images)
+        images = self._pad_to_min_size(
+            ImageList.from_tensors(images, self.backbone.size_divisibility)
+        )
+        if self.channels_last and images.tensor.device.type == "cpu":
+            tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+            images = ImageList(tensor, images.image_sizes)
+        return images
 
     def _pad_to_min_size(self, images: ImageList) -> ImageList:
         """Pad a batch of tiny images (e.g. 20x20) to at least twice the backbone's stride.

@@ -5,6 +5,7 @@ is trained from scratch for a few hundred iterations (the CPU-sized shapes confi
 configs keep the official SGD recipe.
 """
 import torch
+
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 

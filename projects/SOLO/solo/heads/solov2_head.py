@@ -60,6 +60,8 @@ class SOLOv2Head(SOLOHeadBase):
     def forward(self, features):
         """``features``: the head's levels P2-P6; P2-P5 also feed the mask feature branch."""
         mask_features = self.mask_features(features[: len(self.mask_features.levels)])
+        # The dynamic convolutions read (E, H*W) rows: make channels-last maps NCHW once here.
+        mask_features = mask_features.contiguous()
         cate_logits, kernels = [], []
         for level, x in enumerate(split_features(features)):
             grid = (self.num_grids[level],) * 2
