@@ -84,7 +84,7 @@ class SOLOv2Head(SOLOHeadBase):
         selected = all_kernels[:, cells + cells.new_tensor(offsets[:-1])[levels]].t()
         features = mask_features[image]
         logits = selected @ features.flatten(1)
-        probs = logits.view(-1, *features.shape[-2:]).sigmoid()
+        probs = logits.view(-1, *features.shape[-2:]).sigmoid_()  # in place: a fresh product
         if tuple(probs.shape[-2:]) != tuple(size):
             probs = resize(probs[None], size)[0]
         return probs
