@@ -38,7 +38,7 @@ preprocess, backbone, "head" = RPN + ROI heads incl. box NMS and mask head, "pos
 call. Figures are the median of ``--repeats`` runs after ``--warmup`` runs (mean, min too).
 FLOPs (fvcore, backbone and head) are turned into a floor with the measured throughput of a
 3x3 conv 256 -> 256 at stride 4 of the input (1x256x200x304 at 800x1216): floor_ms = GFLOPs /
-(GFLOP/s), efficiency = floor / measured. Training: forward + backward + the config's SGD
+(GFLOP/s), efficiency = floor / measured. Training: forward + backward + the config's optimizer
 step (lr 0: the full step, with a zero update, so that every iteration sees the same weights)
 on ``--batch-size`` images with ``--instances-per-image`` random rectangles/ellipses; SOLO's
 target assignment is also timed alone. Data: ``build_detection_train_loader`` (SOLO: with
@@ -846,6 +846,10 @@ def build_train_optimizer(cfg, model):
     cfg = cfg.clone()
     cfg.defrost()
     cfg.SOLVER.BASE_LR = TRAIN_LR
+    if "OPTIMIZER" in cfg.SOLVER:  # ours: SOLVER.OPTIMIZER (SGD or AdamW), as train_net.py
+        from solo.solver import build_solo_optimizer
+
+        return build_solo_optimizer(cfg, model)
     return build_optimizer(cfg, model)  # SGD with the config's momentum, decay, clipping
 
 
