@@ -420,7 +420,10 @@ def test_torchvision_backbone_numerically_equal(tmp_path, arch, config):
         y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
         for i in range(1, 5):
             y = getattr(tv, f"layer{i}")(y)
-            torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
+            # Same network, different float rounding (our inference folds FrozenBN into the convs
+            # and may run channels-last), which grows with depth: compare at the output's scale.
+            scale = float(y.abs().max())
+            torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_torchvision_resnext_for_x101():
