@@ -13,6 +13,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -35,14 +36,11 @@ class FoldedFrozenBNConv2d(Conv2d):
         if needs_grad or not isinstance(self.norm, FrozenBatchNorm2d):
             return super().forward(x)
         norm = self.norm
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias * scale
-        weight = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
-        x = F.conv2d(
-            x, weight, shift.to(weight.dtype), self.stride, self.padding, self.dilation, self.groups
-        )
+        weight, bias = fuse_conv_bn_weights(
+            self.weight, self.bias, norm.running_mean, norm.running_var, norm.eps,
+            norm.weight, norm.bias,
+        )  # fmt: skip
+        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return self.activation(x) if self.activation is not None else x
 
 

@@ -106,7 +106,7 @@ class SOLOPostProcessor:
         cells = flat_cells - (level_ends - level_sizes)[levels]
         strides = torch.tensor(self.level_strides, device=device, dtype=torch.float)[levels]
 
-        # Mask, area filter and maskness rescoring, chunk by chunk (small chunks stay in cache).
+        # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory).
         # Only the binary masks are pooled; the soft masks of the few final instances are
         # recomputed at the end, which is cheaper than carrying nms_pre float masks around.
         # The pool is cut to the best nms_pre only when it doubles: masks are copied O(1) times.
