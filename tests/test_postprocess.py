@@ -120,7 +120,7 @@ def official_seg_preds(kind, outputs, image):
 
 
 def run_ours(kind, outputs, image_sizes=IMAGE_SIZES, output_sizes=OUTPUT_SIZES, **kwargs):
-    post = SOLOPostProcessor(level_strides=LEVEL_STRIDES, **kwargs)
+    post = SOLOPostProcessor(**{"min_mask_areas": LEVEL_STRIDES, **kwargs})
     return post(make_head(kind), outputs, PADDED, image_sizes, output_sizes)
 
 
@@ -153,7 +153,7 @@ def run_reference(kind, outputs, image, output_size, **kwargs):
     return reference_seg_single(
         [x[image].sigmoid() for x in outputs.cate_logits],
         all_cell_probs(kind, outputs, image),
-        LEVEL_STRIDES,
+        kwargs.get("min_mask_areas", LEVEL_STRIDES),  # the official code uses the strides
         IMAGE_SIZES[image],
         output_size,
         **cfg,
@@ -203,8 +203,9 @@ def test_matches_official_get_seg_single(kind, seed):
         dict(score_thresh=0.3, mask_thresh=0.6),
         dict(matrix_nms_kernel="linear", update_thresh=0.2),
         dict(nms_type="mask", mask_nms_iou_thresh=0.4),
+        dict(min_mask_areas=[0, 20, 3]),
     ],
-    ids=["nms_pre", "max_per_image", "thresholds", "linear_kernel", "greedy_mask_nms"],
+    ids=["nms_pre", "max_per_image", "thresholds", "linear_kernel", "greedy_mask_nms", "areas"],
 )
 def test_options_match_official_get_seg_single(options):
     outputs = random_outputs("solo", 7, cate_mean=-2.0)
@@ -300,6 +301,21 @@ def test_area_filter_keeps_masks_strictly_larger_than_the_level_stride():
     )
     (result,) = run_ours("solo", outputs, [IMAGE_SIZES[0]], [IMAGE_SIZES[0]])
     assert result.pred_classes.tolist() == [2]
+    # MIN_MASK_AREAS replaces the strides: 7 keeps the 8-pixel mask, 9 drops the 9-pixel one.
+    for areas, expected in (([7, 16, 32], [0, 2]), ([9, 16, 32], [])):
+        (result,) = run_ours(
+            "solo", outputs, [IMAGE_SIZES[0]], [IMAGE_SIZES[0]], min_mask_areas=areas
+        )
+        assert sorted(result.pred_classes.tolist()) == expected
+
+
+def test_min_mask_areas_default_to_the_level_strides():
+    from solo import get_solo_cfg
+
+    cfg = get_solo_cfg(opts=["MODEL.SOLO.LEVEL_STRIDES", "[4, 8, 16, 32, 64]"])
+    assert SOLOPostProcessor.from_config(cfg).min_mask_areas == [4, 8, 16, 32, 64]
+    cfg.MODEL.SOLO.MIN_MASK_AREAS = [0, 1, 2, 3, 4]
+    assert SOLOPostProcessor.from_config(cfg).min_mask_areas == [0, 1, 2, 3, 4]
 
 
 def test_mask_threshold_is_strict_and_maskness_rescales_the_score():
@@ -380,7 +396,7 @@ def test_half_precision_maskness_of_a_mask_over_65504_pixels_is_finite():
         torch.full((1, 4, 260, 260), 8.0, dtype=torch.half),
         torch.full((1, 4, 130, 130), -30.0, dtype=torch.half),
     ]
-    post = SOLOPostProcessor(level_strides=[8, 16])
+    post = SOLOPostProcessor(min_mask_areas=[8, 16])
     (result,) = post(head, HeadOutputs(cate, masks), (1040, 1040), [(1040, 1040)], [(52, 52)])
     expected = torch.sigmoid(torch.tensor(3.0)) * torch.sigmoid(torch.tensor(8.0))
     assert len(result) == 1 and result.scores.item() == pytest.approx(expected.item(), rel=1e-3)

@@ -280,7 +280,7 @@ def fuzz_case(seed):
     )
     image_sizes = [(int(rng.integers(32, 65)), int(rng.integers(32, 97)))]
     output_sizes = [(int(rng.integers(10, 200)), int(rng.integers(10, 200)))]
-    post = SOLOPostProcessor(level_strides=LEVEL_STRIDES, **options)
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, **options)
     results = post(make_head(kind), outputs, PADDED, image_sizes, output_sizes)
     return results, options, one_class, output_sizes
 
@@ -332,6 +332,10 @@ def test_fuzz_cases_cover_empty_capped_and_single_class_outputs():
          ValueError, r"MODEL.SOLO.SCALE_RANGES must be \[low, high\] pairs"),
         (["MODEL.SOLO.LEVEL_STRIDES", "[8, 8, 16, 32]"], ValueError,
          "MODEL.SOLO.LEVEL_STRIDES has 4 entries"),
+        (["MODEL.SOLO.MIN_MASK_AREAS", "[2, 2, 4, 8]"], ValueError,
+         "MODEL.SOLO.MIN_MASK_AREAS has 4 entries"),
+        (["MODEL.SOLO.MIN_MASK_AREAS", "[2, 2, 4, 8, -1]"], ValueError,
+         "MODEL.SOLO.MIN_MASK_AREAS must be >= 0"),
         (["MODEL.SOLO.HEAD_NAME", "SOLOv3Head"], KeyError,
          r"HEAD_NAME='SOLOv3Head' is not a registered SOLO head; available: .*SOLOv2Head"),
         (["MODEL.SOLO.MATRIX_NMS_KERNEL", "box"], ValueError,

@@ -22,7 +22,7 @@ def add_solo_config(cfg):
     _C.NUM_CLASSES = 80
     # S, the number of grid cells per side, one per level.
     _C.NUM_GRIDS = [40, 36, 24, 16, 12]
-    # Stride of each level after the P2/P6 resizing; also the minimum mask area kept at inference.
+    # Stride of each level after the P2/P6 resizing.
     _C.LEVEL_STRIDES = [8, 8, 16, 32, 32]
     # Inclusive [low, high] ranges of sqrt(w * h) of an instance's box that each level is
     # responsible for. Ranges overlap on purpose: one instance may be positive on two levels.
@@ -68,6 +68,11 @@ def add_solo_config(cfg):
     _C.SCORE_THRESH = 0.1
     # Mask probability threshold (strict) used to binarise masks.
     _C.MASK_THRESH = 0.5
+    # Per level, a candidate's binary mask must cover more than this many pixels of the mask
+    # prediction (stride 4 for SOLOv2, half the level stride for SOLO) to be kept. Empty: the
+    # level strides, as in the official code -- sized for COCO images (at stride 4, 8 pixels are
+    # 128 input pixels), which drops every small object of a 128-pixel image.
+    _C.MIN_MASK_AREAS = []
     # Score threshold applied after NMS (inclusive).
     _C.UPDATE_THRESH = 0.05
     # "matrix" (Matrix NMS, SOLOv2) or "mask" (greedy mask-IoU NMS, the SOLO paper's baseline).
@@ -115,7 +120,9 @@ def check_solo_config(cfg):
 
     c = cfg.MODEL.SOLO
     num_levels = len(c.IN_FEATURES)
-    for key in ("NUM_GRIDS", "LEVEL_STRIDES", "SCALE_RANGES"):
+    for key in ("NUM_GRIDS", "LEVEL_STRIDES", "SCALE_RANGES", "MIN_MASK_AREAS"):
+        if key == "MIN_MASK_AREAS" and not c[key]:
+            continue
         if len(c[key]) != num_levels:
             raise ValueError(
                 f"MODEL.SOLO.{key} has {len(c[key])} entries but MODEL.SOLO.IN_FEATURES names "
@@ -139,6 +146,8 @@ def check_solo_config(cfg):
         raise ValueError(f"MODEL.SOLO.SIGMA must be > 0, got {c.SIGMA}.")
     if any(s < 1 for s in c.LEVEL_STRIDES):
         raise ValueError(f"MODEL.SOLO.LEVEL_STRIDES must be positive, got {list(c.LEVEL_STRIDES)}.")
+    if any(a < 0 for a in c.MIN_MASK_AREAS):
+        raise ValueError(f"MODEL.SOLO.MIN_MASK_AREAS must be >= 0, got {list(c.MIN_MASK_AREAS)}.")
     _check_inference_keys(c)
     if c.HEAD_CHANNELS % 32 or c.MASK_FEATURE_CHANNELS % 32 or c.MASK_KERNEL_CHANNELS % 32:
         raise ValueError(

@@ -2,7 +2,8 @@
 
 Per image: point NMS on the category scores; candidates are the (cell, class) pairs scoring
 strictly above ``score_thresh``; their masks (at stride 4) are binarised at ``mask_thresh``; masks
-not larger than their level's stride are dropped; the score is multiplied by the maskness (mean
+not larger than their level's ``min_mask_areas`` entry (the level stride in the official code) are
+dropped; the score is multiplied by the maskness (mean
 probability inside the binary mask); the top ``nms_pre`` go through Matrix NMS (or greedy mask
 NMS); scores >= ``update_thresh`` survive, at most ``max_per_image``. The survivors' soft masks are
 upsampled to the padded input, cropped to the image, resized to the requested output size and
@@ -30,7 +31,7 @@ class SOLOPostProcessor:
     def __init__(
         self,
         *,
-        level_strides: Sequence[int],
+        min_mask_areas: Sequence[float],
         score_thresh: float = 0.1,
         mask_thresh: float = 0.5,
         nms_pre: int = 500,
@@ -45,7 +46,7 @@ class SOLOPostProcessor:
     ):
         if nms_type not in NMS_TYPES:
             raise ValueError(f"MODEL.SOLO.NMS_TYPE must be one of {NMS_TYPES}, got {nms_type!r}.")
-        self.level_strides = list(level_strides)
+        self.min_mask_areas = list(min_mask_areas)
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh
         self.nms_pre = nms_pre
@@ -62,7 +63,8 @@ class SOLOPostProcessor:
     def from_config(cls, cfg):
         c = cfg.MODEL.SOLO
         return cls(
-            level_strides=c.LEVEL_STRIDES,
+            # Empty: the official rule, which reuses the level strides as minimum areas.
+            min_mask_areas=list(c.MIN_MASK_AREAS) or list(c.LEVEL_STRIDES),
             score_thresh=c.SCORE_THRESH,
             mask_thresh=c.MASK_THRESH,
             nms_pre=c.NMS_PRE,
@@ -104,7 +106,7 @@ class SOLOPostProcessor:
         level_ends = level_sizes.cumsum(0)
         levels = torch.searchsorted(level_ends, flat_cells, right=True)
         cells = flat_cells - (level_ends - level_sizes)[levels]
-        strides = torch.tensor(self.level_strides, device=device, dtype=torch.float)[levels]
+        min_areas = torch.tensor(self.min_mask_areas, device=device, dtype=torch.float)[levels]
 
         # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory).
         # Only the binary masks are pooled; the soft masks of the few final instances are
@@ -123,7 +125,7 @@ class SOLOPostProcessor:
             # tensors), accumulated in float32 (a half-precision sum overflows beyond 65504).
             inside = F.threshold_(probs, self.mask_thresh, 0.0).flatten(1)
             inside = inside.sum(dim=1, dtype=torch.float32)
-            keep = areas > strides[part]
+            keep = areas > min_areas[part]
             maskness = inside[keep] / areas[keep]
             pool.append(
                 (
