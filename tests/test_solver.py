@@ -43,6 +43,37 @@ def test_adamw_uses_detectron2_param_groups_clipping_and_updates_weights():
     assert changed == len(params)
 
 
+def test_adamw_step_equals_the_reference_adamw_update():
+    opts = [
+        "SOLVER.OPTIMIZER", "ADAMW", "SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.1",
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+    ]  # fmt: skip
+    model, cfg = _model_and_cfg(opts)
+    optimizer = build_solo_optimizer(cfg, model)
+    assert optimizer.defaults["fused"]  # CPU parameters: the fused kernel
+    # Channels-last weights (MODEL.SOLO.CHANNELS_LAST_ON_CPU) get NCHW gradients below: the
+    # fused kernel alone would pair the wrong elements.
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    reference = torch.optim.AdamW(
+        [{"params": [c], "weight_decay": decays[id(p)]} for p, c in zip(params, copies)],
+        lr=0.01,
+        foreach=False,
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, c in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=generator)
+            c.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_optimizer_is_rejected_with_the_choices():
     model, cfg = _model_and_cfg(["SOLVER.OPTIMIZER", "RMSprop"])
     with pytest.raises(ValueError, match=r"SOLVER.OPTIMIZER='RMSprop'.*SGD.*ADAMW"):
