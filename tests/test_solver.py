@@ -74,6 +74,56 @@ def test_adamw_step_equals_the_reference_adamw_update():
         torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-6)
 
 
+def _step_with_gradients(opts, scale):
+    """One plain SGD step (lr 1, no momentum/decay) with random gradients of total norm about
+    ``scale``: returns the gradients and the applied updates, per parameter."""
+    opts = [
+        "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0", "SOLVER.WEIGHT_DECAY", "0.0",
+        "SOLVER.WEIGHT_DECAY_NORM", "0.0", "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "35.0",
+        *opts,
+    ]  # fmt: skip
+    model, cfg = _model_and_cfg(opts)
+    optimizer = build_solo_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(p.shape, generator=generator) for p in params]
+    total = torch.stack([g.norm() for g in grads]).norm()
+    grads = [g * (scale / total) for g in grads]
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()
+    return grads, [b - p.detach() for b, p in zip(before, params)]
+
+
+def test_full_model_clipping_scales_all_gradients_together_like_the_official_grad_clip():
+    # mmdetection's grad_clip=dict(max_norm=35): one factor 35 / total norm for every tensor.
+    grads, updates = _step_with_gradients(["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"], 70.0)
+    for g, u in zip(grads, updates):
+        torch.testing.assert_close(u, g * 0.5, rtol=1e-4, atol=1e-7)
+    # Below the threshold the gradients are left as they are.
+    grads, updates = _step_with_gradients(["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"], 20.0)
+    for g, u in zip(grads, updates):
+        torch.testing.assert_close(u, g, rtol=1e-4, atol=1e-7)
+
+
+def test_norm_clipping_stays_detectron2_per_tensor():
+    grads, updates = _step_with_gradients(["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm"], 200.0)
+    # Each tensor on its own: the large ones are cut to norm 35, the small ones pass unchanged.
+    clipped = [g.norm() > 35.0 for g in grads]
+    assert 0 < sum(clipped) < len(grads)
+    for g, u, cut in zip(grads, updates, clipped):
+        expected = g * (35.0 / g.norm()) if cut else g
+        torch.testing.assert_close(u, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_clip_type_is_rejected_with_the_choices():
+    model, cfg = _model_and_cfg(["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "global"])
+    with pytest.raises(ValueError, match=r"CLIP_TYPE='global' is not one of .*full_model"):
+        build_solo_optimizer(cfg, model)
+
+
 def test_unknown_optimizer_is_rejected_with_the_choices():
     model, cfg = _model_and_cfg(["SOLVER.OPTIMIZER", "RMSprop"])
     with pytest.raises(ValueError, match=r"SOLVER.OPTIMIZER='RMSprop'.*SGD.*ADAMW"):
