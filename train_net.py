@@ -8,6 +8,7 @@
 This is Detectron2's own ``tools/train_net.py`` with the SOLO config and a COCO evaluator; it
 also runs on machines without CUDA (``MODEL.DEVICE`` falls back to ``cpu``, DDP over gloo).
 """
+import functools
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ from solo.data import (  # noqa: E402
     load_dataset_dicts,
     register_builtin_datasets,
 )
+from solo.engine import build_amp_trainer  # noqa: E402
 from solo.solver import build_solo_optimizer  # noqa: E402
 
 logger = logging.getLogger("detectron2")
@@ -46,6 +48,14 @@ def cpu_capable_ddp():
         return create(model, **kwargs)
 
     with mock.patch.object(engine_defaults, "create_ddp_model", create_ddp_model):
+        yield
+
+
+@contextmanager
+def cpu_capable_amp():
+    """Detectron2's AMPTrainer requires CUDA; on CPU, SOLVER.AMP.ENABLED means bfloat16."""
+    amp_trainer = functools.partial(build_amp_trainer, engine_defaults.AMPTrainer)
+    with mock.patch.object(engine_defaults, "AMPTrainer", amp_trainer):
         yield
 
 
@@ -78,7 +88,7 @@ class Trainer(DefaultTrainer):
         # Before the (possibly long) model and dataset construction: the datasets whose metadata
         # is already known are checked now, the others as soon as they are loaded.
         check_solo_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-        with cpu_capable_ddp():
+        with cpu_capable_ddp(), cpu_capable_amp():
             super().__init__(cfg)
 
     def build_hooks(self):

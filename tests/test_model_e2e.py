@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks
@@ -218,6 +219,36 @@ def test_autocast_inference_on_cpu():
     inst = out["instances"]
     assert len(inst) > 0 and inst.pred_masks.dtype == torch.bool
     assert torch.isfinite(inst.scores.float()).all()
+
+
+@pytest.mark.parametrize("head_name", ["SOLOHead", "SOLOv2Head"])
+def test_bfloat16_autocast_training_step_matches_float32(head_name):
+    """SOLVER.AMP.ENABLED on CPU (solo.engine): convolutions in bfloat16, the same targets and
+    close losses and gradients; parameters and gradients stay float32."""
+    model = build(tiny_cfg(head_name))
+    batch = random_batch([((96, 128), 4), ((64, 96), 2)], 5, seed=13)
+
+    def step(bfloat16):
+        dtypes = []
+        hook = model.head.cate_pred.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        model.train()
+        model.zero_grad()
+        with EventStorage() as storage, torch.autocast("cpu", torch.bfloat16, enabled=bfloat16):
+            losses = model(batch)
+        sum(losses.values()).backward()
+        hook.remove()
+        logged = {name: value for name, (value, _) in storage.latest().items()}
+        return losses, logged, model.head.cate_pred.weight.grad.clone(), dtypes
+
+    full, full_logged, full_grad, full_dtypes = step(False)
+    half, half_logged, half_grad, half_dtypes = step(True)
+    assert set(full_dtypes) == {torch.float32} and set(half_dtypes) == {torch.bfloat16}
+    assert half_logged == full_logged  # solo/num_pos_p*: identical targets
+    for name in full:
+        assert half[name].dtype == torch.float32
+        torch.testing.assert_close(half[name], full[name], rtol=0.02, atol=1e-3)
+    assert half_grad.dtype == torch.float32
+    assert F.cosine_similarity(half_grad.flatten(), full_grad.flatten(), dim=0) > 0.99
 
 
 def test_training_is_deterministic_with_a_fixed_seed():

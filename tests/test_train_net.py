@@ -12,7 +12,7 @@ from detectron2.engine import default_argument_parser
 
 from solo.data.shapes import register_shapes_datasets
 
-from conftest import REPO_ROOT, load_script, shapes_cache
+from conftest import REPO_ROOT, capture_warnings, load_script, shapes_cache
 
 CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
 # A narrower model than the demo one, so that a few iterations take seconds.
@@ -101,6 +101,39 @@ def test_model_device_falls_back_to_cpu_without_cuda(train_net, shapes_root):
     cfg = train_net.setup(args)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert cfg.MODEL.DEVICE == expected
+
+
+def test_amp_on_cpu_trains_in_bfloat16_where_native_else_float32(
+    train_net, shapes_root, tmp_path, monkeypatch, caplog
+):
+    """Detectron2's AMPTrainer needs CUDA; on CPU SOLVER.AMP.ENABLED picks solo.engine's
+    bfloat16 trainer, or float32 with a warning where bfloat16 would be emulated."""
+    import solo.engine
+    from detectron2.engine import SimpleTrainer
+
+    opts = SMALL + ["OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", "True"]
+    opts += ["SOLVER.MAX_ITER", "3", "MODEL.DEVICE", "cpu"]
+    args = default_argument_parser().parse_args(["--config-file", str(REPO_ROOT / CONFIG)])
+    args.opts = opts
+    cfg = train_net.setup(args)
+
+    monkeypatch.setattr(solo.engine, "cpu_has_native_bfloat16", lambda: False)
+    with capture_warnings(caplog, "solo.engine"):
+        trainer = train_net.Trainer(cfg)
+    assert type(trainer._trainer) is SimpleTrainer
+    assert "without native bfloat16" in caplog.text
+
+    monkeypatch.setattr(solo.engine, "cpu_has_native_bfloat16", lambda: True)
+    trainer = train_net.Trainer(cfg)
+    assert type(trainer._trainer) is solo.engine.CPUAutocastTrainer
+    seen = []
+    head = trainer.model.head
+    head.cate_pred.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer.train()
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    last = [m for m in read_metrics(str(tmp_path)) if "loss_cate" in m][-1]
+    assert last["iteration"] == 2 and math.isfinite(last["loss_cate"] + last["loss_mask"])
 
 
 DDP_CHECK = r"""

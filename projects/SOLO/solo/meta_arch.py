@@ -205,7 +205,8 @@ class SOLO(nn.Module):
         return self.inference_from_outputs(outputs, images, batched_inputs)
 
     def losses(self, outputs, gt_instances: List[Instances], padded_size: Tuple[int, int]):
-        with torch.no_grad():
+        # Targets are exact float32 geometry, also under mixed precision.
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             gt = gather_ground_truth(gt_instances, padded_size, self.device)
             targets = self.target_assigner(gt)
         mask_probs = [
