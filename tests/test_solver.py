@@ -108,6 +108,33 @@ def test_full_model_clipping_scales_all_gradients_together_like_the_official_gra
         torch.testing.assert_close(u, g, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
+def test_clipping_sees_unscaled_gradients_under_a_grad_scaler(optimizer):
+    """GPU AMP steps through GradScaler: clipping must act on the true gradients, so a scaled
+    backward + scaler.step gives the same update as a plain one."""
+    opts = [
+        "SOLVER.OPTIMIZER", optimizer, "SOLVER.BASE_LR", "0.01",
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5",
+    ]  # fmt: skip
+    results = []
+    for scale in (None, 1024.0):
+        model, cfg = _model_and_cfg(opts)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_solo_optimizer(cfg, model)
+        loss = sum(((p.float() - 0.37) ** 2).sum() for p in params)
+        if scale is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_norm_clipping_stays_detectron2_per_tensor():
     grads, updates = _step_with_gradients(["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm"], 200.0)
     # Each tensor on its own: the large ones are cut to norm 35, the small ones pass unchanged.

@@ -83,6 +83,10 @@ class FusedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)
+        # A fused optimizer tells GradScaler (GPU AMP) to pass it the gradients still scaled
+        # and unscale them in the kernel, after gradient clipping has seen them scaled. Let
+        # GradScaler unscale them first instead, as for any other optimizer.
+        self._step_supports_amp_scaling = False
 
     @torch.no_grad()
     def step(self, closure=None):
