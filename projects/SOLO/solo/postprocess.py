@@ -4,9 +4,9 @@ Per image: point NMS on the category scores; candidates are the (cell, class) pa
 strictly above ``score_thresh``; their masks (at stride 4) are binarised at ``mask_thresh``; masks
 not larger than their level's ``min_mask_areas`` entry (the level stride in the official code) are
 dropped; the score is multiplied by the maskness (mean probability inside the binary mask); the
-top ``nms_pre`` go through Matrix NMS (or greedy mask NMS); scores >= ``update_thresh`` survive, at most ``max_per_image``. The survivors' soft masks are
-upsampled to the padded input, cropped to the image, resized to the requested output size and
-binarised.
+top ``nms_pre`` go through Matrix NMS (or greedy mask NMS); scores >= ``update_thresh`` survive,
+at most ``max_per_image``. The survivors' soft masks are upsampled to the padded input, cropped to
+the image, resized to the requested output size and binarised.
 
 Memory stays bounded: candidate masks are computed in chunks, keeping only the best ``nms_pre``
 so far, and the final full-resolution masks are produced chunk by chunk as booleans.
