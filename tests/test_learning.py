@@ -12,10 +12,12 @@ from solo.data.shapes import register_shapes_datasets
 CONFIG = REPO_ROOT / "configs" / "Shapes" / "SOLOv2_R18.yaml"
 SPLIT = "shapes_learning_check"
 ITERATIONS = 150
-# Floors: an untrained model scores ~0 mask AP and its loss is ~3; this 150-iteration run
-# (about a minute on 2 cores) must cut the loss by at least 0.5 and start segmenting.
-MIN_LOSS_DROP = 0.5
-MIN_MASK_AP = 1.0
+# Floors: an untrained model scores ~0 mask AP and its loss starts above 10 (category loss
+# weight 15). Measured for this 150-iteration run (about a minute on 2 cores): the loss falls
+# from 13.2 to 1.1 (8%) and the training images reach 55.5 mask AP; the floors leave room for
+# other CPUs (float32 without native bfloat16) and seeds.
+MAX_LOSS_RATIO = 0.25
+MIN_MASK_AP = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,6 @@ def test_short_training_lowers_the_loss_and_fits_the_training_images(train_net, 
         "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.IMS_PER_BATCH", "4",
         "SOLVER.MAX_ITER", str(ITERATIONS),
-        "SOLVER.STEPS", f"({ITERATIONS * 4 // 5},)",
         "SOLVER.WARMUP_ITERS", "20",
         "SOLVER.CHECKPOINT_PERIOD", "100000",
         "OUTPUT_DIR", str(tmp_path),
@@ -47,7 +48,7 @@ def test_short_training_lowers_the_loss_and_fits_the_training_images(train_net, 
     history = trainer.storage.history("total_loss").values()
     first = sum(v for v, _ in history[:10]) / 10
     last = sum(v for v, _ in history[-10:]) / 10
-    assert first - last > MIN_LOSS_DROP, f"loss went from {first:.3f} to {last:.3f}"
+    assert last < MAX_LOSS_RATIO * first, f"loss went from {first:.3f} to {last:.3f}"
 
     evaluator = COCOEvaluator(SPLIT, tasks=("segm",), output_dir=os.path.join(tmp_path, "eval"))
     loader = train_net.Trainer.build_test_loader(cfg, SPLIT)
