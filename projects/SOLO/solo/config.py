@@ -120,9 +120,9 @@ def check_solo_config(cfg):
 
     c = cfg.MODEL.SOLO
     num_levels = len(c.IN_FEATURES)
-    for key in ("NUM_GRIDS", "LEVEL_STRIDES", "SCALE_RANGES", "MIN_MASK_AREAS"):
-        if key == "MIN_MASK_AREAS" and not c[key]:
-            continue
+    per_level = ["NUM_GRIDS", "LEVEL_STRIDES", "SCALE_RANGES"]
+    per_level += ["MIN_MASK_AREAS"] if c.MIN_MASK_AREAS else []  # empty: LEVEL_STRIDES
+    for key in per_level:
         if len(c[key]) != num_levels:
             raise ValueError(
                 f"MODEL.SOLO.{key} has {len(c[key])} entries but MODEL.SOLO.IN_FEATURES names "

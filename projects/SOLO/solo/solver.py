@@ -8,10 +8,9 @@ is ``CLIP_TYPE "full_model"`` here (the name Mask2Former uses for the same thing
 AdamW converges much faster when a small model is trained from scratch for a few hundred
 iterations (the CPU-sized shapes configs); the COCO configs keep the official SGD recipe.
 """
-from typing import Type
-
 import torch
 
+from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 OPTIMIZERS = ("SGD", "ADAMW")
@@ -24,43 +23,40 @@ def build_solo_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not one of {OPTIMIZERS}.")
-    params = get_default_optimizer_params(
-        model,
-        base_lr=cfg.SOLVER.BASE_LR,
-        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-    )
-    lr, weight_decay = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
-    if name == "SGD":  # exactly Detectron2's build_optimizer
-        sgd = _with_clipping(cfg, torch.optim.SGD)
-        return sgd(
-            params,
-            lr=lr,
-            momentum=cfg.SOLVER.MOMENTUM,
-            nesterov=cfg.SOLVER.NESTEROV,
-            weight_decay=weight_decay,
-            foreach=True,
-        )
-    on_fused_devices = all(
-        p.device.type in ("cpu", "cuda") for group in params for p in group["params"]
-    )
-    adamw = _with_clipping(cfg, FusedAdamW if on_fused_devices else torch.optim.AdamW)
-    return adamw(params, lr=lr, weight_decay=weight_decay)
-
-
-def _with_clipping(cfg, optimizer_class: Type[torch.optim.Optimizer]):
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    if not clip.ENABLED:
-        return optimizer_class
-    if clip.CLIP_TYPE not in CLIP_TYPES:
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
         raise ValueError(
             f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip.CLIP_TYPE!r} is not one of {CLIP_TYPES}."
         )
-    if clip.CLIP_TYPE != "full_model":
-        return maybe_add_gradient_clipping(cfg, optimizer_class)  # Detectron2's per-tensor kinds
-    max_norm, norm_type = clip.CLIP_VALUE, clip.NORM_TYPE
+    if name == "SGD":
+        # Detectron2's own SGD; clipping is added below, where "full_model" is known.
+        unclipped = cfg.clone()
+        unclipped.defrost()
+        unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        optimizer = build_optimizer(unclipped, model)
+    else:
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        on_fused_devices = all(
+            p.device.type in ("cpu", "cuda") for group in params for p in group["params"]
+        )
+        adamw = FusedAdamW if on_fused_devices else torch.optim.AdamW
+        optimizer = adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    if not clip.ENABLED or clip.CLIP_TYPE != "full_model":
+        return maybe_add_gradient_clipping(cfg, optimizer)  # Detectron2's per-tensor kinds
+    # Detectron2's way of adding clipping to an optimizer instance: a subclass with a new step.
+    optimizer.__class__ = _with_full_model_clipping(
+        type(optimizer), clip.CLIP_VALUE, clip.NORM_TYPE
+    )
+    return optimizer
 
+
+def _with_full_model_clipping(optimizer_class, max_norm: float, norm_type: float):
     def step(self, closure=None):
         grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(grads, max_norm, norm_type)
