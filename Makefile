@@ -1,6 +1,7 @@
 # Everything runs from a project-local virtual environment (.venv, Python 3.10).
 #   make setup  - create .venv and install torch, detectron2 and this project (idempotent)
 #   make test   - run the test suite (sets up first when .venv is missing)
+#   make lint   - flake8, isort and black checks (make format applies isort and black)
 #   make demo   - train on the built-in shapes dataset on CPU, evaluate, draw predictions
 # Bring your own detectron2: `make setup SKIP_DETECTRON2=1` (see README, "Installation").
 
@@ -11,7 +12,7 @@ PIP := $(PY) -m pip
 SKIP_DETECTRON2 ?= 0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint benchmark clean
+.PHONY: setup test demo lint format benchmark clean
 
 setup: $(STAMP)
 
@@ -42,8 +43,16 @@ demo: setup
 benchmark: setup
 	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn
 
+LINT_PATHS := projects tests tools demo train_net.py
+
 lint: setup
-	$(PY) -m flake8 projects tests tools demo train_net.py
+	$(PY) -m flake8 $(LINT_PATHS)
+	$(PY) -m isort --check-only --diff $(LINT_PATHS)
+	$(PY) -m black -l 100 --check $(LINT_PATHS)
+
+format: setup
+	$(PY) -m isort $(LINT_PATHS)
+	$(PY) -m black -l 100 -q $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info projects/SOLO/*.egg-info
