@@ -122,6 +122,36 @@ def test_coord_features_are_normalised_x_then_y():
     torch.testing.assert_close(coords[1, 1, :, 2], torch.linspace(-1, 1, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_coord_features_from_arange_equal_official_linspace(dtype):
+    # The official heads use torch.linspace; ours is built from arange (exportable with dynamic
+    # H, W) and must give the same values, including a single row/column (-1).
+    for h, w in [(1, 1), (1, 7), (2, 3), (13, 200), (336, 100), (1000, 999)]:
+        coords = coord_features(torch.zeros(1, 1, h, w, dtype=dtype))
+        assert coords.dtype == dtype
+        tol = 1e-7 if dtype != torch.float16 else 1e-3
+        torch.testing.assert_close(
+            coords[0, 0, 0], torch.linspace(-1, 1, w, dtype=dtype), rtol=0, atol=tol
+        )
+        torch.testing.assert_close(
+            coords[0, 1, :, 0], torch.linspace(-1, 1, h, dtype=dtype), rtol=0, atol=tol
+        )
+
+
+def test_coord_features_export_keeps_height_and_width_dynamic():
+    class Coords(torch.nn.Module):
+        def forward(self, x):
+            return coord_features(x)
+
+    height, width = torch.export.Dim("height", max=4096), torch.export.Dim("width", max=4096)
+    program = torch.export.export(
+        Coords(), (torch.zeros(1, 1, 8, 12),), dynamic_shapes={"x": {2: height, 3: width}}
+    )
+    for h, w in [(5, 9), (40, 3)]:
+        x = torch.zeros(1, 1, h, w)
+        torch.testing.assert_close(program.module()(x), coord_features(x), rtol=0, atol=0)
+
+
 def test_level_split_halves_p2_and_brings_p6_to_p5_size():
     feats = [torch.randn(1, 4, 64 // 2**i, 96 // 2**i) for i in range(4)]
     feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))  # P6 as detectron2 builds it

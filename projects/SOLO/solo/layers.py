@@ -124,11 +124,19 @@ class ConvGNReLU(nn.Sequential):
 
 
 def coord_features(x: torch.Tensor) -> torch.Tensor:
-    """(N, 2, H, W) normalised x and y coordinates in [-1, 1] (CoordConv), x first."""
+    """(N, 2, H, W) normalised x and y coordinates in [-1, 1] (CoordConv), x first, in x's dtype.
+
+    The values of the official ``torch.linspace(-1, 1, size)`` (to within 1e-7), built from
+    ``torch.arange`` because linspace's int ``steps`` freezes H and W in the dynamo exporter.
+    """
     n, _, h, w = x.shape
-    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+
+    def axis(size):
+        # 2i / (size - 1) - 1, computed in float32; a single position is -1 as in linspace.
+        steps = torch.arange(size, device=x.device, dtype=torch.float32)
+        return (steps * 2 / torch.sym_max(size - 1, 1) - 1).to(x.dtype)
+
+    grid_y, grid_x = torch.meshgrid(axis(h), axis(w), indexing="ij")
     return torch.stack([grid_x, grid_y]).expand(n, 2, h, w)
 
 
