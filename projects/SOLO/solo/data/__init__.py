@@ -7,6 +7,7 @@ from .dataset_mapper import (
     check_record,
     load_dataset_dicts,
 )
+from .image_io import ImageReadError, read_image
 from .shapes import ensure_shapes_dataset, register_shapes_datasets
 
 
@@ -21,8 +22,10 @@ __all__ = [
     "check_dataset_dicts",
     "check_num_classes",
     "check_record",
+    "ImageReadError",
     "ensure_shapes_dataset",
     "load_dataset_dicts",
+    "read_image",
     "register_builtin_datasets",
     "register_shapes_datasets",
 ]
