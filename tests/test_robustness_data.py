@@ -265,11 +265,28 @@ BAD_ANNOTATIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ANNOTATIONS))
-def test_invalid_annotation_is_rejected_naming_file_dataset_and_fix(tmp_path, case):
+def test_invalid_annotation_is_rejected_before_training_naming_file_dataset_and_fix(case):
+    """The dataset check that load_dataset_dicts runs once per dataset."""
+    anno, message = BAD_ANNOTATIONS[case]
+    with pytest.raises(DatasetError, match=message) as info:
+        check_dataset_dicts([record("bad.png", annotations=[anno])], DATASET, num_classes=5)
+    assert f"dataset '{DATASET}', image 'bad.png'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["category outside NUM_CLASSES", "negative category", "bbox missing", "segmentation missing"],
+)
+def test_mapper_given_an_unchecked_record_that_would_crash_explains_it_with_the_check(
+    tmp_path, case
+):
+    """Records that bypass load_dataset_dicts: the mapper does not validate each sample, but a
+    record that fails (or yields out-of-range classes or no masks) gets the check's message."""
     anno, message = BAD_ANNOTATIONS[case]
     image = write_image(tmp_path / "bad.png")
+    good = annotation(40, 20, 60, 50)
     with pytest.raises(DatasetError, match=message) as info:
-        make_mapper()(record(image, annotations=[anno]))
+        make_mapper()(record(image, annotations=[anno, good]))
     assert f"dataset '{DATASET}', image '{image}'" in str(info.value)
 
 
@@ -373,5 +390,8 @@ def test_num_classes_different_from_the_dataset_names_both_numbers_dataset_and_k
 
 
 def test_unregistered_dataset_is_named_with_the_registered_ones():
-    with pytest.raises(DatasetError, match="Dataset 'no_such_dataset' is not registered"):
+    """Detectron2's DatasetCatalog says it (with the registered names); we add nothing but the
+    DatasetError type."""
+    with pytest.raises(DatasetError, match="Dataset 'no_such_dataset' is not registered") as info:
         load_dataset_dicts(["no_such_dataset"])
+    assert "Available datasets are" in str(info.value)

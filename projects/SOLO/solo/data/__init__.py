@@ -1,12 +1,15 @@
-"""Datasets shipped with the project (the procedural ``shapes`` dataset) and the SOLO mapper."""
-from .dataset_mapper import (
+"""Datasets shipped with the project (the procedural ``shapes`` dataset), the dataset checks,
+the image reader and the SOLO mapper."""
+from .checks import (
     DatasetError,
-    SOLODatasetMapper,
     check_dataset_dicts,
     check_num_classes,
     check_record,
+    compress_rle,
+    drop_unusable,
     load_dataset_dicts,
 )
+from .dataset_mapper import SOLODatasetMapper
 from .image_io import ImageReadError, read_image
 from .shapes import ensure_shapes_dataset, register_shapes_datasets
 
@@ -18,11 +21,13 @@ def register_builtin_datasets():
 
 __all__ = [
     "DatasetError",
+    "ImageReadError",
     "SOLODatasetMapper",
     "check_dataset_dicts",
     "check_num_classes",
     "check_record",
-    "ImageReadError",
+    "compress_rle",
+    "drop_unusable",
     "ensure_shapes_dataset",
     "load_dataset_dicts",
     "read_image",

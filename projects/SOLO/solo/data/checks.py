@@ -1,0 +1,367 @@
+"""Loading dataset dicts and validating them once per dataset, before training starts.
+
+Detectron2's own loader fails deep inside (``KeyError: 'segmentation'``, a crash on
+``gt_masks`` many iterations later, ``TypeError: Expected bytes, got list`` for uncompressed RLE)
+and drops data with at most a count. Here:
+
+* :func:`load_dataset_dicts` loads the datasets one by one (errors name the dataset and its
+  annotation file), compresses uncompressed RLE masks (as ``load_coco_json`` does for JSON
+  files), validates every annotation (:func:`check_dataset_dicts`) and removes what SOLO cannot
+  train on, counted per reason and reported once per dataset (:func:`drop_unusable`);
+* :func:`check_num_classes` compares ``MODEL.SOLO.NUM_CLASSES`` with the datasets' metadata.
+
+Every error is a :class:`DatasetError`; data-loader workers forward its message unchanged.
+"""
+import collections
+import logging
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+
+from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.structures import BoxMode
+
+__all__ = [
+    "DatasetError",
+    "check_dataset_dicts",
+    "check_num_classes",
+    "check_record",
+    "compress_rle",
+    "drop_unusable",
+    "load_dataset_dicts",
+]
+
+logger = logging.getLogger(__name__)
+
+# How many individual problems a dataset check lists before summarising the rest.
+MAX_LISTED_PROBLEMS = 5
+# Share of skipped annotations or images above which the per-dataset report is a warning.
+SKIPPED_WARNING_SHARE = 0.01
+
+
+class DatasetError(RuntimeError):
+    """Bad or unreadable data; the message names the dataset, the file and what to fix."""
+
+
+def describe(dataset_name: str, file_name: Optional[str] = None) -> str:
+    """``dataset 'name', image 'file'``: how every message names its culprit."""
+    where = f"dataset '{dataset_name}'" if dataset_name else "dataset <unknown>"
+    return f"{where}, image '{file_name}'" if file_name is not None else where
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_dataset_dicts(
+    names: Sequence[str],
+    *,
+    num_classes: Optional[int] = None,
+    check_annotations: bool = False,
+    use_masks: bool = True,
+    filter_empty: bool = True,
+    **kwargs,
+) -> Union[List[dict], torch.utils.data.Dataset]:
+    """``get_detection_dataset_dicts`` one dataset at a time, so that every error names its dataset.
+
+    After loading each dataset (which is when ``load_coco_json`` sets ``thing_classes``), its
+    class count is compared with ``num_classes`` (if given, see :func:`check_num_classes`) and
+    uncompressed RLE masks are compressed (:func:`compress_rle`). With ``check_annotations``
+    (training), all annotations are validated (:func:`check_dataset_dicts`) and the unusable ones
+    removed (:func:`drop_unusable`, which also applies ``filter_empty``). Other ``kwargs`` go to
+    :func:`detectron2.data.get_detection_dataset_dicts`; ``proposal_files``, if given, is a list
+    aligned with ``names``. A dataset registered as a torch ``Dataset`` is returned as is (it
+    cannot be combined with others, as in Detectron2).
+
+    Raises:
+        DatasetError: a dataset cannot be loaded, has invalid annotations, or nothing usable.
+        ValueError: ``num_classes`` differs from a dataset's class count.
+    """
+    proposal_files = kwargs.pop("proposal_files", None)
+    dicts = []
+    for i, name in enumerate(names):
+        files = None if proposal_files is None else [proposal_files[i]]
+        # Unusable annotations and images are removed (and counted) below, not by Detectron2.
+        empty_filter = filter_empty and not check_annotations
+        try:
+            part = get_detection_dataset_dicts(
+                [name], filter_empty=empty_filter, proposal_files=files, **kwargs
+            )
+        except Exception as e:
+            json_file = MetadataCatalog.get(name).get("json_file")
+            source = f" (annotation file '{json_file}')" if json_file else ""
+            raise DatasetError(
+                f"Could not load dataset '{name}'{source}: {type(e).__name__}: {e}"
+            ) from e
+        if num_classes is not None:
+            check_num_classes(num_classes, [name], "MODEL.SOLO.NUM_CLASSES")
+        if isinstance(part, torch.utils.data.Dataset):
+            if len(names) > 1:
+                raise DatasetError(
+                    f"Dataset '{name}' is a torch Dataset, which cannot be combined with other "
+                    f"datasets ({list(names)}); train or test on it alone."
+                )
+            return part
+        for record in part:
+            for anno in record.get("annotations", ()):
+                if isinstance(anno.get("segmentation"), dict):
+                    anno["segmentation"] = compress_rle(anno["segmentation"])
+        if check_annotations:
+            check_dataset_dicts(part, name, num_classes, use_masks)
+            part = drop_unusable(part, name, filter_empty, use_masks)
+        dicts.extend(part)
+    return dicts
+
+
+def check_num_classes(num_classes: int, dataset_names: Sequence[str], key: str) -> None:
+    """``num_classes`` (the config value of ``key``) must equal every dataset's class count.
+
+    Datasets whose metadata has no ``thing_classes`` (yet: ``load_coco_json`` sets it on first
+    load) are skipped; call again after loading them.
+
+    Raises:
+        ValueError: naming both counts, the dataset and the key to change.
+    """
+    for name in dataset_names:
+        if name not in MetadataCatalog.list():
+            continue
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            preview = list(classes[:8]) + (["..."] if len(classes) > 8 else [])
+            raise ValueError(
+                f"{key}={num_classes} but dataset '{name}' has {len(classes)} classes "
+                f"(thing_classes={preview}). Set {key} {len(classes)}, or use a dataset with "
+                f"{num_classes} classes."
+            )
+
+
+def compress_rle(segm: dict) -> dict:
+    """A COCO RLE dict with compressed ``counts``: uncompressed RLE (``counts`` a list of run
+    lengths, as COCO writes crowd regions) goes through ``pycocotools.mask.frPyObjects``, as
+    Detectron2's ``load_coco_json`` does; anything else is returned unchanged (the mask decoders
+    of Detectron2 and pycocotools reject list counts with ``TypeError: Expected bytes``)."""
+    if isinstance(segm.get("counts"), list) and "size" in segm:
+        height, width = segm["size"]
+        return mask_util.frPyObjects(segm, height, width)
+    return segm
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: what would crash the mapper or the model, or train on wrong targets
+# ----------------------------------------------------------------------------------------------
+
+
+def check_dataset_dicts(
+    dicts: Sequence[dict], dataset_name: str, num_classes: Optional[int], use_masks: bool = True
+) -> None:
+    """Validate every annotation of ``dicts`` (see :func:`check_record`).
+
+    Raises:
+        DatasetError: listing the first problems and how many records have one.
+    """
+    problems, bad_records = [], 0
+    for record in dicts:
+        try:
+            check_record(record, dataset_name, num_classes, use_masks)
+        except DatasetError as e:
+            bad_records += 1
+            if len(problems) < MAX_LISTED_PROBLEMS:
+                problems.append(str(e))
+    if bad_records:
+        more = bad_records - len(problems)
+        listing = "\n  ".join(problems + ([f"... and {more} more images"] if more else []))
+        raise DatasetError(
+            f"{bad_records} of {len(dicts)} images of dataset '{dataset_name}' have invalid "
+            f"annotations:\n  {listing}"
+        )
+
+
+def check_record(
+    record: dict, dataset_name: str, num_classes: Optional[int], use_masks: bool = True
+) -> None:
+    """Raise :class:`DatasetError` for the first annotation of ``record`` SOLO cannot train on.
+
+    Crowd annotations (``iscrowd=1``) are not checked: they are not trained on (see
+    :func:`drop_unusable`), as in Detectron2 and the official SOLO.
+    """
+    where = describe(dataset_name, record.get("file_name"))
+    for i, anno in enumerate(record.get("annotations", [])):
+        if anno.get("iscrowd", 0):
+            continue
+        _check_category(anno, i, num_classes, where)
+        if "bbox" not in anno or "bbox_mode" not in anno:
+            raise DatasetError(
+                f"{where}: annotation {i} has no 'bbox'/'bbox_mode'; SOLO assigns instances to "
+                "levels by their box size. Add the box (BoxMode.XYWH_ABS for COCO boxes)."
+            )
+        if use_masks:
+            _check_segmentation(anno, i, where, (record.get("height"), record.get("width")))
+
+
+def _check_category(anno: dict, index: int, num_classes: Optional[int], where: str) -> None:
+    category = anno.get("category_id")
+    valid = isinstance(category, (int, np.integer)) and not isinstance(category, bool)
+    if valid and (num_classes is None or 0 <= category < num_classes):
+        return
+    raise DatasetError(
+        f"{where}: annotation {index} has category_id={category!r}, not a class index in "
+        f"[0, {num_classes}) (MODEL.SOLO.NUM_CLASSES={num_classes}). Dataset dicts need "
+        "contiguous 0-based ids (load_coco_json maps the JSON's ids through its 'categories'); "
+        "fix the annotation, its dataset's categories, or MODEL.SOLO.NUM_CLASSES."
+    )
+
+
+def _check_segmentation(anno: dict, index: int, where: str, image_hw) -> None:
+    segm = anno.get("segmentation")
+    if segm is None or (isinstance(segm, (list, tuple)) and len(segm) == 0):
+        raise DatasetError(
+            f"{where}: annotation {index} has no 'segmentation'. SOLO learns from instance "
+            "masks: add a polygon or RLE mask, mark the object iscrowd=1 to ignore it, or "
+            "remove the annotation."
+        )
+    if isinstance(segm, dict):
+        _check_rle(segm, index, where, image_hw)
+        return
+    if isinstance(segm, np.ndarray):  # binary mask
+        return
+    if not isinstance(segm, (list, tuple)) or not all(
+        isinstance(p, (list, tuple, np.ndarray)) for p in segm
+    ):
+        raise DatasetError(
+            f"{where}: annotation {index} has a 'segmentation' of type {type(segm).__name__} "
+            "holding a flat list or other values; expected a list of polygons "
+            "[[x1, y1, x2, y2, ...], ...], a COCO RLE dict or an HxW numpy mask."
+        )
+    for j, polygon in enumerate(segm):
+        if len(polygon) < 6 or len(polygon) % 2:
+            raise DatasetError(
+                f"{where}: polygon {j} of annotation {index} has {len(polygon)} coordinates; a "
+                "polygon needs at least 3 (x, y) points (6 numbers, an even count). Remove the "
+                "degenerate polygon (or the annotation if it has no other)."
+            )
+
+
+def _check_rle(segm: dict, index: int, where: str, image_hw) -> None:
+    if "counts" not in segm or "size" not in segm:
+        raise DatasetError(
+            f"{where}: annotation {index} has an RLE 'segmentation' without 'counts'/'size'."
+        )
+    size = tuple(segm["size"])
+    if None not in image_hw and size != tuple(image_hw):
+        raise DatasetError(
+            f"{where}: annotation {index} has an RLE mask of size {list(size)} (height, width) "
+            f"but the image is recorded as {list(image_hw)}; the mask belongs to another image "
+            "or was encoded transposed (pycocotools expects a Fortran-ordered HxW array)."
+        )
+    counts = segm["counts"]
+    if isinstance(counts, list) and sum(counts) != size[0] * size[1]:
+        raise DatasetError(
+            f"{where}: annotation {index} has uncompressed RLE counts summing to {sum(counts)} "
+            f"pixels, but its size {list(size)} has {size[0] * size[1]}; re-encode the mask."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# What SOLO does not train on: removed once per dataset, counted per reason
+# ----------------------------------------------------------------------------------------------
+
+CROWD = "crowd regions (iscrowd=1, ignored as in the official SOLO)"
+EMPTY_BOX = "empty boxes (zero width or height)"
+EMPTY_MASK = "empty masks (zero area)"
+
+
+def drop_unusable(
+    dicts: Sequence[dict], dataset_name: str, filter_empty: bool = True, use_masks: bool = True
+) -> List[dict]:
+    """Remove the annotations SOLO does not train on, and images left without any.
+
+    Removed per annotation: crowd regions, boxes of zero width or height and masks of zero area
+    (the mapper's ``filter_empty_instances`` would drop the last two at every iteration).
+    Images left without annotations are removed with ``filter_empty``
+    (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``), else kept as all-background images. The counts
+    per reason are logged once, at WARNING level when more than 1% of the annotations or images
+    are removed, else at INFO.
+
+    Returns:
+        The kept records (annotation lists are replaced, records are not copied otherwise).
+
+    Raises:
+        DatasetError: nothing is left; the message gives the counts per reason.
+    """
+    skipped = collections.Counter()
+    num_annotations, kept_records, empty_images = 0, [], 0
+    for record in dicts:
+        annotations = record.get("annotations", [])
+        num_annotations += len(annotations)
+        usable = []
+        for anno in annotations:
+            reason = _unusable_reason(anno, use_masks)
+            if reason is None:
+                usable.append(anno)
+            else:
+                skipped[reason] += 1
+        if len(usable) != len(annotations):
+            record["annotations"] = usable
+        if not usable:
+            empty_images += 1
+            if filter_empty:
+                continue
+        kept_records.append(record)
+    _report_skipped(dataset_name, skipped, num_annotations, empty_images, len(dicts), filter_empty)
+    if not kept_records:
+        raise DatasetError(
+            f"Dataset '{dataset_name}' has no image with an annotation SOLO can train on: "
+            f"{_summary(skipped, num_annotations, empty_images, len(dicts))}. Check its "
+            "annotation file (masks, boxes, iscrowd), or set DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+            "False to train on its images as background."
+        )
+    return kept_records
+
+
+def _unusable_reason(anno: dict, use_masks: bool) -> Optional[str]:
+    if anno.get("iscrowd", 0):
+        return CROWD
+    x0, y0, x1, y1 = BoxMode.convert(list(anno["bbox"])[:4], anno["bbox_mode"], BoxMode.XYXY_ABS)
+    if not (x1 > x0 and y1 > y0):
+        return EMPTY_BOX
+    if use_masks and _mask_area(anno["segmentation"]) <= 0:
+        return EMPTY_MASK
+    return None
+
+
+def _mask_area(segm) -> float:
+    if isinstance(segm, dict):
+        return float(mask_util.area(compress_rle(segm)))
+    if isinstance(segm, np.ndarray):
+        return float(segm.sum())
+    # Polygons: shoelace area, enough to tell zero (collinear or repeated points) from non-zero.
+    area = 0.0
+    for polygon in segm:
+        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        x, y = xy[:, 0], xy[:, 1]
+        area += abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
+    return area
+
+
+def _summary(skipped: Dict[str, int], num_annotations, empty_images, num_images) -> str:
+    parts = [f"{n} of {num_annotations} annotations are {reason}" for reason, n in skipped.items()]
+    parts.append(f"{empty_images} of {num_images} images have no usable annotation")
+    return "; ".join(parts)
+
+
+def _report_skipped(name, skipped, num_annotations, empty_images, num_images, filter_empty):
+    if not skipped and not empty_images:
+        return
+    noticeable = sum(skipped.values()) > SKIPPED_WARNING_SHARE * max(num_annotations, 1) or (
+        empty_images > SKIPPED_WARNING_SHARE * max(num_images, 1)
+    )
+    what = "removed" if filter_empty else "kept as all-background images"
+    logger.log(
+        logging.WARNING if noticeable else logging.INFO,
+        f"Dataset '{name}': {_summary(skipped, num_annotations, empty_images, num_images)} "
+        f"(those images are {what}: DATALOADER.FILTER_EMPTY_ANNOTATIONS={filter_empty}). "
+        "Removed annotations are not trained on.",
+    )
