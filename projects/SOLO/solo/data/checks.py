@@ -105,12 +105,13 @@ def load_dataset_dicts(
                     f"datasets ({list(names)}); train or test on it alone."
                 )
             return part
+        if check_annotations:
+            check_dataset_dicts(part, name, num_classes, use_masks)
         for record in part:
             for anno in record.get("annotations", ()):
                 if isinstance(anno.get("segmentation"), dict):
                     anno["segmentation"] = compress_rle(anno["segmentation"])
         if check_annotations:
-            check_dataset_dicts(part, name, num_classes, use_masks)
             part = drop_unusable(part, name, filter_empty, use_masks)
         dicts.extend(part)
     return dicts
