@@ -1,0 +1,135 @@
+"""COCO evaluation of SOLO models: Detectron2's ``COCOEvaluator`` that sees every detection.
+
+    build_solo_evaluator(cfg, dataset_name, output_folder=None) -> SOLOCOCOEvaluator
+
+What it adds to ``COCOEvaluator`` (bbox and segm AP):
+
+* COCO's ``maxDets`` is ``TEST.DETECTIONS_PER_IMAGE`` (COCO's default 100 would ignore the
+  detections after the 100th of an image: 150 perfect ones would score 66.3 AP, not 100);
+* 0 AP instead of NaN when the model predicts nothing for a dataset that has objects
+  (precision is 0 at every recall, as COCO scores a category without detections; NaN breaks
+  best-checkpoint selection and plots);
+* ground truth without ``area`` or ``iscrowd`` (hand-written or converted JSON files, on which
+  pycocotools fails with ``KeyError: 'area'`` after the whole inference) is completed when the
+  evaluator is built, as Detectron2's ``convert_to_coco_json`` derives them: ``area`` from the
+  mask (else the box), ``iscrowd`` 0; one warning names the file and the counts;
+* datasets without a JSON file are converted with their uncompressed RLE masks compressed first.
+"""
+import copy
+import logging
+import math
+import os
+
+import pycocotools.mask as mask_util
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import convert_to_coco_json
+from detectron2.evaluation import COCOEvaluator
+
+from .data import compress_rle, ensure_shapes_dataset
+
+__all__ = ["SOLOCOCOEvaluator", "build_solo_evaluator", "complete_coco_annotations"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_solo_evaluator(cfg, dataset_name: str, output_folder=None) -> "SOLOCOCOEvaluator":
+    """The evaluator ``train_net.Trainer.build_evaluator`` returns.
+
+    Args:
+        cfg: the SOLO config (reads ``TEST.DETECTIONS_PER_IMAGE`` and ``OUTPUT_DIR``).
+        dataset_name: a registered dataset with instance annotations.
+        output_folder: where predictions and converted ground truth go; default
+            ``OUTPUT_DIR/inference``.
+    """
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    # COCOEvaluator reads the annotation file directly: make sure a built-in dataset exists.
+    ensure_shapes_dataset(dataset_name)
+    return SOLOCOCOEvaluator(
+        dataset_name,
+        tasks=("bbox", "segm"),
+        output_dir=output_folder,
+        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+class SOLOCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` with the additions listed in the module docstring; same arguments."""
+
+    def __init__(self, dataset_name: str, tasks=None, distributed=True, output_dir=None, **kwargs):
+        if MetadataCatalog.get(dataset_name).get("json_file") is None and output_dir is not None:
+            _convert_to_coco_json(dataset_name, output_dir)
+        super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
+        if self._do_evaluation:
+            # COCOEvaluator has no public hook for its ground truth: the COCO object it loaded
+            # is completed in place (its index holds the same annotation dicts).
+            complete_coco_annotations(self._coco_api, self._metadata.json_file)
+
+    def evaluate(self, img_ids=None):
+        results = super().evaluate(img_ids)
+        has_objects = self._do_evaluation and len(self._coco_api.getAnnIds()) > 0
+        for task, metrics in (results or {}).items():
+            # Detectron2 returns all-NaN metrics exactly when a task had no detection at all.
+            if has_objects and metrics and all(math.isnan(v) for v in metrics.values()):
+                logger.warning(f"No {task} predictions above the score threshold: AP is 0.")
+                results[task] = {metric: 0.0 for metric in metrics}
+        return results
+
+
+def complete_coco_annotations(coco_api, source: str = "") -> int:
+    """Add ``area`` and ``iscrowd`` where a ground-truth annotation lacks them, in place.
+
+    ``area`` is the mask's pixel count (``pycocotools`` rasterisation of the polygon or RLE), or
+    the box's ``w * h`` without a mask; ``iscrowd`` is 0 (what ``convert_to_coco_dict`` writes).
+
+    Args:
+        coco_api: a ``pycocotools.coco.COCO`` object with images and annotations.
+        source: the JSON file, for the warning.
+
+    Returns:
+        The number of annotations completed.
+    """
+    missing_area = missing_crowd = 0
+    for ann in coco_api.dataset.get("annotations", []):
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            missing_crowd += 1
+        if "area" not in ann:
+            missing_area += 1
+            if ann.get("segmentation"):
+                ann["area"] = float(mask_util.area(coco_api.annToRLE(ann)))
+            else:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+    if missing_area or missing_crowd:
+        logger.warning(
+            f"Ground truth '{source}': {missing_area} annotations without 'area' and "
+            f"{missing_crowd} without 'iscrowd' (of {len(coco_api.dataset['annotations'])}); "
+            "derived as Detectron2's convert_to_coco_json does (area from the mask, else the "
+            "box; iscrowd 0). Add them to the file to silence this warning."
+        )
+    return max(missing_area, missing_crowd)
+
+
+def _convert_to_coco_json(dataset_name: str, output_dir: str) -> None:
+    """What COCOEvaluator does for datasets without a JSON file, with uncompressed RLE masks
+    compressed first (``convert_to_coco_dict`` computes areas with ``mask_util.area``, which
+    rejects them)."""
+    dicts = copy.deepcopy(DatasetCatalog.get(dataset_name))
+    for record in dicts:
+        for anno in record.get("annotations", ()):
+            if isinstance(anno.get("segmentation"), dict):
+                anno["segmentation"] = compress_rle(anno["segmentation"])
+    # convert_to_coco_json reads a registered dataset: register the compressed copy briefly.
+    staging = f"{dataset_name}__solo_coco_conversion"
+    DatasetCatalog.register(staging, lambda: dicts)
+    metadata = MetadataCatalog.get(dataset_name).as_dict()
+    metadata.pop("name", None)
+    MetadataCatalog.get(staging).set(**metadata)
+    cache_path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
+    try:
+        convert_to_coco_json(staging, cache_path)
+    finally:
+        DatasetCatalog.remove(staging)
+        MetadataCatalog.remove(staging)
+    MetadataCatalog.get(dataset_name).set(json_file=cache_path)

@@ -1,0 +1,196 @@
+"""solo.evaluation: COCO AP that sees every detection (TEST.DETECTIONS_PER_IMAGE), 0 instead of
+NaN without predictions, and ground truth without 'area'/'iscrowd' or with uncompressed RLE."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import BitMasks, BoxMode, Instances
+
+from solo.evaluation import build_solo_evaluator
+
+LOGGER = "solo.evaluation"
+HEIGHT, WIDTH = 200, 300
+
+
+def grid_of_squares(num_objects, size=12, step=20):
+    """``num_objects`` disjoint squares (x0, y0, x1, y1) on a HEIGHT x WIDTH image."""
+    per_row = WIDTH // step
+    return [
+        (step * (i % per_row), step * (i // per_row), step * (i % per_row) + size,
+         step * (i // per_row) + size)
+        for i in range(num_objects)
+    ]
+
+
+def square_masks(boxes):
+    masks = torch.zeros((len(boxes), HEIGHT, WIDTH), dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, y0:y1, x0:x1] = True
+    return masks
+
+
+def perfect_predictions(boxes):
+    instances = Instances((HEIGHT, WIDTH))
+    masks = BitMasks(square_masks(boxes))
+    instances.pred_masks = masks.tensor
+    instances.pred_boxes = masks.get_bounding_boxes()
+    # Distinct scores, so that every cap keeps the same (first) detections.
+    instances.scores = torch.linspace(0.99, 0.5, len(boxes))
+    instances.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
+    return instances
+
+
+def coco_ground_truth(boxes, drop=()):
+    annotations = []
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        anno = {
+            "id": i + 1,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+            "area": float((x1 - x0) * (y1 - y0)),
+            "iscrowd": 0,
+        }
+        annotations.append({k: v for k, v in anno.items() if k not in drop})
+    return {
+        "images": [{"id": 1, "file_name": "img.png", "height": HEIGHT, "width": WIDTH}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "square"}],
+    }
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Register a one-image COCO JSON dataset; returns (name, cfg) and cleans up."""
+    names = []
+
+    def register(boxes, drop=()):
+        name = f"evaluation_{len(names)}_{tmp_path.name}"
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(coco_ground_truth(boxes, drop)))
+        register_coco_instances(name, {}, str(path), str(tmp_path))
+        DatasetCatalog.get(name)  # sets the category id mapping, as the test loader does
+        names.append(name)
+        cfg = get_cfg()
+        cfg.OUTPUT_DIR = str(tmp_path / "output")
+        return name, cfg
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def evaluate(evaluator, instances):
+    evaluator.reset()
+    evaluator.process([{"image_id": 1}], [{"instances": instances}])
+    return evaluator.evaluate()
+
+
+def test_150_perfect_detections_on_one_image_score_ap_100(dataset):
+    boxes = grid_of_squares(150)
+    name, cfg = dataset(boxes)
+    cfg.TEST.DETECTIONS_PER_IMAGE = 150
+    results = evaluate(build_solo_evaluator(cfg, name), perfect_predictions(boxes))
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == pytest.approx(100.0)
+        assert results[task]["AP50"] == pytest.approx(100.0)
+
+    # Detectron2's default keeps COCO's 100 per image: the last 50 objects count as missed.
+    plain = COCOEvaluator(name, tasks=("segm",), output_dir=cfg.OUTPUT_DIR)
+    plain_ap = evaluate(plain, perfect_predictions(boxes))["segm"]["AP"]
+    assert plain_ap == pytest.approx(66.3, abs=0.05)
+
+
+def test_detections_beyond_the_cap_are_not_counted(dataset):
+    """The cap is TEST.DETECTIONS_PER_IMAGE itself: with 120, 30 of 150 objects are missed."""
+    boxes = grid_of_squares(150)
+    name, cfg = dataset(boxes)
+    cfg.TEST.DETECTIONS_PER_IMAGE = 120
+    results = evaluate(build_solo_evaluator(cfg, name), perfect_predictions(boxes))
+    assert results["segm"]["AP"] == pytest.approx(80.0, abs=0.5)
+
+
+def test_no_prediction_at_all_scores_0_ap_not_nan(dataset, caplog):
+    boxes = grid_of_squares(5)
+    name, cfg = dataset(boxes)
+    empty = perfect_predictions(boxes)[:0]
+    plain = COCOEvaluator(name, tasks=("segm",), output_dir=cfg.OUTPUT_DIR)
+    assert np.isnan(evaluate(plain, empty)["segm"]["AP"])
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        results = evaluate(build_solo_evaluator(cfg, name), empty)
+    assert results["segm"]["AP"] == 0.0 and results["bbox"]["AP50"] == 0.0
+    assert "No segm predictions above the score threshold: AP is 0." in caplog.text
+
+
+@pytest.mark.parametrize("drop", [("area",), ("iscrowd",), ("area", "iscrowd")])
+def test_ground_truth_without_area_or_iscrowd_is_completed_when_the_evaluator_is_built(
+    dataset, caplog, drop
+):
+    boxes = grid_of_squares(8)
+    name, cfg = dataset(boxes, drop=drop)
+    plain = COCOEvaluator(name, tasks=("segm",), output_dir=cfg.OUTPUT_DIR)
+    with pytest.raises(KeyError):  # after the whole inference, in pycocotools
+        evaluate(plain, perfect_predictions(boxes))
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        evaluator = build_solo_evaluator(cfg, name)  # before inference starts
+    missing_area = 8 if "area" in drop else 0
+    assert f"{missing_area} annotations without 'area'" in caplog.text
+    assert MetadataCatalog.get(name).json_file in caplog.text
+    areas = [a["area"] for a in evaluator._coco_api.dataset["annotations"]]
+    assert areas == [144.0] * 8  # 12 x 12 squares
+    results = evaluate(evaluator, perfect_predictions(boxes))
+    assert results["segm"]["AP"] == pytest.approx(100.0)
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def uncompressed_rle(mask):
+    flat = mask.numpy().astype(np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], change])).tolist()}
+
+
+def test_dataset_without_json_file_and_with_uncompressed_rle_is_evaluated(tmp_path):
+    boxes = grid_of_squares(6)
+    masks = square_masks(boxes)
+    record = {
+        "file_name": "img.png",
+        "image_id": 1,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "annotations": [
+            {
+                "bbox": list(box),
+                "bbox_mode": BoxMode.XYXY_ABS,
+                "category_id": 0,
+                "segmentation": uncompressed_rle(mask),
+                "iscrowd": 0,
+            }
+            for box, mask in zip(boxes, masks)
+        ],
+    }
+    name = "evaluation_hand_registered_rle"
+    DatasetCatalog.register(name, lambda: [record])
+    MetadataCatalog.get(name).set(thing_classes=["square"])
+    try:
+        cfg = get_cfg()
+        cfg.OUTPUT_DIR = str(tmp_path)
+        with pytest.raises(TypeError, match="Expected bytes"):
+            COCOEvaluator(name, output_dir=str(tmp_path / "plain"))
+        MetadataCatalog.remove(name)
+        MetadataCatalog.get(name).set(thing_classes=["square"])
+        results = evaluate(build_solo_evaluator(cfg, name), perfect_predictions(boxes))
+        assert results["segm"]["AP"] == pytest.approx(100.0)
+        assert name + "__solo_coco_conversion" not in DatasetCatalog.list()
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
