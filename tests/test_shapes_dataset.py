@@ -1,19 +1,24 @@
 """Tests of the procedural "shapes" dataset (solo.data.shapes)."""
 
+import dataclasses
 import json
 import multiprocessing
 import os
 import sys
+import time
 
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
+import torch
+from pycocotools import mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BoxMode
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import BitMasks, BoxMode, Instances
 
 from solo.data import shapes
+from solo.data.shapes import ShapesSplit
 
 # Small images keep every generation in these tests well below a second.
 SMALL = (64, 80)
@@ -30,23 +35,33 @@ def _load_json(root, split):
 
 
 def _read_images(root, split):
+    """file name -> RGB uint8 image."""
     image_dir = os.path.join(str(root), split)
     return {
-        name: cv2.imread(os.path.join(image_dir, name)) for name in sorted(os.listdir(image_dir))
+        name: cv2.imread(os.path.join(image_dir, name))[..., ::-1]
+        for name in sorted(os.listdir(image_dir))
     }
 
 
-def _polygon_mask(segmentation, height, width):
-    rles = mask_utils.frPyObjects(segmentation, height, width)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+def _file_bytes(root, split):
+    image_dir = os.path.join(str(root), split)
+    paths = [_json_path(root, split)] + sorted(
+        os.path.join(image_dir, n) for n in os.listdir(image_dir)
+    )
+    contents = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            contents[os.path.relpath(path, str(root))] = f.read()
+    return contents
 
 
 @pytest.fixture(scope="module")
 def medium_split(tmp_path_factory):
     """40 images: enough to contain empty and crowded images, generated once for this module."""
     root = tmp_path_factory.mktemp("shapes_medium")
-    shapes.generate_shapes_split(str(root), "medium", 40, image_size=MEDIUM, seed=7)
-    return root, _load_json(root, "medium"), _read_images(root, "medium")
+    spec = ShapesSplit("medium", 40, seed=7, image_size=MEDIUM)
+    shapes.generate_shapes_split(str(root), spec)
+    return spec, _load_json(root, "medium"), _read_images(root, "medium")
 
 
 @pytest.fixture
@@ -64,74 +79,103 @@ def catalog_names():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_generation_is_deterministic(tmp_path):
-    for name in ("a", "b", "c"):
-        seed = 5 if name != "c" else 6
-        shapes.generate_shapes_split(str(tmp_path / name), "s", 12, image_size=SMALL, seed=seed)
-    with open(_json_path(tmp_path / "a", "s"), "rb") as f:
-        json_a = f.read()
-    with open(_json_path(tmp_path / "b", "s"), "rb") as f:
-        json_b = f.read()
-    with open(_json_path(tmp_path / "c", "s"), "rb") as f:
-        json_c = f.read()
-    assert json_a == json_b
-    assert json_a != json_c
-
-    images_a, images_b = _read_images(tmp_path / "a", "s"), _read_images(tmp_path / "b", "s")
-    images_c = _read_images(tmp_path / "c", "s")
-    assert list(images_a) == [f"{i:06d}.png" for i in range(12)]
-    assert all(np.array_equal(images_a[k], images_b[k]) for k in images_a)
-    assert not all(np.array_equal(images_a[k], images_c[k]) for k in images_a)
+def test_same_seed_writes_byte_identical_json_and_images(tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        shapes.generate_shapes_split(str(tmp_path / name), ShapesSplit("s", 12, seed, SMALL))
+    files_a, files_b = _file_bytes(tmp_path / "a", "s"), _file_bytes(tmp_path / "b", "s")
+    files_c = _file_bytes(tmp_path / "c", "s")
+    assert sorted(files_a) == [os.path.join("annotations", "instances_s.json")] + [
+        os.path.join("s", f"{i:06d}.png") for i in range(12)
+    ]
+    assert files_a == files_b
+    assert files_a[os.path.join("annotations", "instances_s.json")] != files_c[
+        os.path.join("annotations", "instances_s.json")
+    ]
+    assert sum(files_a[k] != files_c[k] for k in files_a) >= 10
 
 
 def test_coco_structure(medium_split):
-    _, coco, images = medium_split
+    spec, coco, images = medium_split
     height, width = MEDIUM
+    assert coco["categories"] == shapes.SHAPES_CATEGORIES
     assert [c["name"] for c in coco["categories"]] == ["circle", "triangle", "rectangle"]
-    assert [c["id"] for c in coco["categories"]] == [1, 2, 3]
-    assert coco["info"]["num_images"] == 40 and coco["info"]["seed"] == 7
+    assert coco["info"] == {
+        "generator": "solo.data.shapes",
+        "version": shapes.GENERATOR_VERSION,
+        "split": "medium",
+        "num_images": 40,
+        "seed": 7,
+        "image_size": [96, 128],
+    }
     assert len(coco["images"]) == 40 == len(images)
-    assert len({im["id"] for im in coco["images"]}) == 40
+    assert [im["id"] for im in coco["images"]] == list(range(1, 41))
     for im in coco["images"]:
         assert (im["height"], im["width"]) == (height, width)
         assert images[im["file_name"]].shape == (height, width, 3)
-    ann_ids = [a["id"] for a in coco["annotations"]]
-    assert len(set(ann_ids)) == len(ann_ids) and min(ann_ids) >= 1
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
+    for ann in coco["annotations"]:
+        assert ann["category_id"] in (1, 2, 3) and ann["iscrowd"] == 0
+        assert ann["segmentation"]["size"] == [height, width]
+        assert isinstance(ann["segmentation"]["counts"], str)  # compressed RLE, JSON-safe
 
 
-def test_annotations_describe_visible_regions(medium_split):
+def test_rle_masks_area_and_box_are_exactly_the_rasterised_visible_regions(medium_split):
+    """Replays the generator's drawing with the split's seed: every annotation decodes to the
+    pixels where its shape is visible in the label map, and area/bbox are those pixels'."""
+    spec, coco, _ = medium_split
+    rng = np.random.default_rng(spec.seed)
+    by_image = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    for image_id in range(1, spec.num_images + 1):
+        _, labels, category_ids = shapes._draw_image(rng, *spec.image_size)
+        anns = by_image.get(image_id, [])
+        assert [a["category_id"] for a in anns] == category_ids
+        for k, ann in enumerate(anns, start=1):
+            mask = mask_util.decode(ann["segmentation"]).astype(bool)
+            np.testing.assert_array_equal(mask, labels == k)
+            ys, xs = np.nonzero(mask)
+            assert ann["area"] == mask.sum() >= shapes.MIN_VISIBLE_AREA
+            assert ann["bbox"] == [xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1]
+
+
+def test_masks_are_the_painted_pixels_of_one_shape_each(medium_split):
+    """Checked against the PNG files: inside a mask every pixel has the shape's fill colour (up
+    to the noise); the background pixels bordering it do not; masks do not overlap."""
     _, coco, images = medium_split
-    height, width = MEDIUM
     file_names = {im["id"]: im["file_name"] for im in coco["images"]}
     masks_by_image = {}
     for ann in coco["annotations"]:
-        assert ann["category_id"] in (1, 2, 3)
-        assert ann["iscrowd"] == 0
-        assert ann["area"] >= 30
-        assert ann["segmentation"] and all(
-            len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"]
+        masks_by_image.setdefault(ann["image_id"], []).append(
+            mask_util.decode(ann["segmentation"]).astype(bool)
         )
-        x, y, w, h = ann["bbox"]
-        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= width and y + h <= height
+    bordered = 0
+    for image_id, masks in masks_by_image.items():
+        image = images[file_names[image_id]].astype(np.float32)
+        assert np.sum(masks, axis=0).max() == 1  # occlusion resolved: disjoint visible regions
+        background = ~np.any(masks, axis=0)
+        for mask in masks:
+            fill = np.median(image[mask], axis=0)
+            distance = np.linalg.norm(image - fill, axis=2)
+            assert distance[mask].max() < 25  # noise sigma 3: 25 is > 8 sigma
+            ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            ring &= background  # empty for a shape enclosed by a larger one
+            assert np.all(distance[ring] > 60)  # fill colours are >= 120 from the background mean
+            bordered += bool(ring.any())
+    assert bordered >= 0.9 * len(coco["annotations"]) > 0
 
-        mask = _polygon_mask(ann["segmentation"], height, width)
-        # `area` is the visible pixel count; the polygon must rasterise back to that region.
-        assert min(mask.sum(), ann["area"]) / max(mask.sum(), ann["area"]) >= 0.95
-        ys, xs = np.nonzero(mask)
-        box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-        assert np.abs(np.array(box) - np.array(ann["bbox"])).max() <= 1
 
-        # The region must cover one shape's visible pixels only: a single fill colour plus mild
-        # noise. Pixels of an occluding shape or of the background would break this.
-        pixels = images[file_names[ann["image_id"]]][mask].astype(np.float32)
-        distance = np.linalg.norm(pixels - np.median(pixels, axis=0), axis=1)
-        assert (distance < 25).mean() >= 0.97, ann
-        masks_by_image.setdefault(ann["image_id"], []).append(mask)
-
-    # Visible regions of different instances do not overlap (occlusion is resolved).
-    for masks in masks_by_image.values():
-        coverage = np.sum(masks, axis=0)
-        assert (coverage > 1).sum() <= 0.01 * coverage.astype(bool).sum()
+def test_rle_keeps_holes_left_by_occluding_shapes():
+    labels = np.zeros((40, 50), dtype=np.uint8)
+    labels[5:35, 5:45] = 1
+    labels[15:25, 20:30] = 2  # a later shape occluding the middle of the first
+    anns = shapes._annotate(labels, [3, 1], image_id=9, first_id=4)
+    assert [(a["id"], a["image_id"], a["category_id"]) for a in anns] == [(4, 9, 3), (5, 9, 1)]
+    first = mask_util.decode(anns[0]["segmentation"]).astype(bool)
+    np.testing.assert_array_equal(first, labels == 1)
+    assert not first[20, 25] and anns[0]["area"] == 30 * 40 - 100
+    assert anns[0]["bbox"] == [5.0, 5.0, 40.0, 30.0] and anns[1]["bbox"] == [20.0, 15.0, 10.0, 10.0]
+    assert shapes._annotate(labels * 0, [], image_id=1, first_id=1) == []
 
 
 def test_image_and_instance_statistics(medium_split):
@@ -141,7 +185,7 @@ def test_image_and_instance_statistics(medium_split):
         counts[ann["image_id"]] += 1
     assert any(c == 0 for c in counts.values())
     assert sum(c >= 3 for c in counts.values()) >= 5
-    assert max(counts.values()) <= 6
+    assert max(counts.values()) <= shapes.MAX_OBJECTS
     assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3}
     areas = [a["area"] for a in coco["annotations"]]
     height, width = MEDIUM
@@ -168,10 +212,10 @@ def _mtimes(root, split):
 
 
 def test_ensure_reuses_valid_cache(tmp_path):
-    path = shapes.ensure_shapes_split(str(tmp_path), "s", 4, image_size=SMALL, seed=0)
-    assert path == _json_path(tmp_path, "s")
+    spec = ShapesSplit("s", 4, seed=0, image_size=SMALL)
+    assert shapes.ensure_shapes_split(str(tmp_path), spec) == _json_path(tmp_path, "s")
     before = _mtimes(tmp_path, "s")
-    shapes.ensure_shapes_split(str(tmp_path), "s", 4, image_size=SMALL, seed=0)
+    shapes.ensure_shapes_split(str(tmp_path), ShapesSplit("s", 4, seed=0, image_size=[64, 80]))
     assert _mtimes(tmp_path, "s") == before
 
 
@@ -181,10 +225,10 @@ def test_ensure_reuses_valid_cache(tmp_path):
     ids=["seed", "num_images", "image_size"],
 )
 def test_ensure_regenerates_on_parameter_change(tmp_path, changed):
-    params = dict(num_images=5, image_size=SMALL, seed=0)
-    shapes.ensure_shapes_split(str(tmp_path), "s", **params)
+    params = dict(split="s", num_images=5, image_size=SMALL, seed=0)
+    shapes.ensure_shapes_split(str(tmp_path), ShapesSplit(**params))
     params.update(changed)
-    shapes.ensure_shapes_split(str(tmp_path), "s", **params)
+    shapes.ensure_shapes_split(str(tmp_path), ShapesSplit(**params))
 
     coco = _load_json(tmp_path, "s")
     assert coco["info"]["seed"] == params["seed"]
@@ -194,42 +238,60 @@ def test_ensure_regenerates_on_parameter_change(tmp_path, changed):
     assert len(images) == params["num_images"]
     assert all(im.shape[:2] == tuple(params["image_size"]) for im in images.values())
     # Nothing but the split, its annotations and the lock file is left in the cache root.
-    assert sorted(n for n in os.listdir(tmp_path) if not n.endswith(".lock")) == [
-        "annotations",
-        "s",
-    ]
+    assert sorted(os.listdir(tmp_path)) == ["annotations", "s", "s.lock"]
+    assert os.listdir(tmp_path / "annotations") == ["instances_s.json"]
 
 
-def test_ensure_regenerates_missing_images(tmp_path):
-    shapes.ensure_shapes_split(str(tmp_path), "s", 3, image_size=SMALL, seed=0)
+def test_cache_written_by_an_older_generator_version_is_regenerated(tmp_path, monkeypatch):
+    spec = ShapesSplit("s", 3, seed=0, image_size=SMALL)
+    monkeypatch.setattr(shapes, "GENERATOR_VERSION", shapes.GENERATOR_VERSION - 1)
+    shapes.ensure_shapes_split(str(tmp_path), spec)
+    monkeypatch.undo()
+    old = _load_json(tmp_path, "s")
+    shapes.ensure_shapes_split(str(tmp_path), spec)
+    new = _load_json(tmp_path, "s")
+    assert old["info"]["version"] == shapes.GENERATOR_VERSION - 1
+    assert new["info"]["version"] == shapes.GENERATOR_VERSION
+
+
+def test_ensure_regenerates_missing_images_and_interrupted_splits(tmp_path):
+    spec = ShapesSplit("s", 3, seed=0, image_size=SMALL)
+    shapes.ensure_shapes_split(str(tmp_path), spec)
+    expected = _file_bytes(tmp_path, "s")
     image = tmp_path / "s" / "000001.png"
     image.unlink()
-    shapes.ensure_shapes_split(str(tmp_path), "s", 3, image_size=SMALL, seed=0)
-    assert image.exists()
+    shapes.ensure_shapes_split(str(tmp_path), spec)
+    assert _file_bytes(tmp_path, "s") == expected
+    # An interrupted generation leaves images but no JSON (the commit marker).
+    os.remove(_json_path(tmp_path, "s"))
+    shapes.ensure_shapes_split(str(tmp_path), spec)
+    assert _file_bytes(tmp_path, "s") == expected
 
 
 def _ensure_and_report(root, log_path, queue):
-    # Record generations in this process by wrapping the (module-global) generator.
+    # Record generations in this process by wrapping the (module-global) generator; the pause
+    # makes the processes overlap, so that without the lock each of them would generate.
     generate = shapes.generate_shapes_split
 
     def logged(*args, **kwargs):
         with open(log_path, "a") as f:
             f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
         return generate(*args, **kwargs)
 
     shapes.generate_shapes_split = logged
-    queue.put(shapes.ensure_shapes_split(root, "s", 6, image_size=SMALL, seed=0))
+    queue.put(shapes.ensure_shapes_split(root, ShapesSplit("s", 6, seed=0, image_size=SMALL)))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses fork to start processes quickly")
-def test_concurrent_ensure_generates_once(tmp_path):
+def test_concurrent_ensure_generates_once_under_the_file_lock(tmp_path):
     ctx = multiprocessing.get_context("fork")
     queue, log_path = ctx.Queue(), str(tmp_path / "generations.log")
     root = str(tmp_path / "cache")
     procs = [ctx.Process(target=_ensure_and_report, args=(root, log_path, queue)) for _ in range(3)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=60) for _ in procs]
+    results = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -237,10 +299,11 @@ def test_concurrent_ensure_generates_once(tmp_path):
     with open(log_path) as f:
         assert len(f.read().split()) == 1
     assert len(_load_json(root, "s")["images"]) == 6
+    assert os.path.isfile(os.path.join(root, "s.lock"))
 
 
 # ----------------------------------------------------------------------------------------------
-# Detectron2 registration
+# Detectron2 registration and evaluation
 # ----------------------------------------------------------------------------------------------
 
 
@@ -248,7 +311,7 @@ def test_registered_dataset_loads_lazily(tmp_path, catalog_names):
     name = "shapes_test_tiny"
     splits = {name: dict(num_images=8, seed=3, image_size=MEDIUM)}
     assert shapes.register_shapes_datasets(str(tmp_path), splits=splits) == [name]
-    assert not os.path.exists(_json_path(tmp_path, "test_tiny"))  # nothing generated yet
+    assert os.listdir(tmp_path) == []  # nothing generated yet
 
     metadata = MetadataCatalog.get(name)
     assert metadata.thing_classes == ["circle", "triangle", "rectangle"]
@@ -256,6 +319,7 @@ def test_registered_dataset_loads_lazily(tmp_path, catalog_names):
     assert metadata.evaluator_type == "coco"
     assert metadata.json_file == _json_path(tmp_path, "test_tiny")
     assert metadata.image_root == os.path.join(str(tmp_path), "test_tiny")
+    assert metadata.shapes_split == ShapesSplit("test_tiny", 8, seed=3, image_size=MEDIUM)
 
     dicts = DatasetCatalog.get(name)
     assert len(dicts) == 8
@@ -267,8 +331,7 @@ def test_registered_dataset_loads_lazily(tmp_path, catalog_names):
         for ann in d["annotations"]:
             assert ann["bbox_mode"] == BoxMode.XYWH_ABS
             assert ann["category_id"] in (0, 1, 2)  # mapped to contiguous ids
-            assert isinstance(ann["segmentation"], list)
-            assert all(isinstance(p, list) and len(p) >= 6 for p in ann["segmentation"])
+            assert mask_util.decode(ann["segmentation"]).shape == MEDIUM
 
     # A second load reuses the cache.
     before = _mtimes(tmp_path, "test_tiny")
@@ -276,11 +339,35 @@ def test_registered_dataset_loads_lazily(tmp_path, catalog_names):
     assert _mtimes(tmp_path, "test_tiny") == before
 
 
+def test_coco_evaluator_scores_the_ground_truth_masks_as_perfect(tmp_path, catalog_names):
+    """The RLE annotations go through COCOEvaluator (which reads the JSON itself) unchanged."""
+    name = "shapes_test_gt_eval"
+    shapes.register_shapes_datasets(
+        str(tmp_path), splits={name: dict(num_images=6, seed=2, image_size=SMALL)}
+    )
+    assert shapes.ensure_shapes_dataset(name) is True
+    evaluator = COCOEvaluator(name, output_dir=None)
+    evaluator.reset()
+    for d in DatasetCatalog.get(name):
+        instances = Instances((d["height"], d["width"]))
+        masks = [mask_util.decode(a["segmentation"]) for a in d["annotations"]]
+        masks = torch.as_tensor(np.array(masks, dtype=bool).reshape(-1, *SMALL))
+        instances.pred_masks = masks
+        instances.pred_boxes = BitMasks(masks).get_bounding_boxes()
+        instances.scores = torch.ones(len(masks))
+        instances.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]])
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": instances}])
+    results = evaluator.evaluate()
+    assert results["segm"]["AP"] == pytest.approx(100.0)
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+
+
 def test_register_twice_and_defaults(tmp_path, catalog_names):
     names = shapes.register_shapes_datasets(str(tmp_path))
     assert names == ["shapes_train", "shapes_val"]
     assert shapes.register_shapes_datasets(str(tmp_path)) == names
     assert all(n in DatasetCatalog.list() for n in names)
+    assert MetadataCatalog.get("shapes_val").shapes_split == ShapesSplit("val", 200, seed=1)
     assert os.listdir(tmp_path) == []  # registration alone generates nothing
 
 
@@ -312,36 +399,52 @@ def test_get_shapes_root(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, argument",
+    "kwargs, message",
     [
-        (dict(num_images=0), "num_images"),
-        (dict(num_images=2.5), "num_images"),
-        (dict(image_size=(16, 128)), "image_size"),
-        (dict(image_size=(96,)), "image_size"),
-        (dict(seed=-1), "seed"),
-        (dict(split="a/b"), "split"),
-        (dict(split=""), "split"),
+        (dict(num_images=0), "num_images must be an integer >= 1, got 0"),
+        (dict(num_images=2.5), "num_images must be an integer >= 1, got 2.5"),
+        (dict(num_images=True), "num_images must be an integer >= 1, got True"),
+        (dict(image_size=(16, 128)), r"image_size must be a pair .* >= 32, got \(16, 128\)"),
+        (dict(image_size=(96,)), r"image_size must be a pair .*, got \(96,\)"),
+        (dict(image_size="ab"), "image_size must be a pair .*, got 'ab'"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(split="a/b"), "split must be a non-empty name without path separators.*'a/b'"),
+        (dict(split=""), "split must be a non-empty name"),
+        (dict(split=".."), "split must be a non-empty name"),
     ],
 )
-@pytest.mark.parametrize("function", ["generate_shapes_split", "ensure_shapes_split"])
-def test_bad_arguments(tmp_path, function, kwargs, argument):
-    call = dict(root=str(tmp_path), split="s", num_images=2, image_size=SMALL, seed=0)
-    call.update(kwargs)
-    with pytest.raises(ValueError, match=argument):
-        getattr(shapes, function)(**call)
-    assert not os.path.exists(os.path.join(str(tmp_path), "annotations"))
+def test_bad_split_parameters_are_rejected_by_name(kwargs, message):
+    params = dict(split="s", num_images=2, image_size=SMALL, seed=0)
+    params.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        ShapesSplit(**params)
+
+
+def test_split_parameters_are_frozen_and_normalised():
+    spec = ShapesSplit("s", np.int64(2), seed=np.int32(4), image_size=[64, np.int64(80)])
+    assert spec == ShapesSplit("s", 2, 4, SMALL)
+    assert hash(spec) == hash(ShapesSplit("s", 2, 4, SMALL))
+    assert type(spec.num_images) is int and spec.image_size == SMALL
+    json.dumps(spec.info())  # numpy integers would not serialise
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 5
 
 
 @pytest.mark.parametrize(
-    "spec, argument",
+    "spec, message",
     [
-        (dict(num_images=0, seed=0), "num_images"),
+        (dict(num_images=0, seed=0), "num_images must be an integer >= 1"),
         (dict(num_images=2, seed=0, image_size=(8, 8)), "image_size"),
-        (dict(num_images=2, seed=0, colour="red"), "colour"),
-        (dict(num_images=2), "seed"),
+        (dict(num_images=2, seed=0, colour="red"), "unexpected keyword argument 'colour'"),
+        (dict(num_images=2), "missing 1 required positional argument: 'seed'"),
+        ([2, 0], "must be a mapping"),
     ],
 )
-def test_bad_split_specs(tmp_path, catalog_names, spec, argument):
-    with pytest.raises(ValueError, match=argument):
-        shapes.register_shapes_datasets(str(tmp_path), splits={"shapes_bad": spec})
-    assert "shapes_bad" not in DatasetCatalog.list()
+def test_bad_split_specs_name_the_dataset_and_register_nothing(
+    tmp_path, catalog_names, spec, message
+):
+    splits = {"shapes_good": dict(num_images=2, seed=0), "shapes_bad": spec}
+    with pytest.raises(ValueError, match=message) as info:
+        shapes.register_shapes_datasets(str(tmp_path), splits=splits)
+    assert "splits['shapes_bad']" in str(info.value) and "Give num_images, seed" in str(info.value)
+    assert "shapes_bad" not in DatasetCatalog.list() and "shapes_good" not in DatasetCatalog.list()
