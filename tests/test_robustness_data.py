@@ -11,7 +11,12 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_train_loader,
+)
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
@@ -395,3 +400,58 @@ def test_unregistered_dataset_is_named_with_the_registered_ones():
     with pytest.raises(DatasetError, match="Dataset 'no_such_dataset' is not registered") as info:
         load_dataset_dicts(["no_such_dataset"])
     assert "Available datasets are" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images as the reader sees them (solo.data.read_image), through the mapper
+# ----------------------------------------------------------------------------------------------
+
+
+def test_16_bit_microscopy_image_trains_with_its_object_visible(tmp_path):
+    """Detectron2's reader turns this 12-bit-in-16-bit image into a flat 255 plane."""
+    pixels = np.full((64, 96), 900, dtype=np.uint16)
+    pixels[10:40, 20:60] = 3100
+    path = str(tmp_path / "cells.png")
+    cv2.imwrite(path, pixels)
+    rec = record(path, annotations=[annotation(20, 10, 60, 40)])
+    mapped = {is_train: make_mapper(is_train=is_train)(rec) for is_train in (True, False)}
+    for result in mapped.values():
+        image = result["image"]
+        assert image.shape == (3, 64, 96)
+        assert (image[:, 10:40, 20:60] == 255).all() and (image[:, :10] == 0).all()
+    losses = train_step(mapper_cfg(), [mapped[True]])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_exif_rotated_photo_annotated_on_its_raw_pixels_keeps_masks_on_the_object(tmp_path):
+    """A phone photo stored 96x64 with EXIF orientation 6 (shown 64x96), annotated by a tool that
+    ignores EXIF (record: 64 high, 96 wide). Detectron2 rotates it and fails with a size mismatch
+    that blames the annotation; here the raw pixels are used, so the mask covers the object."""
+    from PIL import ExifTags, Image
+
+    raw = np.zeros((64, 96, 3), dtype=np.uint8)
+    raw[10:30, 50:90] = 255  # the object, where the annotation outlines it
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    path = str(tmp_path / "phone.png")
+    Image.fromarray(raw).save(path, exif=exif)
+
+    rec = record(path, height=64, width=96, annotations=[annotation(50, 10, 90, 30)])
+    with pytest.raises(Exception, match="check the width/height in your annotation"):
+        DatasetMapper(mapper_cfg(), is_train=True)(rec)
+    mapped = make_mapper()(rec)
+    mask = mapped["instances"].gt_masks.tensor[0]
+    assert mapped["image"].shape == (3, 64, 96)
+    assert (mapped["image"][:, mask] == 255).all()
+
+
+def test_truncated_image_error_names_dataset_file_and_cause_not_the_annotations(tmp_path):
+    path = tmp_path / "cut.png"
+    write_image(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError) as info:
+        make_mapper()(record(str(path), annotations=[annotation(5, 5, 30, 30)]))
+    message = str(info.value)
+    assert f"dataset '{DATASET}', image '{path}'" in message
+    assert "truncated or corrupt" in message and "annotation" not in message.lower()
