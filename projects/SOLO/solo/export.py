@@ -3,7 +3,7 @@
 Public API (``from solo.export import ...``)::
 
     export_model(cfg_or_model, fmt, output_dir, sample_image=None, max_candidates=None,
-                 dynamo=False) -> str
+                 dynamo=False, config=None) -> str
         fmt: "onnx" | "torchscript" | "pt2"; writes ``output_dir/model.{onnx,ts,pt2}`` and
         returns its path. ``cfg_or_model``: a config (the model is built and MODEL.WEIGHTS loaded
         strictly) or a built SOLO model (copied, in eval mode). ``sample_image``: a (3, H, W)
@@ -11,7 +11,8 @@ Public API (``from solo.export import ...``)::
         exported graph accepts any H and W). ``max_candidates``: K0 below (default
         MODEL.SOLO.NMS_PRE). ONNX goes through a trace (TorchScript-based exporter) unless
         ``dynamo``; ``pt2`` and ``dynamo`` use ``torch.export`` (slower to export, see
-        ``MIN_BLOCKS``).
+        ``MIN_BLOCKS``). ``config``: the model's config, stored in the file (given a config,
+        that one).
     ExportedModel(path, device="cpu", num_threads=None)
         Loads an exported file (runtime picked from its suffix) and is called exactly like the
         model: ``[{"image": (3, H, W) uint8/float tensor in INPUT.FORMAT, "height", "width"}]``
@@ -65,6 +66,7 @@ __all__ = [
     "ExportError",
     "ExportedModel",
     "SOLOExportModule",
+    "compare_predictions",
     "export_model",
     "fixed_size_postprocess",
 ]
@@ -386,6 +388,7 @@ def export_model(
     sample_image: Optional[torch.Tensor] = None,
     max_candidates: Optional[int] = None,
     dynamo: bool = False,
+    config=None,
 ) -> str:
     """Export a SOLO model; see the module docstring. Returns the written file's path.
 
@@ -397,6 +400,7 @@ def export_model(
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; expected one of {list(EXPORT_FORMATS)}.")
     model, cfg = _build_model(cfg_or_model)
+    cfg = cfg if config is None else config
     if max_candidates is None:
         max_candidates = model.postprocessor.nms_pre
     module = SOLOExportModule(model, max_candidates).eval()
@@ -619,3 +623,32 @@ def paste_masks(
         torch.gt(part[0], mask_thresh, out=out[start : start + chunk_size])
         boxes.append(masks_to_boxes(out[start : start + chunk_size]).tensor)
     return out, Boxes(torch.cat(boxes))
+
+
+def compare_predictions(
+    expected: Instances, actual: Instances, score_atol: float = 1e-3, mask_tol: float = 1e-3
+) -> List[str]:
+    """Differences between eager and exported predictions of one image (empty list: same).
+
+    Same number of instances and classes in the same order, scores within ``score_atol``, and
+    each mask differing in at most ``mask_tol`` of the image's pixels (at least 4): float
+    rounding moves a few pixels whose upsampled probability is within ~1e-6 of MASK_THRESH.
+    """
+    if len(expected) != len(actual):
+        return [f"{len(actual)} instances instead of {len(expected)}"]
+    problems = []
+    if len(expected) == 0:
+        return problems
+    if not torch.equal(expected.pred_classes.cpu(), actual.pred_classes.cpu()):
+        problems.append("different classes")
+    score_diff = (expected.scores.cpu() - actual.scores.cpu()).abs().max().item()
+    if score_diff > score_atol:
+        problems.append(f"scores differ by up to {score_diff:.2g} (tolerance {score_atol})")
+    masks_e, masks_a = expected.pred_masks.cpu(), actual.pred_masks.cpu()
+    if masks_e.shape != masks_a.shape:
+        return problems + [f"mask shape {tuple(masks_a.shape)} instead of {tuple(masks_e.shape)}"]
+    pixel_diff = (masks_e != masks_a).flatten(1).sum(dim=1).max().item()
+    allowed = max(4, int(mask_tol * masks_e[0].numel()))
+    if pixel_diff > allowed:
+        problems.append(f"a mask differs in {pixel_diff} pixels (tolerance {allowed})")
+    return problems

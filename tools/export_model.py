@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+r"""Export a SOLO / Decoupled SOLO / SOLOv2 model to ONNX, TorchScript or torch.export (.pt2).
+
+Shaped like Detectron2's ``tools/deploy/export_model.py``; run from the repository root::
+
+    python tools/export_model.py --config-file configs/SOLOv2/R50_3x.yaml --format onnx \
+        --output exported/ --sample-image demo.jpg --verify \
+        MODEL.WEIGHTS checkpoints/SOLOv2_R50_3x.pth
+    python tools/export_model.py --config-file configs/Shapes/SOLOv2_R18.yaml --format onnx \
+        --output exported/ --run-eval MODEL.WEIGHTS output/shapes/SOLOv2_R18/model_final.pth
+
+Writes ``OUTPUT/model.{onnx,ts,pt2}``, which ``solo.export.ExportedModel`` (and
+``demo/demo.py``) runs. ``--verify`` compares the exported model with the eager one on the sample
+image and on two other sizes and exits with status 1 on a mismatch; ``--run-eval`` reports the
+exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must fit the config exactly; an
+empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the tool out).
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (os.path.join(_REPO, "projects", "SOLO"), _REPO):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.file_io import PathManager  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from solo import get_solo_cfg  # noqa: E402
+from solo.checkpoint import SOLOCheckpointer  # noqa: E402
+from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions  # noqa: E402
+from solo.export import export_model  # noqa: E402
+
+logger = logging.getLogger("solo.export_model")
+
+# --verify: the sample's size, then these scales of it.
+VERIFY_SCALES = (0.75, 1.3)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export a SOLO model for deployment.")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="onnx")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument(
+        "--sample-image",
+        metavar="FILE",
+        help="image used for tracing and --verify, resized as at test time "
+        "(default: a random 320x320 image)",
+    )
+    parser.add_argument(
+        "--max-candidates",
+        type=int,
+        default=None,
+        help="K0: (cell, class) candidates the exported graph gives a mask (default "
+        "MODEL.SOLO.NMS_PRE); exact whenever an image has at most K0 candidates",
+    )
+    parser.add_argument(
+        "--dynamo", action="store_true", help="ONNX through torch.export instead of a trace"
+    )
+    parser.add_argument("--verify", action="store_true", help="compare with the eager model")
+    parser.add_argument("--run-eval", action="store_true", help="COCO AP on DATASETS.TEST")
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="export even though MODEL.WEIGHTS is empty (randomly initialised model)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_solo_cfg(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = "cpu"  # exported on CPU; ExportedModel(device="cuda") runs on GPU
+    cfg.freeze()
+    return cfg
+
+
+def check_weights(cfg, allow_random: bool):
+    """Refuse a missing MODEL.WEIGHTS file, and an empty one unless explicitly allowed."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        if allow_random:
+            logger.warning("MODEL.WEIGHTS is empty: exporting randomly initialised weights.")
+            return
+        raise SystemExit(
+            "MODEL.WEIGHTS is empty: give the trained checkpoint (MODEL.WEIGHTS path.pth), or "
+            "--allow-random-weights to export an untrained model."
+        )
+    if "://" not in weights and not PathManager.isfile(weights):
+        raise SystemExit(f"MODEL.WEIGHTS={weights!r}: no such file.")
+
+
+def build_eager_model(cfg):
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        SOLOCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+def load_sample_image(path: str, cfg) -> torch.Tensor:
+    """The image as the model sees it at test time: (3, H, W) uint8 in INPUT.FORMAT, resized as
+    ``DefaultPredictor`` does (no resizing when INPUT.MIN_SIZE_TEST is 0)."""
+    image = read_image(path, format=cfg.INPUT.FORMAT)
+    if cfg.INPUT.MIN_SIZE_TEST:
+        resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        image = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(image.astype("uint8").transpose(2, 0, 1).copy())
+
+
+def verify(model, exported: ExportedModel, sample: torch.Tensor) -> bool:
+    """Eager vs exported on the sample and on it resized by ``VERIFY_SCALES``; logs each."""
+    h, w = sample.shape[-2:]
+    images = [sample] + [
+        torch.nn.functional.interpolate(
+            sample[None].float(), size=(round(h * s), round(w * s)), mode="bilinear"
+        )[0]
+        .round()
+        .to(torch.uint8)
+        for s in VERIFY_SCALES
+    ]
+    ok = True
+    for image in images:
+        inputs = [{"image": image, "height": image.shape[-2], "width": image.shape[-1]}]
+        with torch.no_grad():
+            expected = model(inputs)[0]["instances"]
+        actual = exported(inputs)[0]["instances"]
+        problems = compare_predictions(expected, actual)
+        size = "x".join(map(str, image.shape[-2:]))
+        if problems:
+            ok = False
+            logger.error(f"--verify {size}: exported model differs: " + "; ".join(problems))
+        else:
+            logger.info(f"--verify {size}: {len(actual)} instances, same as the eager model.")
+    return ok
+
+
+def run_eval(cfg, exported: ExportedModel):
+    """COCO evaluation of the exported model on DATASETS.TEST, through train_net's loaders and
+    evaluators (``inference_on_dataset`` calls it like the model)."""
+    from detectron2.utils.logger import setup_logger as _setup
+
+    from train_net import Trainer
+    from solo.data import register_builtin_datasets
+
+    _setup(name="detectron2")
+    register_builtin_datasets()
+    return Trainer.test(cfg, exported)
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="solo")
+    cfg = setup_cfg(args)
+    check_weights(cfg, args.allow_random_weights)
+    sample = load_sample_image(args.sample_image, cfg) if args.sample_image else None
+    model = build_eager_model(cfg)
+    path = export_model(
+        model,
+        args.format,
+        args.output,
+        sample_image=sample,
+        max_candidates=args.max_candidates,
+        dynamo=args.dynamo,
+        config=cfg,
+    )
+    logger.info(f"Exported to {path}")
+    exported = ExportedModel(path)
+    status = 0
+    if args.verify:
+        if sample is None:
+            generator = torch.Generator().manual_seed(0)
+            sample = torch.randint(0, 256, (3, 320, 320), generator=generator, dtype=torch.uint8)
+        status = 0 if verify(model, exported, sample) else 1
+    if args.run_eval:
+        logger.info(f"COCO evaluation of {path}: {run_eval(cfg, exported)}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
