@@ -8,38 +8,46 @@
 This is Detectron2's own ``tools/train_net.py`` with the SOLO config and a COCO evaluator; it
 also runs on machines without CUDA (``MODEL.DEVICE`` falls back to ``cpu``, DDP over gloo).
 """
-import functools
 import logging
 import os
-import sys
 from contextlib import contextmanager
-from unittest import mock
 
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.engine import defaults as engine_defaults
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "projects", "SOLO"))
-from solo import get_solo_cfg  # noqa: E402
-from solo.checkpoint import SOLOCheckpointer  # noqa: E402
-from solo.data import (  # noqa: E402
+from solo import get_solo_cfg
+from solo.checkpoint import SOLOCheckpointer
+from solo.data import (
     SOLODatasetMapper,
-    check_num_classes,
     ensure_shapes_dataset,
     load_dataset_dicts,
     register_builtin_datasets,
 )
-from solo.engine import build_amp_trainer  # noqa: E402
-from solo.solver import build_solo_optimizer  # noqa: E402
+from solo.engine import trainer_for_cpu_amp
+from solo.run_checks import (
+    check_run_config,
+    check_weights_file,
+    compare_resumed_solver,
+    describe_changes,
+)
+from solo.solver import build_solo_optimizer
 
 logger = logging.getLogger("detectron2")
 
+# The period of the PeriodicWriter that DefaultTrainer.build_hooks adds (fixed there).
+WRITER_PERIOD = 20
+
 
 @contextmanager
-def cpu_capable_ddp():
-    """Detectron2 always passes ``device_ids=[local_rank]`` to DDP, which CPU models reject."""
+def cpu_ddp_without_device_ids():
+    """The one adapter around Detectron2: ``DefaultTrainer.__init__`` wraps the model with
+    ``create_ddp_model``, which always passes ``device_ids=[local_rank]``, and DDP rejects
+    ``device_ids`` for a CPU model. Detectron2 has no hook there, so while the trainer is built,
+    ``detectron2.engine.defaults.create_ddp_model`` passes ``device_ids=None`` for CPU models."""
     create = engine_defaults.create_ddp_model
 
     def create_ddp_model(model, **kwargs):
@@ -47,16 +55,11 @@ def cpu_capable_ddp():
             kwargs.setdefault("device_ids", None)
         return create(model, **kwargs)
 
-    with mock.patch.object(engine_defaults, "create_ddp_model", create_ddp_model):
+    engine_defaults.create_ddp_model = create_ddp_model
+    try:
         yield
-
-
-@contextmanager
-def cpu_capable_amp():
-    """Detectron2's AMPTrainer requires CUDA; on CPU, SOLVER.AMP.ENABLED means bfloat16."""
-    amp_trainer = functools.partial(build_amp_trainer, engine_defaults.AMPTrainer)
-    with mock.patch.object(engine_defaults, "AMPTrainer", amp_trainer):
-        yield
+    finally:
+        engine_defaults.create_ddp_model = create
 
 
 class SOLOCOCOEvaluator(COCOEvaluator):
@@ -76,20 +79,83 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         return results
 
 
-def check_solo_num_classes(cfg, dataset_names):
-    """MODEL.SOLO.NUM_CLASSES must equal the class count of every dataset (metadata)."""
-    check_num_classes(cfg.MODEL.SOLO.NUM_CLASSES, dataset_names, "MODEL.SOLO.NUM_CLASSES")
+class WriteAfterEvaluation(hooks.HookBase):
+    """Runs the metric writers right after an evaluation that the periodic writer would not
+    write: writers record each scalar's latest value only, so with ``TEST.EVAL_PERIOD`` shorter
+    than the writer period, an evaluation's results were overwritten by the next one before
+    they reached ``metrics.json`` and TensorBoard. Add it after the writer hook."""
+
+    def __init__(self, writers, eval_period: int, writer_period: int = WRITER_PERIOD):
+        self._writers = writers
+        self._eval_period = eval_period
+        self._writer_period = writer_period
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        evaluated = self._eval_period > 0 and next_iter % self._eval_period == 0
+        written = next_iter % self._writer_period == 0 or next_iter == self.trainer.max_iter
+        if evaluated and not written:
+            for writer in self._writers:
+                writer.write()
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with SOLO's data checks and mapper, atomic checkpoints, COCO evaluation."""
+    """DefaultTrainer with SOLO's data checks and mapper, atomic checkpoints, COCO evaluation,
+    CPU mixed precision and DDP, checked resumption, and every evaluation written."""
 
     def __init__(self, cfg):
-        # Before the (possibly long) model and dataset construction: the datasets whose metadata
-        # is already known are checked now, the others as soon as they are loaded.
-        check_solo_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-        with cpu_capable_ddp(), cpu_capable_amp():
+        # Before the (possibly long) model and dataset construction; MODEL.WEIGHTS is checked
+        # in resume_or_load, which knows whether it is used.
+        check_run_config(cfg, train=True, world_size=comm.get_world_size(), uses_weights=False)
+        with cpu_ddp_without_device_ids():
             super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # Detectron2 built its CUDA-only AMPTrainer
+            self._trainer = trainer_for_cpu_amp(self._trainer)
+
+    def resume_or_load(self, resume=True):
+        resuming = resume and self.checkpointer.has_checkpoint()
+        if not resuming:
+            check_weights_file(self.cfg)
+            if resume:
+                logger.warning(
+                    f"--resume: no checkpoint in OUTPUT_DIR '{self.cfg.OUTPUT_DIR}'; starting at "
+                    f"iteration 0 from MODEL.WEIGHTS '{self.cfg.MODEL.WEIGHTS}'."
+                )
+        super().resume_or_load(resume=resume)
+
+    def load_state_dict(self, state_dict):
+        """Restore the trainer state of a checkpoint (``--resume``) after comparing its solver
+        with the config's (:func:`solo.run_checks.compare_resumed_solver`): an incompatible one
+        stops here, before any iteration; changed learning rates, weight decays and momentum
+        are applied, with a warning."""
+        checkpoint = self.checkpointer.get_checkpoint_file()
+        new_groups = self.optimizer.state_dict()["param_groups"]
+        changes = compare_resumed_solver(
+            state_dict["_trainer"]["optimizer"]["param_groups"],
+            new_groups,
+            state_dict["iteration"],
+            self.max_iter,
+            checkpoint,
+        )
+        super().load_state_dict(state_dict)
+        if state_dict["iteration"] + 1 == self.max_iter:
+            logger.warning(
+                f"--resume: '{checkpoint}' completed SOLVER.MAX_ITER={self.max_iter} "
+                "iterations: nothing left to train, only the final evaluation runs."
+            )
+        if not changes:
+            return
+        groups, base_lrs = self.optimizer.param_groups, self.scheduler.base_lrs
+        for index, key, old, new in changes:
+            if key == "initial_lr":  # the LR scheduler multiplies these base rates
+                groups[index]["lr"] *= new / old
+                base_lrs[index] = new
+            groups[index][key] = new
+        logger.warning(f"--resume: applying the config's solver: {describe_changes(changes)}")
+
+    def build_writers(self):
+        self._writers = super().build_writers()
+        return self._writers
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a plain DetectionCheckpointer right before building the
@@ -99,7 +165,10 @@ class Trainer(DefaultTrainer):
         self.checkpointer = SOLOCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        if comm.is_main_process() and self.cfg.TEST.EVAL_PERIOD > 0:
+            ret.append(WriteAfterEvaluation(self._writers, self.cfg.TEST.EVAL_PERIOD))
+        return ret
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -146,10 +215,29 @@ class Trainer(DefaultTrainer):
         return SOLOCOCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
 
 
+# Loggers a run writes to log.txt; the handlers that setup() adds to them belong to that run.
+RUN_LOGGERS = ("detectron2", "fvcore", "solo")
+_run_handlers = []
+
+
 def setup(args):
     cfg = get_solo_cfg(args.config_file, args.opts)
     cfg.freeze()
+    # A second run in the same process (notebook, sweep) must not also log into the first run's
+    # log.txt: drop the previous run's handlers, and let Detectron2's cached setup_logger add
+    # this run's.
+    for name, handler in _run_handlers:
+        logging.getLogger(name).removeHandler(handler)
+    setup_logger.cache_clear()
+    before = {name: list(logging.getLogger(name).handlers) for name in RUN_LOGGERS}
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="solo")
+    _run_handlers[:] = [
+        (name, handler)
+        for name in RUN_LOGGERS
+        for handler in logging.getLogger(name).handlers
+        if handler not in before[name]
+    ]
     register_builtin_datasets()
     return cfg
 
@@ -157,10 +245,13 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        check_solo_num_classes(cfg, cfg.DATASETS.TEST)
+        check_run_config(
+            cfg, train=False, world_size=comm.get_world_size(), uses_weights=not args.resume
+        )
         model = Trainer.build_model(cfg)
-        # Strict: evaluating a checkpoint that only partly fits the model (e.g. trained with a
-        # different NUM_CLASSES) is an error listing the keys, not a warning and random weights.
+        # Strict: a checkpoint that only partly fits the model (e.g. trained with another
+        # NUM_CLASSES), no MODEL.WEIGHTS, or --resume without a checkpoint is an error, not a
+        # warning and an evaluation of random weights.
         SOLOCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )

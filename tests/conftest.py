@@ -1,5 +1,6 @@
 """Shared helpers for the SOLO tests: configs, tiny models and random instance sets."""
 import importlib.util
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -93,6 +94,39 @@ def load_script(relative_path, module_name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# train_net.py on the shapes config, narrowed so that a few iterations take seconds.
+SHAPES_CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
+SMALL_SHAPES_OPTS = [
+    "MODEL.RESNETS.NORM", "GN",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.SOLO.HEAD_CHANNELS", "64",
+    "MODEL.SOLO.MASK_KERNEL_CHANNELS", "32",
+    "MODEL.SOLO.MASK_FEATURE_CHANNELS", "32",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "DATALOADER.NUM_WORKERS", "0",
+    "TEST.EVAL_PERIOD", "0",
+    # Training runs skip the final evaluation unless a test sets DATASETS.TEST.
+    "DATASETS.TEST", "()",
+]  # fmt: skip
+
+
+def load_train_net():
+    return load_script("train_net.py", "train_net")
+
+
+def run_main(train_net, argv):
+    """``train_net.main`` with a parsed command line (``--config-file ... KEY VALUE ...``)."""
+    from detectron2.engine import default_argument_parser
+
+    return train_net.main(default_argument_parser().parse_args(argv))
+
+
+def read_metrics(output_dir):
+    """The records of ``OUTPUT_DIR/metrics.json``."""
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 @contextmanager

@@ -17,8 +17,10 @@ from detectron2.modeling import build_model
 from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer, atomic_write
 from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
 
-from conftest import REPO_ROOT, capture_warnings, shapes_cache, tiny_cfg
-from test_train_net import CONFIG, SMALL, load_train_net, run_main
+from conftest import REPO_ROOT, capture_warnings, load_train_net, run_main
+from conftest import SHAPES_CONFIG as CONFIG
+from conftest import SMALL_SHAPES_OPTS as SMALL
+from conftest import shapes_cache, tiny_cfg
 
 TRAIN = "shapes_robust_train"
 VAL = "shapes_robust_val"  # 6 images, one of them without any object (seed 14)

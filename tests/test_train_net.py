@@ -1,5 +1,4 @@
 """train_net.py end to end on the built-in shapes dataset, on CPU: train, resume, evaluate, DDP."""
-import json
 import math
 import os
 import subprocess
@@ -12,27 +11,12 @@ from detectron2.engine import default_argument_parser
 
 from solo.data.shapes import register_shapes_datasets
 
-from conftest import REPO_ROOT, capture_warnings, load_script, shapes_cache
+from conftest import REPO_ROOT, capture_warnings, load_train_net, read_metrics, run_main
+from conftest import SHAPES_CONFIG as CONFIG
+from conftest import SMALL_SHAPES_OPTS as SMALL
+from conftest import shapes_cache
 
-CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
-# A narrower model than the demo one, so that a few iterations take seconds.
-SMALL = [
-    "MODEL.RESNETS.NORM", "GN",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.SOLO.HEAD_CHANNELS", "64",
-    "MODEL.SOLO.MASK_KERNEL_CHANNELS", "32",
-    "MODEL.SOLO.MASK_FEATURE_CHANNELS", "32",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "DATALOADER.NUM_WORKERS", "0",
-    "TEST.EVAL_PERIOD", "0",
-    # Training runs skip the final evaluation; --eval-only below evaluates a small split.
-    "DATASETS.TEST", "()",
-]  # fmt: skip
 EVAL_SPLIT = "shapes_val_tiny"
-
-
-def load_train_net():
-    return load_script("train_net.py", "train_net")
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +30,6 @@ def shapes_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def train_net():
     return load_train_net()
-
-
-def run_main(train_net, argv):
-    args = default_argument_parser().parse_args(argv)
-    return train_net.main(args)
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def test_train_checkpoint_resume_and_evaluate(train_net, shapes_root, tmp_path):
@@ -95,12 +69,14 @@ def test_train_checkpoint_resume_and_evaluate(train_net, shapes_root, tmp_path):
         assert all(math.isfinite(metrics[task][k]) for k in ("AP", "AP50", "AP75"))
 
 
-def test_model_device_falls_back_to_cpu_without_cuda(train_net, shapes_root):
-    args = default_argument_parser().parse_args(["--config-file", str(REPO_ROOT / CONFIG)])
-    args.opts = ["OUTPUT_DIR", str(shapes_root / "unused")]
-    cfg = train_net.setup(args)
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert cfg.MODEL.DEVICE == expected
+@pytest.mark.parametrize("cuda", [False, True])
+def test_model_device_falls_back_to_cpu_without_cuda(train_net, monkeypatch, cuda):
+    """Checked on every machine: without CUDA train_net's config gets MODEL.DEVICE cpu, with
+    CUDA it keeps cuda; a MODEL.DEVICE given on the command line is always kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    config = str(REPO_ROOT / CONFIG)
+    assert train_net.get_solo_cfg(config, []).MODEL.DEVICE == ("cuda" if cuda else "cpu")
+    assert train_net.get_solo_cfg(config, ["MODEL.DEVICE", "cuda"]).MODEL.DEVICE == "cuda"
 
 
 def test_amp_on_cpu_trains_in_bfloat16_where_native_else_float32(

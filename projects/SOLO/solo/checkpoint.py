@@ -9,7 +9,9 @@
 * Strict loading (``strict=True``, used for ``--eval-only``): Detectron2 only *warns* about
   parameters whose shapes differ (and skips them) and about parameters the checkpoint lacks, so
   evaluating e.g. an 80-class checkpoint with ``NUM_CLASSES 3`` silently runs a partly random
-  model. Strict mode raises :class:`CheckpointMismatchError` listing those keys instead.
+  model. Strict mode raises :class:`CheckpointMismatchError` listing those keys instead, and
+  refuses to load nothing (an empty path, or ``resume=True`` on a ``save_dir`` without a
+  checkpoint), which Detectron2 only logs before predicting with random weights.
   Fine-tuning from ``MODEL.WEIGHTS`` keeps Detectron2's warn-and-skip behaviour (``strict=False``).
 """
 import logging
@@ -91,6 +93,23 @@ class SOLOCheckpointer(DetectionCheckpointer):
             return super().tag_last_checkpoint(last_filename_basename)
         save_file = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
+
+    def load(self, path: str, checkpointables=None):
+        if self.strict and not path:
+            raise CheckpointMismatchError(
+                "No checkpoint to load (MODEL.WEIGHTS is empty): the model would predict with "
+                "randomly initialised weights. Set MODEL.WEIGHTS to a trained checkpoint."
+            )
+        return super().load(path, checkpointables)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        if self.strict and resume and not self.has_checkpoint():
+            raise CheckpointMismatchError(
+                f"--resume: OUTPUT_DIR '{self.save_dir}' has no checkpoint (no last_checkpoint "
+                "file), so there is nothing to resume from. Fix OUTPUT_DIR, or pass "
+                "MODEL.WEIGHTS <checkpoint> without --resume."
+            )
+        return super().resume_or_load(path, resume=resume)
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

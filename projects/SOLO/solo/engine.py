@@ -26,34 +26,60 @@ def cpu_has_native_bfloat16() -> bool:
 
 class CPUAutocastTrainer(SimpleTrainer):
     """``SimpleTrainer`` whose forward pass (model and losses) runs under CPU autocast to
-    bfloat16; backward and the optimizer step run outside autocast, as PyTorch recommends."""
+    bfloat16; backward and the optimizer step run outside autocast, as PyTorch recommends.
+
+    Takes ``SimpleTrainer``'s arguments; ``run_step`` is ``SimpleTrainer.run_step`` with the
+    forward pass under autocast (Detectron2 has no hook around the forward pass alone), honouring
+    ``zero_grad_before_forward`` and ``async_write_metrics`` as it does.
+    """
 
     def run_step(self):
         assert self.model.training, "[CPUAutocastTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
         losses = sum(loss_dict.values())
-        self.optimizer.zero_grad()
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
         losses.backward()
         self.after_backward()
-        self._write_metrics(loss_dict, data_time)
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(
+                self._write_metrics, loss_dict, data_time, iter=self.iter
+            )
+        else:
+            self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
 
 
-def build_amp_trainer(amp_trainer_class, model, data_loader, optimizer, **kwargs):
-    """What ``DefaultTrainer`` gets for ``SOLVER.AMP.ENABLED``: Detectron2's CUDA AMPTrainer
-    for a CUDA model; on CPU the bfloat16 trainer, or plain float32 training (with a warning)
-    where the CPU has no native bfloat16."""
-    if next(model.parameters()).device.type != "cpu":
-        return amp_trainer_class(model, data_loader, optimizer, **kwargs)
+def trainer_for_cpu_amp(trainer: SimpleTrainer) -> SimpleTrainer:
+    """What ``SOLVER.AMP.ENABLED`` means for a CPU model: ``trainer`` (the ``AMPTrainer`` that
+    ``DefaultTrainer`` built, CUDA-only) is replaced by the bfloat16 trainer, or by plain float32
+    training (with a warning) where the CPU has no native bfloat16. Same model, data loader,
+    optimizer and ``SimpleTrainer`` options; a CUDA model keeps ``trainer``."""
+    if next(trainer.model.parameters()).device.type != "cpu":
+        return trainer
     if cpu_has_native_bfloat16():
         logger.info("SOLVER.AMP.ENABLED on CPU: forward pass in bfloat16 (native on this CPU).")
-        return CPUAutocastTrainer(model, data_loader, optimizer)
-    logger.warning(
-        "SOLVER.AMP.ENABLED on a CPU without native bfloat16 (no AVX512-BF16/AMX): bfloat16 "
-        "would be emulated and slower, training in float32 instead."
+        trainer_class = CPUAutocastTrainer
+    else:
+        logger.warning(
+            "SOLVER.AMP.ENABLED on a CPU without native bfloat16 (no AVX512-BF16/AMX): bfloat16 "
+            "would be emulated and slower, training in float32 instead."
+        )
+        trainer_class = SimpleTrainer
+    trainer.concurrent_executor.shutdown()
+    return trainer_class(
+        trainer.model,
+        trainer.data_loader,
+        trainer.optimizer,
+        gather_metric_period=trainer.gather_metric_period,
+        zero_grad_before_forward=trainer.zero_grad_before_forward,
+        async_write_metrics=trainer.async_write_metrics,
     )
-    return SimpleTrainer(model, data_loader, optimizer)
