@@ -6,10 +6,15 @@ bases (WXinlong/SOLO = mmdetection v1, AdelaiDet), written out below independent
 conversion rules, and filled with random values.
 """
 
+import importlib
 import math
 import os
 import pickle
+import re
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,7 @@ import torchvision
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 import solo
@@ -26,6 +32,8 @@ from solo.convert import ConversionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDS = [40, 36, 24, 16, 12]
+# mmdetection's CocoDataset.CLASSES (= Detectron2's COCO thing_classes, same order).
+COCO_CLASSES = tuple(MetadataCatalog.get("coco_2017_val").thing_classes)
 
 
 def make_cfg(config, opts=()):
@@ -145,6 +153,49 @@ def official_keys(spec):
     return keys
 
 
+def mmdet_keys(spec):
+    """The state dict layout of an mmdetection 2.x / 3.x SOLO-family detector: backbone and neck
+    as the official ones; the head under ``mask_head`` (``dense_heads/solo_head.py``:
+    cls_convs / mask_convs(_x, _y) / conv_mask_list(_x, _y) / conv_cls; ``solov2_head.py``:
+    kernel_convs / conv_kernel and the MaskFeatModule ``mask_feature_head``, whose conv_pred is
+    a ConvModule); DCN only on the last tower conv for the light heads."""
+    depth, head = spec["depth"], spec["head"]
+    keys = mmdet_resnet(depth, spec.get("groups", 1), 4, spec.get("dcn"))
+    in_chs = [64, 128, 256, 512] if depth in (18, 34) else [256, 512, 1024, 2048]
+    for i, c in enumerate(in_chs):
+        conv(keys, f"neck.lateral_convs.{i}.conv", c, 256, 1)
+        conv(keys, f"neck.fpn_convs.{i}.conv", 256, 256, 3)
+    n, ch = spec["convs"], spec["channels"]
+    for i in range(n):
+        dcn = spec.get("tower_dcn") if (not spec.get("dcn_last_only") or i == n - 1) else None
+        conv_module(keys, f"mask_head.cls_convs.{i}", 256 if i == 0 else ch, ch, 3, dcn)
+        if head in ("SOLOHead", "DecoupledSOLOLightHead"):
+            conv_module(keys, f"mask_head.mask_convs.{i}", 258 if i == 0 else ch, ch, 3, dcn)
+        elif head == "DecoupledSOLOHead":
+            for xy in "xy":
+                conv_module(keys, f"mask_head.mask_convs_{xy}.{i}", 257 if i == 0 else ch, ch)
+        else:
+            conv_module(keys, f"mask_head.kernel_convs.{i}", 258 if i == 0 else ch, ch, 3, dcn)
+    conv(keys, "mask_head.conv_cls", ch, 80, 3)
+    if head == "SOLOHead":
+        for level, s in enumerate(GRIDS):
+            conv(keys, f"mask_head.conv_mask_list.{level}", ch, s * s, 1)
+    elif head.startswith("Decoupled"):
+        for level, s in enumerate(GRIDS):
+            conv(keys, f"mask_head.conv_mask_list_x.{level}", ch, s, 3)
+            conv(keys, f"mask_head.conv_mask_list_y.{level}", ch, s, 3)
+    else:  # SOLOV2Head, MaskFeatModule(start_level=0, end_level=3)
+        conv(keys, "mask_head.conv_kernel", ch, spec["kernels"], 3)
+        mdcn, feat = spec.get("mask_dcn"), "mask_head.mask_feature_head"
+        conv_module(keys, f"{feat}.convs_all_levels.0.conv0", 256, 128, 3, mdcn)
+        for level in range(1, 4):
+            for j in range(level):
+                cin = (258 if level == 3 else 256) if j == 0 else 128
+                conv_module(keys, f"{feat}.convs_all_levels.{level}.conv{j}", cin, 128, 3, mdcn)
+        conv_module(keys, f"{feat}.conv_pred", 128, spec["kernels"], 1, mdcn)
+    return keys
+
+
 def detectron2_resnet(depth, prefix="backbone.bottom_up."):
     """Detectron2 ResNet names (FrozenBN: no step counter)."""
     blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
@@ -235,6 +286,29 @@ OFFICIAL_ZOO = {
     ),
 }
 
+# mmdetection model zoo (configs/solo, configs/solov2): our config (+ opts) -> mmdet's settings.
+# mmdet's light DCN head uses modulated DCN (DCNv2) where the official one used DCN v1.
+MMDET_DCN_LIGHT_OPTS = ("MODEL.RESNETS.DEFORM_MODULATED", "True", "MODEL.SOLO.TOWER_DCN", "DCNv2")
+MMDET_ZOO = {
+    "SOLO/R50_1x.yaml": (dict(SOLO_V1, depth=50), ()),
+    "SOLO/R50_3x.yaml": (dict(SOLO_V1, depth=50), ()),
+    "DecoupledSOLO/R50_1x.yaml": (dict(DSOLO, depth=50), ()),
+    "DecoupledSOLO/R50_3x.yaml": (dict(DSOLO, depth=50), ()),
+    "DecoupledSOLO/Light_R50_3x.yaml": (dict(DSOLO_LIGHT, depth=50), ()),
+    "SOLOv2/R50_1x.yaml": (dict(V2, depth=50), ()),
+    "SOLOv2/R50_3x.yaml": (dict(V2, depth=50), ()),
+    "SOLOv2/R101_3x.yaml": (dict(V2, depth=101), ()),
+    "SOLOv2/R101_DCN_3x.yaml": (dict(V2_DCN, depth=101), ()),
+    "SOLOv2/X101_DCN_3x.yaml": (dict(V2_DCN, depth=101, groups=64), ()),
+    "SOLOv2/Light_448_R18_3x.yaml": (dict(V2_LIGHT, depth=18), ()),
+    "SOLOv2/Light_448_R34_3x.yaml": (dict(V2_LIGHT, depth=34), ()),
+    "SOLOv2/Light_448_R50_3x.yaml": (dict(V2_LIGHT, depth=50), ()),
+    "SOLOv2/Light_512_DCN_R50_3x.yaml": (
+        dict(V2_LIGHT, convs=3, depth=50, dcn="DCNv2", tower_dcn="DCNv2", dcn_last_only=True),
+        MMDET_DCN_LIGHT_OPTS,
+    ),
+}
+
 # Hand-written (official key -> our key) pairs, checked wherever the official key exists.
 OFFICIAL_SAMPLES = {
     "backbone.conv1.weight": "backbone.bottom_up.stem.conv1.weight",
@@ -303,6 +377,48 @@ ADELAIDET_SAMPLES = {
 }
 
 
+MMDET_SAMPLES = {
+    "backbone.layer1.0.downsample.0.weight": "backbone.bottom_up.res2.0.shortcut.weight",
+    "backbone.layer3.4.conv2.conv_offset.bias": "backbone.bottom_up.res4.4.conv2_offset.bias",
+    "neck.lateral_convs.3.conv.weight": "backbone.fpn_lateral5.weight",
+    "neck.fpn_convs.0.conv.bias": "backbone.fpn_output2.bias",
+    "mask_head.cls_convs.0.conv.weight": "head.cate_tower.0.conv.weight",
+    "mask_head.cls_convs.1.gn.bias": "head.cate_tower.1.norm.bias",
+    "mask_head.cls_convs.2.conv.conv_offset.weight": "head.cate_tower.2.conv.conv_offset.weight",
+    "mask_head.conv_cls.weight": "head.cate_pred.weight",
+    "mask_head.conv_cls.bias": "head.cate_pred.bias",
+    "mask_head.mask_convs.0.conv.weight": "head.mask_tower.0.conv.weight",
+    "mask_head.mask_convs.6.gn.weight": "head.mask_tower.6.norm.weight",
+    "mask_head.conv_mask_list.0.weight": "head.mask_preds.0.weight",
+    "mask_head.conv_mask_list.4.bias": "head.mask_preds.4.bias",
+    "mask_head.mask_convs_x.0.conv.weight": "head.mask_tower_x.0.conv.weight",
+    "mask_head.mask_convs_y.6.gn.bias": "head.mask_tower_y.6.norm.bias",
+    "mask_head.conv_mask_list_x.1.weight": "head.mask_preds_x.1.weight",
+    "mask_head.conv_mask_list_y.3.bias": "head.mask_preds_y.3.bias",
+    "mask_head.kernel_convs.0.conv.weight": "head.kernel_tower.0.conv.weight",
+    "mask_head.kernel_convs.1.gn.weight": "head.kernel_tower.1.norm.weight",
+    "mask_head.kernel_convs.2.conv.conv_offset.bias": "head.kernel_tower.2.conv.conv_offset.bias",
+    "mask_head.conv_kernel.weight": "head.kernel_pred.weight",
+    "mask_head.mask_feature_head.convs_all_levels.0.conv0.conv.weight": (
+        "head.mask_features.levels.0.0.conv.weight"
+    ),
+    "mask_head.mask_feature_head.convs_all_levels.2.conv1.gn.bias": (
+        "head.mask_features.levels.2.2.norm.bias"
+    ),
+    "mask_head.mask_feature_head.convs_all_levels.3.conv2.conv.weight": (
+        "head.mask_features.levels.3.4.conv.weight"
+    ),
+    "mask_head.mask_feature_head.convs_all_levels.3.conv0.conv.conv_offset.weight": (
+        "head.mask_features.levels.3.0.conv.conv_offset.weight"
+    ),
+    "mask_head.mask_feature_head.conv_pred.conv.weight": "head.mask_features.pred.conv.weight",
+    "mask_head.mask_feature_head.conv_pred.conv.conv_offset.weight": (
+        "head.mask_features.pred.conv.conv_offset.weight"
+    ),
+    "mask_head.mask_feature_head.conv_pred.gn.bias": "head.mask_features.pred.norm.bias",
+}
+
+
 def check_conversion(source_sd, converted, model, samples, skip=()):
     """Strict load, exact values of the sampled pairs, and every source tensor used once."""
     model.load_state_dict(converted, strict=True)
@@ -331,6 +447,19 @@ def test_official_zoo(config):
     loaded = {"state_dict": source_sd, "meta": {"mmdet_version": "1.0.0", "CLASSES": ("a",) * 80}}
     converted = convert.convert_loaded(loaded, "official", cfg, config, model=model)
     check_conversion(source_sd, converted, model, OFFICIAL_SAMPLES)
+
+
+@pytest.mark.parametrize("config", sorted(MMDET_ZOO))
+def test_mmdet_zoo(config):
+    spec, opts = MMDET_ZOO[config]
+    cfg = make_cfg(config, opts)
+    model = build_model(cfg)
+    source_sd = random_state_dict(mmdet_keys(spec))
+    meta = {"mmdet_version": "2.25.0", "CLASSES": COCO_CLASSES}
+    converted = convert.convert_loaded(
+        {"meta": meta, "state_dict": source_sd}, "mmdet", cfg, config, model=model
+    )
+    check_conversion(source_sd, converted, model, MMDET_SAMPLES)
 
 
 def test_official_legacy_dcn_names():
@@ -498,9 +627,9 @@ def test_unknown_key(small):
 @pytest.mark.parametrize(
     "loaded,source,match",
     [
-        ({"model": {}}, "official", "'state_dict' entry"),
-        ({"state_dict": {"a": torch.zeros(1)}}, "adelaidet", "'model' entry"),
-        ({"meta": {}, "weights": 3}, "torchvision", "bare state dict"),
+        ({"model": {}}, "official", r"state dict in \['model'\] is empty"),
+        ({"state_dict": {"a": torch.zeros(1)}}, "adelaidet", r"no known layout; first keys: \['a"),
+        ({"meta": {}, "weights": 3}, "torchvision", r"no weights found.*\['meta', 'weights'\]"),
         ([torch.zeros(1)], "official", "expected a dict"),
         ({"state_dict": {"backbone.conv1.weight": "x"}}, "official", "'backbone.conv1.weight'"),
     ],
@@ -521,6 +650,273 @@ def test_untrusted_pickle(tmp_path):
 
 class _Opaque:
     pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Wrappers and prefixes of every source; the layout found is named when refusing.
+# ------------------------------------------------------------------------------------------------
+
+
+def _source_state_dicts():
+    """One small state dict per source, in the source's own names."""
+    light = OFFICIAL_ZOO[SMALL]
+    return {
+        "official": random_state_dict(official_keys(light), seed=1),
+        "mmdet": random_state_dict(mmdet_keys(light), seed=2),
+        "adelaidet": random_state_dict(adelaidet_keys(50), seed=3),
+        "torchvision": torchvision.models.resnet18(weights=None).state_dict(),
+    }
+
+
+def _prefixed(sd, prefix):
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def _zeros_like(sd):
+    return {k: torch.zeros_like(v) for k, v in sd.items()}
+
+
+#: name -> (how a trainer wraps the weights ``sd``, whether the result holds ``sd``'s tensors).
+WRAPPERS = {
+    "bare": lambda sd: sd,
+    "ddp_module_prefix": lambda sd: {"state_dict": _prefixed(sd, "module.")},
+    "lightning_model_prefix": lambda sd: {
+        "epoch": 3,
+        "state_dict": _prefixed(sd, "model."),
+        "optimizer_states": [{}],
+    },
+    "compiled_ddp_in_detectron2_model": lambda sd: {
+        "model": _prefixed(sd, "module._orig_mod."),
+        "iteration": 9,
+    },
+    "model_then_state_dict_nesting": lambda sd: {"model": {"state_dict": sd}},
+    # timm (state_dict_ema) and d2go (ema_state) keep the averaged copy apart: it is used.
+    "timm_state_dict_ema": lambda sd: {
+        "state_dict": _zeros_like(sd),
+        "state_dict_ema": _prefixed(sd, "module."),
+    },
+    "d2go_ema_state": lambda sd: {"model": _zeros_like(sd), "ema_state": sd},
+    # mmengine's EMAHook swaps the averages into state_dict, the raw weights into ema_state_dict.
+    "mmengine_ema_state_dict": lambda sd: {
+        "meta": {"mmengine_version": "0.10.3"},
+        "state_dict": sd,
+        "ema_state_dict": {"steps": torch.tensor(7), **_prefixed(_zeros_like(sd), "module.")},
+    },
+    # mmcv's EMA hooks register ema_<name> buffers next to the (swapped-in) averaged weights.
+    "mmcv_ema_buffers": lambda sd: {
+        "state_dict": {
+            **sd,
+            **{"ema_" + k.replace(".", "_"): torch.zeros_like(v) for k, v in sd.items()},
+        }
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def source_state_dicts():
+    return _source_state_dicts()
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("source", convert.SOURCES)
+def test_wrappers_and_prefixes_are_unwrapped(source_state_dicts, source, wrapper):
+    sd = source_state_dicts[source]
+    expected = convert.convert_loaded({"state_dict": sd, "model": sd}, source)
+    converted = convert.convert_loaded(WRAPPERS[wrapper](sd), source, origin=wrapper)
+    assert converted.keys() == expected.keys()
+    # The very tensors of sd (not the zeroed decoys of the other copy) end up under each name.
+    assert all(converted[k] is expected[k] for k in expected)
+
+
+@pytest.mark.parametrize(
+    "actual,source,look_like",
+    [
+        ("mmdet", "official", r"mmdetection 2\.x/3\.x SOLO-family checkpoint \(--source mmdet\)"),
+        ("official", "mmdet", r"WXinlong/SOLO .*\(--source official\)"),
+        ("torchvision", "official", r"torchvision ImageNet ResNet checkpoint \(--source torch"),
+        ("official", "adelaidet", r"\(--source official\)"),
+        ("adelaidet", "mmdet", r"AdelaiDet .*\(--source adelaidet\)"),
+    ],
+)
+def test_refusal_names_the_layout_found(source_state_dicts, actual, source, look_like):
+    loaded = {"state_dict": _prefixed(source_state_dicts[actual], "module.")}
+    with pytest.raises(ConversionError, match=f"not in the known {source} layout") as e:
+        convert.convert_loaded(loaded, source, origin="x.pth")
+    assert re.search(f"The keys look like .*{look_like}", str(e.value)), str(e.value)
+    assert "first keys: ['" in str(e.value) and "x.pth" in str(e.value)
+
+
+def test_refusal_of_an_already_converted_checkpoint(small):
+    cfg, model, sd = small
+    ours = convert.convert_loaded({"state_dict": sd}, "official")
+    with pytest.raises(ConversionError, match="no conversion needed, use it with MODEL.WEIGHTS"):
+        convert.convert_loaded({"model": ours, "__author__": "x"}, "adelaidet")
+    assert convert.guess_layout(["foo.weight", "bar.bias"]) == (
+        "keys are in no known layout; first keys: ['foo.weight', 'bar.bias']"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# mmdetection files: 2.x (legacy serialisation, meta.CLASSES), 3.x (meta.dataset_meta) and 3.x
+# training checkpoints with pickled mmengine objects, read without mmengine.
+# ------------------------------------------------------------------------------------------------
+
+MMDET_SMALL = "SOLOv2/Light_448_R18_3x.yaml"
+
+
+@pytest.fixture(scope="module")
+def mmdet_small():
+    cfg = make_cfg(MMDET_SMALL)
+    sd = random_state_dict(mmdet_keys(MMDET_ZOO[MMDET_SMALL][0]), seed=5)
+    return cfg, build_model(cfg), sd
+
+
+def _convert_file(tmp_path, loaded, cfg, **save_kwargs):
+    src, dst = tmp_path / "src.pth", tmp_path / "dst.pth"
+    torch.save(loaded, src, **save_kwargs)
+    converted = convert.convert_checkpoint(str(src), str(dst), "mmdet", cfg)
+    return converted, torch.load(dst, weights_only=True)
+
+
+def test_mmdet_2x_published_file(tmp_path, mmdet_small, caplog):
+    """mmdet 2.x publish_model.py: torch's legacy (non-zip) format, meta.CLASSES."""
+    cfg, model, sd = mmdet_small
+    meta = {"mmdet_version": "2.25.0", "CLASSES": COCO_CLASSES, "epoch": 36, "iter": 1}
+    with caplog.at_level("INFO", logger="solo.convert"):
+        converted, written = _convert_file(
+            tmp_path,
+            {"meta": meta, "state_dict": sd},
+            cfg,
+            _use_new_zipfile_serialization=False,
+        )
+    assert "80 classes: person, bicycle, car" in caplog.text
+    model.load_state_dict(written["model"], strict=True)
+    assert torch.equal(
+        model.state_dict()["head.kernel_pred.weight"], sd["mask_head.conv_kernel.weight"]
+    )
+    assert "open-mmlab/mmdetection" in written["__author__"]
+
+
+def test_mmdet_3x_published_file(tmp_path, mmdet_small):
+    cfg, model, sd = mmdet_small
+    meta = {"dataset_meta": {"classes": COCO_CLASSES, "palette": [(220, 20, 60)] * 80}}
+    loaded = {"meta": meta, "state_dict": sd}
+    assert convert.checkpoint_class_names(loaded) == COCO_CLASSES
+    converted, written = _convert_file(tmp_path, loaded, cfg)
+    model.load_state_dict(written["model"], strict=True)
+
+
+#: Set if unpickling ever runs code of the test's stand-in classes or functions.
+_CALLED = []
+
+
+def _record_call(*args):
+    _CALLED.append(args)
+
+
+class _CodeOnLoad:
+    """Unpickling it calls ``_record_call``, as a malicious file would call os.system."""
+
+    def __reduce__(self):
+        return (_record_call, ("unpickled",))
+
+
+@pytest.fixture
+def fake_mmengine(monkeypatch):
+    """Classes pickled under mmengine's module names, as mmengine's Runner saves them
+    (``message_hub``: MessageHub state with HistoryBuffers of numpy arrays), whose modules are
+    gone again before loading: mmengine is not installed here."""
+
+    class HistoryBuffer:
+        def __init__(self, values):
+            self._log_history = np.asarray(values, dtype=np.float64)
+            self._count_history = np.ones(len(values), dtype=np.int64)
+            self.max_length = 1000000
+
+        def __setstate__(self, state):  # never run when loading without mmengine
+            _CALLED.append("HistoryBuffer.__setstate__")
+            self.__dict__.update(state)
+
+    modules = {}
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        modules[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+    HistoryBuffer.__module__ = "mmengine.logging.history_buffer"
+    HistoryBuffer.__qualname__ = "HistoryBuffer"
+    modules["mmengine.logging.history_buffer"].HistoryBuffer = HistoryBuffer
+    yield HistoryBuffer
+    _CALLED.clear()
+
+
+def _training_checkpoint(sd, buffer_cls):
+    return {
+        "meta": {
+            "epoch": 12,
+            "iter": 87960,
+            "mmengine_version": "0.10.3",
+            "dataset_meta": {"classes": COCO_CLASSES},
+            "cfg": "model = dict(type='SOLOv2')",
+        },
+        "state_dict": sd,
+        "message_hub": {
+            "log_scalars": {"train/loss": buffer_cls([1.5, 1.25]), "train/lr": buffer_cls([0.01])},
+            "runtime_info": {"epoch": 12, "iter": 87960},
+            "resumed_keys": {"train/loss": True},
+        },
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
+    }
+
+
+def test_mmdet_3x_training_checkpoint_loads_without_mmengine(tmp_path, mmdet_small, fake_mmengine):
+    cfg, model, sd = mmdet_small
+    src = tmp_path / "epoch_12.pth"
+    torch.save(_training_checkpoint(sd, fake_mmengine), src)
+    for name in ("mmengine.logging.history_buffer", "mmengine.logging", "mmengine"):
+        del sys.modules[name]
+    with pytest.raises(ImportError):  # really not importable: what a real load would need
+        importlib.import_module("mmengine.logging.history_buffer")
+
+    loaded = convert.load_checkpoint_file(str(src))
+    buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buffer, convert.PickledObjectPlaceholder)
+    assert buffer.qualname == "mmengine.logging.history_buffer.HistoryBuffer"
+    np.testing.assert_array_equal(buffer.state["_log_history"], [1.5, 1.25])  # numpy kept
+    assert not _CALLED  # none of the class's code ran
+    assert all(loaded["state_dict"][k].equal(v) for k, v in sd.items())
+
+    converted = convert.convert_checkpoint(str(src), str(tmp_path / "out.pth"), "mmdet", cfg)
+    model.load_state_dict(converted, strict=True)
+
+
+def test_pickled_code_is_refused_next_to_mmengine_objects(tmp_path, mmdet_small, fake_mmengine):
+    cfg, model, sd = mmdet_small
+    src = tmp_path / "evil.pth"
+    checkpoint = _training_checkpoint(sd, fake_mmengine)
+    checkpoint["meta"]["hook"] = _CodeOnLoad()
+    torch.save(checkpoint, src)
+    with pytest.raises(ConversionError, match="--trust-pickle") as e:
+        convert.load_checkpoint_file(str(src))
+    assert "test_convert._record_call" in str(e.value)
+    assert not _CALLED
+
+
+def test_class_count_must_match_the_config(mmdet_small):
+    cfg, model, sd = mmdet_small
+    loaded = {"meta": {"CLASSES": ("cat", "dog", "bird")}, "state_dict": sd}
+    with pytest.raises(ConversionError, match="trained on 3 classes \\(cat, dog, bird\\)") as e:
+        convert.convert_loaded(loaded, "mmdet", cfg, "pets.pth", model=model)
+    assert "MODEL.SOLO.NUM_CLASSES 80" in str(e.value) and "pets.pth" in str(e.value)
+
+
+def test_class_names_in_another_order_are_reported(mmdet_small, caplog):
+    cfg, model, sd = mmdet_small
+    names = list(COCO_CLASSES)
+    names[1], names[2] = names[2], names[1]
+    loaded = {"meta": {"dataset_meta": {"classes": names}}, "state_dict": sd}
+    with caplog.at_level("WARNING", logger="solo.convert"):
+        convert.convert_loaded(loaded, "mmdet", cfg, "x.pth", model=model)
+    assert "2 class names differ from coco_2017_val's thing_classes" in caplog.text
+    assert "1: 'car' vs 'bicycle'" in caplog.text
 
 
 def test_fold_refuses_mean_shift():

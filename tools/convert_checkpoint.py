@@ -7,6 +7,10 @@ Examples (run from the repository root)::
     python tools/convert_checkpoint.py --source official --config configs/SOLOv2/R50_3x.yaml \\
         SOLOv2_R50_3x.pth checkpoints/SOLOv2_R50_3x.pth
 
+    # mmdetection 2.x / 3.x model zoo (also training checkpoints, without mmengine installed)
+    python tools/convert_checkpoint.py --source mmdet --config configs/SOLOv2/R50_3x.yaml \\
+        solov2_r50_fpn_3x_coco_20220512_125856-fed092d4.pth checkpoints/mmdet_SOLOv2_R50_3x.pth
+
     # AdelaiDet SOLOv2 (MSRA-style ResNet: stride in the 1x1 conv)
     python tools/convert_checkpoint.py --source adelaidet --config configs/SOLOv2/R50_3x.yaml \\
         SOLOv2_R50_3x.pth checkpoints/AdelaiDet_SOLOv2_R50_3x.pth \\
@@ -17,7 +21,10 @@ Examples (run from the repository root)::
         resnet50-0676ba61.pth checkpoints/torchvision-R-50.pkl
 
 Use the result with ``MODEL.WEIGHTS DST`` and the same config (and ``--opts``). The tool builds
-the config's model and refuses to write a checkpoint that does not fit it exactly.
+the config's model and refuses to write a checkpoint that does not fit it exactly. Wrappers are
+found for every source: ``state_dict`` / ``model`` nesting, ``module.`` / ``model.`` /
+``_orig_mod.`` key prefixes, and EMA copies (``state_dict_ema``, ``ema_state``, ``model_ema`` are
+used instead of the raw weights; mmengine's ``state_dict`` already holds the EMA weights).
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Convert published SOLO / SOLOv2 weights into this project's Detectron2 parameter names.
 
-Three sources (``SOURCES``):
+Four sources (``SOURCES``):
 
 * ``official``: WXinlong/SOLO model-zoo checkpoints (mmdetection v1, ``{"state_dict", "meta"}``):
   ``backbone.*`` (torchvision-style ResNet / ResNeXt, optional DCN), ``neck.*`` (FPN),
@@ -8,13 +8,19 @@ Three sources (``SOURCES``):
   ``mask_feat_head.*``.
 * ``adelaidet``: aim-uofa/AdelaiDet SOLOv2 checkpoints (Detectron2, ``{"model"}``): the backbone
   already has our names, ``ins_head.*`` / ``mask_head.*`` are plain ``nn.Sequential`` towers.
+* ``mmdet``: open-mmlab/mmdetection 2.x / 3.x SOLO-family checkpoints (``{"state_dict", "meta"}``):
+  same ``backbone.*`` / ``neck.*`` as the official ones, the whole head under ``mask_head.*``
+  (``SOLOHead``, ``DecoupledSOLOHead``, ``DecoupledSOLOLightHead``, ``SOLOV2Head`` with its
+  ``mask_feature_head``), mmcv ``ConvModule`` towers (``conv``, ``gn``, DCN ``conv_offset``).
 * ``torchvision``: ImageNet ResNet / ResNeXt state dicts (also the torchvision-named
   ``open-mmlab://resnext101_64x4d``) -> a Detectron2 ``.pkl`` for ``MODEL.WEIGHTS``.
 
-A conversion is: rename every key with a per-source table of regex rules (unknown keys are an
-error, never silently dropped), fold the source's input normalisation into the stem conv when the
-target config normalises differently, and check the result key by key and shape by shape against
-the model built from the target config.
+A conversion is: find the weights in the file's wrappers (:func:`unwrap_state_dict`:
+``state_dict`` / ``model`` nesting, EMA copies, ``module.`` / ``model.`` / ``_orig_mod.``
+prefixes), rename every key with a per-source table of regex rules (unknown keys are an error,
+never silently dropped, and the message says which layout the keys look like), fold the source's
+input normalisation into the stem conv when the target config normalises differently, and check
+the result key by key and shape by shape against the model built from the target config.
 """
 
 import logging
@@ -29,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("official", "adelaidet", "torchvision")
+SOURCES = ("official", "adelaidet", "mmdet", "torchvision")
 
 
 class ConversionError(ValueError):
@@ -227,6 +233,52 @@ _OFFICIAL_HEAD_RULES: List[Rule] = [
 ]
 
 
+#: mmdetection 2.x / 3.x heads (``mmdet/models/dense_heads/solo_head.py``, ``solov2_head.py``),
+#: all under ``mask_head.``: ModuleLists of ConvModule towers -> ours.
+MMDET_TOWERS = {
+    "cls_convs": "cate_tower",
+    "mask_convs": "mask_tower",  # SOLOHead, DecoupledSOLOLightHead
+    "mask_convs_x": "mask_tower_x",  # DecoupledSOLOHead
+    "mask_convs_y": "mask_tower_y",
+    "kernel_convs": "kernel_tower",  # SOLOV2Head
+}
+MMDET_LEVEL_PREDS = {
+    "conv_mask_list": "mask_preds",
+    "conv_mask_list_x": "mask_preds_x",
+    "conv_mask_list_y": "mask_preds_y",
+}
+#: ``conv_cls`` has num_classes = 80 outputs; mmdet label c is the c-th class of
+#: ``CocoDataset.CLASSES`` = the c-th sorted COCO category = Detectron2's contiguous id c.
+MMDET_PREDS = {"conv_cls": "cate_pred", "conv_kernel": "kernel_pred"}
+
+_MMDET_HEAD_RULES: List[Rule] = [
+    (
+        rf"mask_head\.(?P<t>{_alternation(MMDET_TOWERS)})\.(?P<i>\d+)\.{_CONV_MODULE}",
+        lambda m: f"head.{MMDET_TOWERS[m['t']]}.{m['i']}.{_conv_module_suffix(m['sfx'])}",
+    ),
+    (
+        rf"mask_head\.(?P<t>{_alternation(MMDET_LEVEL_PREDS)})\.(?P<l>\d+)\.{_WB}",
+        lambda m: f"head.{MMDET_LEVEL_PREDS[m['t']]}.{m['l']}.{m['w']}",
+    ),
+    (
+        rf"mask_head\.(?P<t>{_alternation(MMDET_PREDS)})\.{_WB}",
+        lambda m: f"head.{MMDET_PREDS[m['t']]}.{m['w']}",
+    ),
+    # MaskFeatModule: the official MaskFeatHead's Sequentials (conv j at index 2 j), but inside
+    # the head, and conv_pred is a ConvModule itself rather than Sequential(ConvModule).
+    (
+        r"mask_head\.mask_feature_head\.convs_all_levels\.(?P<l>\d+)\.conv(?P<j>\d+)\."
+        + _CONV_MODULE,
+        lambda m: f"head.mask_features.levels.{m['l']}.{2 * int(m['j'])}."
+        + _conv_module_suffix(m["sfx"]),
+    ),
+    (
+        rf"mask_head\.mask_feature_head\.conv_pred\.{_CONV_MODULE}",
+        lambda m: f"head.mask_features.pred.{_conv_module_suffix(m['sfx'])}",
+    ),
+]
+
+
 def _sequential_unit(k: str, w: str, key: str) -> str:
     """AdelaiDet towers are flat Sequentials of (Conv2d, GroupNorm, ReLU): index 3 i is conv i,
     3 i + 1 its GN. A parameter anywhere else means the checkpoint was not trained with
@@ -269,6 +321,10 @@ RULES: Dict[str, List[Rule]] = {
     + _FPN_RULES
     + _OFFICIAL_HEAD_RULES,
     "adelaidet": _COMMON_RULES + _ADELAIDET_RULES,
+    "mmdet": _COMMON_RULES
+    + resnet_rules("backbone.", "backbone.bottom_up.")
+    + _FPN_RULES
+    + _MMDET_HEAD_RULES,
     # ImageNet backbones keep Detectron2's prefix-free ImageNet names (``res2.0.conv1.weight``);
     # the checkpointer's matching heuristics put them under ``backbone.bottom_up``.
     "torchvision": _COMMON_RULES + resnet_rules("", "") + [(r"fc\.(?:weight|bias)", None)],
@@ -278,14 +334,24 @@ RULES: Dict[str, List[Rule]] = {
 STEM_KEY = {
     "official": "backbone.bottom_up.stem.conv1.weight",
     "adelaidet": "backbone.bottom_up.stem.conv1.weight",
+    "mmdet": "backbone.bottom_up.stem.conv1.weight",
     "torchvision": "stem.conv1.weight",
 }
-INPUT_CONVENTION = {"official": RGB_IMAGENET, "adelaidet": BGR_MSRA, "torchvision": RGB_IMAGENET}
-#: Whether the source's bottleneck ResNets stride in the 1x1 conv (MSRA / caffe) or the 3x3 one.
-STRIDE_IN_1X1 = {"official": False, "adelaidet": True, "torchvision": False}
+#: mmdet's SOLO configs normalise like the official ones: RGB (``to_rgb`` / ``bgr_to_rgb``),
+#: ImageNet mean and std.
+INPUT_CONVENTION = {
+    "official": RGB_IMAGENET,
+    "adelaidet": BGR_MSRA,
+    "mmdet": RGB_IMAGENET,
+    "torchvision": RGB_IMAGENET,
+}
+#: Whether the source's bottleneck ResNets stride in the 1x1 conv (MSRA / caffe) or the 3x3 one
+#: (mmdet: ``style='pytorch'`` in every SOLO config).
+STRIDE_IN_1X1 = {"official": False, "adelaidet": True, "mmdet": False, "torchvision": False}
 AUTHORS = {
     "official": "WXinlong/SOLO",
     "adelaidet": "aim-uofa/AdelaiDet",
+    "mmdet": "open-mmlab/mmdetection",
     "torchvision": "torchvision",
 }
 
@@ -321,6 +387,49 @@ def _listing(title: str, items: Sequence[str], limit: int = 40) -> str:
     return f"{title} ({len(items)}):\n  {shown}{more}"
 
 
+#: What each source's checkpoints are, for messages.
+DESCRIPTIONS = {
+    "official": "WXinlong/SOLO (mmdetection v1)",
+    "adelaidet": "AdelaiDet (Detectron2) SOLOv2",
+    "mmdet": "mmdetection 2.x/3.x SOLO-family",
+    "torchvision": "torchvision ImageNet ResNet",
+}
+
+
+def _known_keys(keys: Sequence[str], source: str) -> int:
+    count = 0
+    for key in keys:
+        try:
+            rename_key(key, source)
+            count += 1
+        except ConversionError:
+            pass
+    return count
+
+
+def guess_layout(keys: Sequence[str]) -> str:
+    """What state-dict keys look like, for messages: "keys look like ... (fix); first keys: ..."."""
+    keys = list(keys)
+    first = f"first keys: {keys[:5]}"
+    if any(k.startswith("head.") for k in keys) and any(
+        k.startswith("backbone.bottom_up.") for k in keys
+    ):
+        return (
+            "keys look like a checkpoint of this project (Detectron2 SOLO names): no conversion "
+            f"needed, use it with MODEL.WEIGHTS; {first}"
+        )
+    counts = {src: _known_keys(keys, src) for src in SOURCES}
+    best = max(SOURCES, key=counts.get)  # ties: the first of SOURCES
+    if keys and counts[best] == len(keys):
+        return f"keys look like a {DESCRIPTIONS[best]} checkpoint (--source {best}); {first}"
+    if counts[best] * 2 > len(keys):
+        return (
+            f"keys look mostly like a {DESCRIPTIONS[best]} checkpoint ({counts[best]} of "
+            f"{len(keys)} keys known to --source {best}); {first}"
+        )
+    return f"keys are in no known layout; {first}"
+
+
 def convert_state_dict(
     state_dict: Mapping[str, torch.Tensor], source: str, origin: str = "the checkpoint"
 ) -> Dict[str, torch.Tensor]:
@@ -350,6 +459,7 @@ def convert_state_dict(
     problems = []
     if unknown:
         problems.append(_listing(f"keys not in the known {source} layout", unknown))
+        problems.append(f"The {guess_layout(list(state_dict))}.")
     if clashes:
         problems.append(_listing("keys converted to the same name", clashes))
     if problems:
@@ -362,10 +472,82 @@ def convert_state_dict(
 # ------------------------------------------------------------------------------------------------
 
 
+#: Packages whose pickled objects training checkpoints of mmdetection 3.x carry next to the
+#: weights (mmengine's ``message_hub`` HistoryBuffers, ...), read as placeholders.
+PLACEHOLDER_PACKAGES = ("mmengine", "mmcv", "mmdet")
+
+
+class PickledObjectPlaceholder:
+    """Stands in for an object whose class (``qualname``) is not loaded: it keeps the pickled
+    arguments and state as plain data and runs none of the original class's code."""
+
+    qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<placeholder for {self.qualname}>"
+
+
+def _is_placeholder(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, PickledObjectPlaceholder)
+
+
+def _numpy_globals() -> Dict[str, object]:
+    """numpy's array / scalar / dtype constructors under their pickled names (numpy 1 and 2):
+    they build arrays from bytes and call nothing else."""
+    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
+    out = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        out[f"{package}.multiarray._reconstruct"] = reconstruct
+        out[f"{package}.multiarray.scalar"] = scalar
+    for code in "?bBhHiIlLqQefdgFDGSUVOMm":  # dtype instances are of these classes
+        cls = type(np.dtype(code))
+        out[f"{cls.__module__}.{cls.__name__}"] = cls
+    return out
+
+
+def _restricted_globals(unsafe: Sequence[str]):
+    """``torch.serialization.safe_globals`` entries for the globals ``unsafe`` that
+    ``weights_only`` loading rejects: a placeholder class per mmengine / mmcv / mmdet name, numpy's
+    constructors; ``None`` if any other global is needed."""
+    numpy_globals, allowed = _numpy_globals(), []
+    for name in unsafe:
+        if name.split(".")[0] in PLACEHOLDER_PACKAGES:
+            cls = type(name.rsplit(".", 1)[-1], (PickledObjectPlaceholder,), {"qualname": name})
+            allowed.append((cls, name))
+        elif name not in numpy_globals:
+            return None
+    if any(name in numpy_globals for name in unsafe):
+        # All of them: a dtype is rebuilt as numpy.dtype but is an instance of its DType class.
+        allowed += [(obj, name) for name, obj in numpy_globals.items()]
+    return allowed
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's ``weights_only`` message that names the rejected object."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("WeightsUnpickler error"):
+            return lines[i + 1]
+    return lines[0] if lines else type(error).__name__
+
+
 def load_checkpoint_file(path: str, trust_pickle: bool = False):
     """``torch.load`` on CPU; by default only tensors and plain containers (``weights_only``).
 
+    Zip-format files (``torch.save``'s default since torch 1.6) that also hold pickled objects
+    of mmengine / mmcv / mmdet classes (mmdetection 3.x training checkpoints: ``message_hub``)
+    load with those objects replaced by :class:`PickledObjectPlaceholder`: the classes are
+    neither imported nor run, so mmengine need not be installed and the file cannot execute code
+    through them (the rest of the file is still read by torch's ``weights_only`` unpickler).
     ``trust_pickle`` allows arbitrary pickled objects: only for files from a trusted source.
+
+    Raises :class:`ConversionError` for a missing or unreadable file, or other pickled objects.
     """
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file.")
@@ -374,60 +556,110 @@ def load_checkpoint_file(path: str, trust_pickle: bool = False):
     except pickle.UnpicklingError as e:
         if trust_pickle:
             raise ConversionError(f"{path}: cannot be read by torch.load: {e}") from e
-        raise ConversionError(
-            f"{path}: holds objects other than tensors and plain containers, which are not "
-            f"loaded by default ({str(e).splitlines()[0]}). If the file comes from a source "
-            "you trust, pass --trust-pickle (trust_pickle=True)."
-        ) from e
+        first_error = e
     except Exception as e:  # zip/pickle format errors: not a torch checkpoint at all
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e}).") from e
-
-
-#: The container entry holding the weights, per source (``None``: the file is the state dict).
-_WRAPPER = {
-    "official": ("state_dict",),  # mmcv save_checkpoint: state_dict, meta (, optimizer)
-    "adelaidet": ("model",),  # detectron2 Checkpointer: model (, optimizer, scheduler, iteration)
-    "torchvision": (None, "state_dict"),  # torchvision: bare; open-mmlab ImageNet: either
-}
-
-
-def unwrap_state_dict(loaded, source: str, origin: str) -> Dict[str, torch.Tensor]:
-    """The weights of a loaded checkpoint, as ``{name: tensor}``; fails on any other layout."""
-    _check_source(source)
-    if not isinstance(loaded, Mapping):
-        raise ConversionError(f"{origin}: expected a dict, got {type(loaded).__name__}.")
-    expected = _WRAPPER[source]
-    state = None
-    for entry in expected:
-        if entry is not None and isinstance(loaded.get(entry), Mapping):
-            state = loaded[entry]
-            break
-    if state is None and None in expected and all(torch.is_tensor(v) for v in loaded.values()):
-        state = loaded
-    if state is None:
-        wanted = " or ".join(
-            "a bare state dict" if e is None else f"a {e!r} entry" for e in expected
-        )
-        keys = sorted(map(str, loaded))
-        if loaded and all(torch.is_tensor(v) for v in loaded.values()):
-            found = f"a bare state dict (first keys: {keys[:5]})"
+    try:  # statically lists the pickle's globals; zip format only (mmengine writes zip files)
+        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, RuntimeError):
+        unsafe = []
+    allowed = _restricted_globals(unsafe) if unsafe else None
+    if allowed is not None:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first_error = e
         else:
-            found = f"top-level keys {keys[:10]}"
-        raise ConversionError(
-            f"{origin}: not in the {source} checkpoint layout: expected {wanted}, found {found}."
-        )
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value)
-        if not torch.is_tensor(value):
+            placeholders = [n for c, n in allowed if _is_placeholder(c)]
+            logger.info("%s: read objects of %s as placeholders.", path, ", ".join(placeholders))
+            return loaded
+    found = f" (pickled classes/functions: {', '.join(unsafe)})" if unsafe else ""
+    raise ConversionError(
+        f"{path}: holds objects other than tensors and plain containers{found}, which are not "
+        f"loaded by default ({_unpickling_reason(first_error)}). If the file comes from a "
+        "source you trust, pass --trust-pickle (trust_pickle=True)."
+    ) from first_error
+
+
+#: Entries holding a separate averaged (EMA) copy of the weights next to the raw ones; the copy
+#: is used: timm (``state_dict_ema``), d2go (``ema_state``), ``model_ema``. mmengine's
+#: ``ema_state_dict`` is not one of them: its EMAHook swaps the averaged weights into
+#: ``state_dict`` before saving, leaving the raw ones in ``ema_state_dict``.
+EMA_ENTRIES = ("state_dict_ema", "ema_state", "model_ema")
+#: Entries holding the weights: mmcv / mmengine / Lightning ``state_dict``, Detectron2 ``model``.
+WEIGHT_ENTRIES = ("state_dict", "model")
+#: Prefixes that wrappers put on every key: DDP / DataParallel, Lightning-style ``self.model``,
+#: ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def _is_weights(value) -> bool:
+    return torch.is_tensor(value) or isinstance(value, np.ndarray)
+
+
+def _describe(node: Mapping) -> str:
+    keys = sorted(map(str, node))
+    if node and all(_is_weights(v) for v in node.values()):
+        return f"a state dict whose {guess_layout(keys)}"
+    return f"top-level keys {keys[:10]}"
+
+
+def unwrap_state_dict(loaded, origin: str = "the checkpoint") -> Dict[str, torch.Tensor]:
+    """The weights of a loaded checkpoint, as ``{name: tensor}``, in any source's wrappers.
+
+    Descends into ``EMA_ENTRIES`` (preferred) and ``WEIGHT_ENTRIES`` until a mapping of tensors
+    (or numpy arrays) is found, strips ``WRAPPER_PREFIXES`` shared by every key, and drops the
+    ``ema_<name with _ for .>`` buffers of mmcv's EMA hooks (which swap the averaged weights into
+    the model's own keys at the end of every epoch, when they save). Each step is logged.
+
+    Raises :class:`ConversionError` naming the layout found when there are no weights.
+    """
+    node, path = loaded, []
+    while isinstance(node, Mapping):
+        entry = next((e for e in EMA_ENTRIES if isinstance(node.get(e), Mapping)), None)
+        entry = entry or next((e for e in WEIGHT_ENTRIES if isinstance(node.get(e), Mapping)), None)
+        if entry is None:
+            break
+        if entry in EMA_ENTRIES:
+            logger.info("%s: using the EMA copy of the weights, %r.", origin, entry)
+        node, path = node[entry], path + [entry]
+    where = "".join(f"[{p!r}]" for p in path) or "the file"
+    if not isinstance(node, Mapping):
+        raise ConversionError(f"{origin}: expected a dict in {where}, got {type(node).__name__}.")
+    if not node:
+        raise ConversionError(f"{origin}: the state dict in {where} is empty.")
+    if not all(_is_weights(v) for v in node.values()):
+        bad = [k for k, v in node.items() if not _is_weights(v)]
+        if any(_is_weights(v) for v in node.values()):
             raise ConversionError(
-                f"{origin}: entry {key!r} is a {type(value).__name__}, not a tensor."
+                f"{origin}: entry {bad[0]!r} of {where} is a {type(node[bad[0]]).__name__}, "
+                "not a tensor."
             )
-        out[key] = value
-    if not out:
-        raise ConversionError(f"{origin}: the state dict is empty.")
-    return out
+        wanted = ", ".join(map(repr, EMA_ENTRIES + WEIGHT_ENTRIES))
+        raise ConversionError(
+            f"{origin}: no weights found: expected a state dict, bare or under one of {wanted}; "
+            f"found {_describe(node)}."
+        )
+    state = {str(k): torch.as_tensor(v) for k, v in node.items()}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                logger.info("%s: removing the prefix %r of every key.", origin, prefix)
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
+    flat = {k.replace(".", "_") for k in state}
+    ema_buffers = [k for k in state if k.startswith("ema_") and k[4:] in flat]
+    if ema_buffers:
+        logger.info(
+            "%s: dropping %d ema_* buffers of mmcv's EMA hook (the weights hold the averages).",
+            origin,
+            len(ema_buffers),
+        )
+        state = {k: v for k, v in state.items() if k not in set(ema_buffers)}
+    return state
 
 
 def save_checkpoint(path: str, model: Dict[str, torch.Tensor], author: str, **extra):
@@ -517,6 +749,56 @@ def check_config(cfg, source: str):
         )
 
 
+def checkpoint_class_names(loaded) -> Optional[Tuple[str, ...]]:
+    """Class names the checkpoint's meta data give, in label order, or ``None``: mmdetection
+    v1 / 2.x ``meta["CLASSES"]``, mmdetection 3.x (mmengine) ``meta["dataset_meta"]["classes"]``."""
+    meta = loaded.get("meta") if isinstance(loaded, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    names = meta.get("CLASSES")
+    if names is None and isinstance(meta.get("dataset_meta"), Mapping):
+        names = meta["dataset_meta"].get("classes")
+    if isinstance(names, str):  # a single-class dataset may store the bare name
+        names = (names,)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return None
+    return tuple(names)
+
+
+def check_class_names(names: Sequence[str], cfg, origin: str = "the checkpoint"):
+    """The checkpoint's class count must be the config's ``MODEL.SOLO.NUM_CLASSES``; names that
+    differ from the test dataset's ``thing_classes`` (same count) are logged as a warning.
+
+    Raises :class:`ConversionError` naming both counts.
+    """
+    from detectron2.data import MetadataCatalog
+
+    num_classes = cfg.MODEL.SOLO.NUM_CLASSES
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    if len(names) != num_classes:
+        raise ConversionError(
+            f"{origin} was trained on {len(names)} classes ({shown}) but the config has "
+            f"MODEL.SOLO.NUM_CLASSES {num_classes}: use a config for {len(names)} classes "
+            f"(e.g. --opts MODEL.SOLO.NUM_CLASSES {len(names)} with a matching DATASETS.TEST)."
+        )
+    logger.info("%s: %d classes: %s.", origin, len(names), shown)
+    if not cfg.DATASETS.TEST:
+        return
+    dataset = cfg.DATASETS.TEST[0]
+    ours = MetadataCatalog.get(dataset).get("thing_classes", None)
+    if ours is not None and len(ours) == len(names):
+        differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, ours)) if a != b]
+        if differ:
+            logger.warning(
+                "%s: %d class names differ from %s's thing_classes (label: checkpoint vs "
+                "dataset): %s. Labels are converted by index; check the order.",
+                origin,
+                len(differ),
+                dataset,
+                "; ".join(differ[:5]) + ("; ..." if len(differ) > 5 else ""),
+            )
+
+
 # ------------------------------------------------------------------------------------------------
 # Whole conversion.
 # ------------------------------------------------------------------------------------------------
@@ -527,12 +809,13 @@ def convert_loaded(
 ) -> Dict[str, torch.Tensor]:
     """Convert an already loaded checkpoint (``torch.load`` output) of layout ``source``.
 
-    With ``cfg``: checks the config against the source's conventions, folds the source's input
+    With ``cfg``: checks the config against the source's conventions and the checkpoint's class
+    names (if its meta data has them) against ``MODEL.SOLO.NUM_CLASSES``, folds the source's input
     normalisation into the stem conv, and checks the result against ``cfg``'s model (``model``,
     if given, saves building it). Values are not copied except the folded stem.
     """
     _check_source(source)
-    converted = convert_state_dict(unwrap_state_dict(loaded, source, origin), source, origin)
+    converted = convert_state_dict(unwrap_state_dict(loaded, origin), source, origin)
     stem = STEM_KEY[source]
     if stem not in converted:
         raise ConversionError(f"{origin}: has no stem conv ({stem!r} after renaming).")
@@ -540,6 +823,9 @@ def convert_loaded(
         return converted
 
     check_config(cfg, source)
+    names = checkpoint_class_names(loaded)
+    if names is not None and source != "torchvision":
+        check_class_names(names, cfg, origin)
     src_conv, dst_conv = INPUT_CONVENTION[source], input_convention_from_cfg(cfg)
     if src_conv != dst_conv:
         logger.info("Folding input normalisation %s -> %s into %s.", src_conv, dst_conv, stem)
@@ -561,7 +847,7 @@ def convert_checkpoint(
 ) -> Dict[str, torch.Tensor]:
     """Read ``src`` (a ``source`` checkpoint), convert and check it, write ``dst``.
 
-    ``cfg`` is required for ``official`` and ``adelaidet``; for ``torchvision`` it is optional
+    ``cfg`` is required except for ``torchvision``, where it is optional
     (without it the ImageNet weights are renamed, but neither checked nor re-normalised).
     Returns the converted state dict.
     """
