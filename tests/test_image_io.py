@@ -305,3 +305,14 @@ def test_file_that_is_not_an_image_is_refused_saying_so(tmp_path, content):
 def test_missing_file_is_a_file_not_found_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*nowhere.png' does not exist"):
         read_image(str(tmp_path / "nowhere.png"))
+
+
+def test_image_over_pils_decompression_bomb_limit_names_the_file_and_the_setting(
+    tmp_path, monkeypatch
+):
+    path = str(tmp_path / "aerial.png")
+    Image.fromarray(np.zeros((40, 60), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2400 pixels: over twice the limit
+    with pytest.raises(ImageReadError, match="aerial.png' is larger than PIL's") as info:
+        read_image(path)
+    assert "PIL.Image.MAX_IMAGE_PIXELS" in str(info.value)

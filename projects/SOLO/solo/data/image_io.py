@@ -108,6 +108,12 @@ def read_image(
             f"Image file '{file_name}' is not an image PIL can decode (it {what}). Replace it "
             "with a JPEG/PNG/TIFF/BMP/WebP file or remove it from the dataset."
         ) from e
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(
+            f"Image file '{file_name}' is larger than PIL's decompression-bomb limit ({e}). If "
+            "the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (None disables the limit) "
+            "before training, or split it into tiles."
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         # PIL reports truncation as "image file is truncated" / "Truncated File Read" and
         # broken chunks as SyntaxError. Loading such files anyway (ImageFile.LOAD_TRUNCATED_IMAGES)
