@@ -18,26 +18,19 @@ import argparse
 import glob
 import logging
 import os
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import cv2
 import tqdm
 
-# Work from a plain checkout too (as train_net.py does), and find predictor.py next to this file
-# when demo.py is imported from elsewhere (e.g. by the tests) rather than run as a script.
-_DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
-for _path in (os.path.join(os.path.dirname(_DEMO_DIR), "projects", "SOLO"), _DEMO_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from detectron2.utils.logger import setup_logger
 
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+from solo import get_solo_cfg
+from solo.checkpoint import CheckpointMismatchError
+from solo.data import read_image, register_builtin_datasets
 
-from predictor import VisualizationDemo  # noqa: E402
-from solo import get_solo_cfg  # noqa: E402
-from solo.data import register_builtin_datasets  # noqa: E402
+from predictor import VisualizationDemo  # next to this script, as in Detectron2's demo
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +75,13 @@ def get_parser() -> argparse.ArgumentParser:
         "thresholds are not changed",
     )
     parser.add_argument("--show", action="store_true", help="also show results in a window")
+    parser.add_argument(
+        "--class-names",
+        nargs="+",
+        metavar="NAME",
+        help="class names to draw, in training order (MODEL.SOLO.NUM_CLASSES of them), or one "
+        "COCO JSON file whose categories give them; default: the metadata of DATASETS.TEST[0]",
+    )
     parser.add_argument(
         "--opts",
         default=[],
@@ -173,7 +173,7 @@ def output_paths(inputs: Sequence[str], output: Optional[str]) -> Dict[str, Opti
 def load_image(path: str):
     try:
         return read_image(path, format="BGR")
-    except Exception as e:  # PIL raises several types for missing/corrupt/unsupported files
+    except OSError as e:  # missing, not an image, truncated (solo.data.ImageReadError)
         raise DemoError(f"cannot read image '{path}': {e}") from e
 
 
@@ -290,11 +290,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         logger.info(f"Arguments: {args}")
         # Shapes metadata (class names); registration is cheap, nothing is generated here.
         register_builtin_datasets()
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        demo = VisualizationDemo(
+            cfg, confidence_threshold=args.confidence_threshold, class_names=args.class_names
+        )
         if targets is not None:
             return run_on_images(demo, targets, args.show)
         return run_on_video(demo, args.video_input, args.output, args.show)
-    except DemoError as e:
+    except (DemoError, CheckpointMismatchError, ValueError) as e:
         parser.error(str(e))
     finally:
         if args.show:

@@ -1,12 +1,13 @@
 """Predictor and visualisation helpers for ``demo/demo.py`` (Detectron2's demo layout).
 
 ``Predictor`` is Detectron2's ``DefaultPredictor`` (BGR in, ``INPUT.FORMAT`` conversion, test-time
-resizing, checkpoint loading) with two SOLO-demo conveniences; ``VisualizationDemo`` runs it on
+resizing) with strict checkpoint loading and gray/BGRA inputs; ``VisualizationDemo`` runs it on
 images and video frames and draws the instances with Detectron2's visualizers.
 """
 
+import json
 import logging
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -14,12 +15,15 @@ import torch
 
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
 from detectron2.structures import Instances
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-import solo  # noqa: F401  (registers the SOLO meta-architecture, heads and backbone)
+from solo.checkpoint import SOLOCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -29,39 +33,102 @@ class _NoResize(T.Augmentation):
         return T.NoOpTransform()
 
 
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) BGR view of what a user may hand the predictor: (H, W) or (H, W, 1) gray
+    (replicated), (H, W, 4) BGRA (alpha dropped), (H, W, 3) BGR (unchanged).
+
+    Raises:
+        ValueError: any other shape, naming it and the accepted ones.
+    """
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return image[:, :, :3]
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    raise ValueError(
+        f"Predictor expects an image array of shape (H, W, 3) BGR, (H, W) or (H, W, 1) gray, "
+        f"or (H, W, 4) BGRA; got shape {image.shape}. Read files with solo.data.read_image."
+    )
+
+
 class Predictor(DefaultPredictor):
-    """``DefaultPredictor`` for SOLO models.
+    """``DefaultPredictor`` for SOLO models: BGR in, ``INPUT.FORMAT`` conversion, test-time
+    resizing, with these differences:
 
-    Differences from the parent, both for running demos with hand-made configs:
-
+    * ``MODEL.WEIGHTS`` is loaded strictly (:class:`solo.checkpoint.SOLOCheckpointer`): an empty
+      path, or a checkpoint that does not fit the config (another ``NUM_CLASSES``, a
+      backbone-only file), raises ``CheckpointMismatchError`` naming the keys, where
+      ``DefaultPredictor`` warns and predicts with partly random weights.
     * ``INPUT.MIN_SIZE_TEST == 0`` means "no resizing" (as in Detectron2's test data loader),
       where ``DefaultPredictor`` would resize to a 0-pixel short side.
-    * An empty ``MODEL.WEIGHTS`` is reported as a warning: the predictions are then those of a
-      randomly initialised model.
+    * Gray (H, W) / (H, W, 1) and BGRA (H, W, 4) arrays are accepted (:func:`as_bgr`).
 
-    Call it with a BGR ``uint8`` image of shape (H, W, 3); it returns ``{"instances": Instances}``
-    at the input's size with ``pred_masks`` (bool), ``scores``, ``pred_classes`` and
-    ``pred_boxes``, on ``MODEL.DEVICE``.
+    Call it with a ``uint8`` image; it returns ``{"instances": Instances}`` at the input's size
+    with ``pred_masks`` (bool), ``scores``, ``pred_classes`` and ``pred_boxes``, on
+    ``MODEL.DEVICE``.
     """
 
-    def __init__(self, cfg):
-        if not cfg.MODEL.WEIGHTS:
-            logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights.")
-        super().__init__(cfg)
+    def __init__(self, cfg):  # DefaultPredictor.__init__, with the strict checkpointer
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        SOLOCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
         if cfg.INPUT.MIN_SIZE_TEST == 0:
             self.aug = _NoResize()
+        else:
+            self.aug = T.ResizeShortestEdge(
+                [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+            )
+        self.input_format = cfg.INPUT.FORMAT
+        assert self.input_format in ["RGB", "BGR"], self.input_format
 
     def __call__(self, original_image: np.ndarray):
-        if original_image.ndim != 3 or original_image.shape[2] != 3:
-            raise ValueError(
-                f"Predictor expects a BGR image of shape (H, W, 3), got {original_image.shape}"
-            )
-        return super().__call__(original_image)
+        return super().__call__(as_bgr(original_image))
 
 
-def get_metadata(cfg):
-    """Metadata (class names) of the first test dataset, or an empty one when there is none."""
-    return MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+def coco_json_class_names(json_file: str) -> list:
+    """Category names of a COCO-format JSON in the order ``load_coco_json`` gives them
+    contiguous ids (sorted by category id)."""
+    with PathManager.open(json_file) as f:
+        categories = json.load(f).get("categories")
+    if not categories:
+        raise ValueError(f"'{json_file}' has no 'categories': cannot take class names from it.")
+    return [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+
+
+def get_metadata(cfg, class_names: Optional[Sequence[str]] = None) -> Metadata:
+    """The metadata to draw with: the first test dataset's, with class names taken from
+    ``class_names`` (names, or one COCO JSON file), else its ``thing_classes``, else its
+    ``json_file``'s categories. Without any, drawings show class indices ("0 97%"): said once.
+
+    Raises:
+        ValueError: the class-name count differs from ``MODEL.SOLO.NUM_CLASSES``.
+    """
+    name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+    metadata = MetadataCatalog.get(name)
+    names, source = metadata.get("thing_classes"), f"dataset '{name}'"
+    if class_names:
+        names, source = list(class_names), "--class-names"
+        if len(names) == 1 and names[0].endswith(".json"):
+            names, source = coco_json_class_names(names[0]), f"'{class_names[0]}'"
+    elif names is None and metadata.get("json_file"):
+        names, source = coco_json_class_names(metadata.json_file), f"'{metadata.json_file}'"
+    if names is None:
+        logger.warning(
+            f"No class names for the model's classes (dataset '{name}' of DATASETS.TEST has no "
+            "thing_classes): drawings show class indices. Pass --class-names with the names in "
+            "training order, or the training COCO JSON file."
+        )
+        return metadata
+    num_classes = cfg.MODEL.SOLO.NUM_CLASSES
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{source} gives {len(names)} class names but MODEL.SOLO.NUM_CLASSES={num_classes}."
+        )
+    return Metadata(**dict(metadata.as_dict(), name=name, thing_classes=list(names)))
 
 
 def filter_by_score(instances: Instances, threshold: float) -> Instances:
@@ -86,10 +153,17 @@ class VisualizationDemo:
         confidence_threshold: instances scoring below it are dropped before drawing. The model's
             own thresholds (``MODEL.SOLO.SCORE_THRESH``/``UPDATE_THRESH``) are left untouched.
         instance_mode: Detectron2 ``ColorMode`` (``IMAGE`` or ``IMAGE_BW``).
+        class_names: names to draw (or one COCO JSON file), see :func:`get_metadata`.
     """
 
-    def __init__(self, cfg, confidence_threshold: float = 0.0, instance_mode=ColorMode.IMAGE):
-        self.metadata = get_metadata(cfg)
+    def __init__(
+        self,
+        cfg,
+        confidence_threshold: float = 0.0,
+        instance_mode=ColorMode.IMAGE,
+        class_names: Optional[Sequence[str]] = None,
+    ):
+        self.metadata = get_metadata(cfg, class_names)
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.predictor = Predictor(cfg)

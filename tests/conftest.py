@@ -3,6 +3,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,10 +90,17 @@ def random_batch(sizes_and_counts, num_classes, seed=0):
 
 
 def load_script(relative_path, module_name):
-    """Import a repository script (train_net.py, tools/*.py, demo/*.py) as a module."""
-    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / relative_path)
+    """Import a repository script (train_net.py, tools/*.py, demo/*.py) as a module, with its
+    directory first on ``sys.path`` while it loads, as ``python <script>`` has it (demo.py
+    imports predictor.py next to it)."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

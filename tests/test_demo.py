@@ -5,16 +5,20 @@ takes a fraction of a second. Its weights are random, but the category bias is r
 every grid cell is a confident candidate: SOLOv2's masks then come from random dynamic kernels,
 which reliably gives a few large masks to draw.
 """
-
+import json
+import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT, load_script, solo_cfg
+from solo.checkpoint import CheckpointMismatchError
+
+from conftest import REPO_ROOT, capture_warnings, load_script, solo_cfg
 
 CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
 # Narrow model and small test size: the demo's code path is the same, only faster.
@@ -218,3 +222,89 @@ def test_output_paths(demo, tmp_path):
     assert demo.output_paths(["a/x.png", "y.png"], "o.d")["y.png"].endswith("o.d/y.png")
     with pytest.raises(demo.DemoError, match="both be written"):
         demo.output_paths(["a/x.png", "b/x.png"], "o")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights always loaded, strictly; class names, not numbers
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor_module(demo):
+    return sys.modules[demo.VisualizationDemo.__module__]
+
+
+def small_cfg(opts=()):
+    return solo_cfg(CONFIG.replace("configs/", "", 1), SMALL + list(opts))
+
+
+def test_checkpoint_of_another_class_count_is_refused_naming_the_keys(
+    demo, image_dir, tmp_path, capsys
+):
+    """DefaultPredictor would warn (fvcore) and draw a partly random model, exit 0."""
+    other = build_model(small_cfg(["MODEL.SOLO.NUM_CLASSES", "5"]))
+    path = str(tmp_path / "five_classes.pth")
+    torch.save({"model": other.state_dict()}, path)
+    with pytest.raises(SystemExit) as exc:
+        run_demo(demo, path, "--input", str(image_dir), "--output", str(tmp_path / "vis"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "head.cate_pred.weight: checkpoint (5," in err and "MODEL.SOLO.NUM_CLASSES" in err
+    assert not (tmp_path / "vis").exists()
+
+
+def test_backbone_only_checkpoint_is_refused(demo, weights, predictor_module, tmp_path):
+    state = torch.load(weights, weights_only=False)["model"]
+    path = tmp_path / "backbone.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, path)
+    cfg = small_cfg(["MODEL.WEIGHTS", str(path)])
+    with pytest.raises(CheckpointMismatchError, match="missing from the checkpoint") as info:
+        predictor_module.Predictor(cfg)
+    assert "head.kernel_pred.weight" in str(info.value)
+
+
+def test_predictor_without_weights_is_refused(predictor_module):
+    with pytest.raises(CheckpointMismatchError, match="MODEL.WEIGHTS is empty"):
+        predictor_module.Predictor(small_cfg())
+
+
+def test_predictor_takes_gray_and_bgra_arrays_as_bgr(weights, predictor_module):
+    predictor = predictor_module.Predictor(small_cfg(["MODEL.WEIGHTS", weights]))
+    bgr = synthetic_image(3)
+    gray = bgr[:, :, 1].copy()
+    as_3 = predictor(np.repeat(gray[:, :, None], 3, axis=2))["instances"]
+    for array in (gray, gray[:, :, None]):
+        out = predictor(array)["instances"]
+        assert len(out) == len(as_3) > 0
+        assert torch.equal(out.pred_masks, as_3.pred_masks)
+    bgra = np.concatenate([bgr, np.full(bgr.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    with_alpha, plain = predictor(bgra)["instances"], predictor(bgr)["instances"]
+    assert torch.equal(with_alpha.pred_masks, plain.pred_masks)
+    assert torch.equal(with_alpha.scores, plain.scores)
+    with pytest.raises(ValueError, match=r"got shape \(60, 76, 2\)"):
+        predictor(bgr[:, :, :2])
+
+
+def test_class_names_come_from_the_option_the_json_or_a_single_warning(
+    predictor_module, tmp_path, caplog
+):
+    """A custom-dataset model whose test dataset has no thing_classes drew "0 97%"."""
+    opts = ["DATASETS.TEST", "('custom_without_metadata',)", "MODEL.SOLO.NUM_CLASSES", "2"]
+    cfg = small_cfg(opts)
+    with capture_warnings(caplog, predictor_module.__name__):
+        metadata = predictor_module.get_metadata(cfg)
+    assert metadata.get("thing_classes") is None
+    assert caplog.text.count("No class names") == 1 and "--class-names" in caplog.text
+
+    names = predictor_module.get_metadata(cfg, ["cat", "dog"]).thing_classes
+    assert names == ["cat", "dog"]
+    coco = tmp_path / "train.json"
+    categories = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
+    coco.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+    assert predictor_module.get_metadata(cfg, [str(coco)]).thing_classes == ["cat", "dog"]
+    with pytest.raises(ValueError, match="3 class names but MODEL.SOLO.NUM_CLASSES=2"):
+        predictor_module.get_metadata(cfg, ["a", "b", "c"])
+    # Registered COCO datasets whose JSON was not loaded yet: names from their json_file.
+    MetadataCatalog.get("custom_with_json").set(json_file=str(coco))
+    cfg.DATASETS.TEST = ("custom_with_json",)
+    assert predictor_module.get_metadata(cfg).thing_classes == ["cat", "dog"]
