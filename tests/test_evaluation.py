@@ -47,15 +47,23 @@ def perfect_predictions(boxes):
     return instances
 
 
-def coco_ground_truth(boxes, drop=()):
+def uncompressed_rle(mask):
+    flat = mask.numpy().astype(np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], change])).tolist()}
+
+
+def coco_ground_truth(boxes, drop=(), rle=False):
     annotations = []
+    masks = square_masks(boxes)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
+        polygons = [[x0, y0, x1, y0, x1, y1, x0, y1]]
         anno = {
             "id": i + 1,
             "image_id": 1,
             "category_id": 1,
             "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+            "segmentation": uncompressed_rle(masks[i]) if rle else polygons,
             "area": float((x1 - x0) * (y1 - y0)),
             "iscrowd": 0,
         }
@@ -72,10 +80,10 @@ def dataset(tmp_path):
     """Register a one-image COCO JSON dataset; returns (name, cfg) and cleans up."""
     names = []
 
-    def register(boxes, drop=()):
+    def register(boxes, drop=(), rle=False):
         name = f"evaluation_{len(names)}_{tmp_path.name}"
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(coco_ground_truth(boxes, drop)))
+        path.write_text(json.dumps(coco_ground_truth(boxes, drop, rle)))
         register_coco_instances(name, {}, str(path), str(tmp_path))
         DatasetCatalog.get(name)  # sets the category id mapping, as the test loader does
         names.append(name)
@@ -131,12 +139,15 @@ def test_no_prediction_at_all_scores_0_ap_not_nan(dataset, caplog):
     assert "No segm predictions above the score threshold: AP is 0." in caplog.text
 
 
-@pytest.mark.parametrize("drop", [("area",), ("iscrowd",), ("area", "iscrowd")])
+@pytest.mark.parametrize(
+    "drop, rle",
+    [(("area",), False), (("iscrowd",), False), (("area", "iscrowd"), False), (("area",), True)],
+)
 def test_ground_truth_without_area_or_iscrowd_is_completed_when_the_evaluator_is_built(
-    dataset, caplog, drop
+    dataset, caplog, drop, rle
 ):
     boxes = grid_of_squares(8)
-    name, cfg = dataset(boxes, drop=drop)
+    name, cfg = dataset(boxes, drop=drop, rle=rle)
     plain = COCOEvaluator(name, tasks=("segm",), output_dir=cfg.OUTPUT_DIR)
     with pytest.raises(KeyError):  # after the whole inference, in pycocotools
         evaluate(plain, perfect_predictions(boxes))
@@ -151,12 +162,6 @@ def test_ground_truth_without_area_or_iscrowd_is_completed_when_the_evaluator_is
     results = evaluate(evaluator, perfect_predictions(boxes))
     assert results["segm"]["AP"] == pytest.approx(100.0)
     assert results["bbox"]["AP"] == pytest.approx(100.0)
-
-
-def uncompressed_rle(mask):
-    flat = mask.numpy().astype(np.uint8).flatten(order="F")
-    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
-    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], change])).tolist()}
 
 
 def test_dataset_without_json_file_and_with_uncompressed_rle_is_evaluated(tmp_path):

@@ -25,6 +25,7 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import convert_to_coco_json
 from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import PolygonMasks
 
 from .data import compress_rle, ensure_shapes_dataset
 
@@ -80,8 +81,8 @@ class SOLOCOCOEvaluator(COCOEvaluator):
 def complete_coco_annotations(coco_api, source: str = "") -> int:
     """Add ``area`` and ``iscrowd`` where a ground-truth annotation lacks them, in place.
 
-    ``area`` is the mask's pixel count (``pycocotools`` rasterisation of the polygon or RLE), or
-    the box's ``w * h`` without a mask; ``iscrowd`` is 0 (what ``convert_to_coco_dict`` writes).
+    As ``convert_to_coco_dict``: ``area`` is the polygons' area, the RLE mask's pixel count, or
+    the box's ``w * h`` without a mask; ``iscrowd`` is 0.
 
     Args:
         coco_api: a ``pycocotools.coco.COCO`` object with images and annotations.
@@ -97,7 +98,10 @@ def complete_coco_annotations(coco_api, source: str = "") -> int:
             missing_crowd += 1
         if "area" not in ann:
             missing_area += 1
-            if ann.get("segmentation"):
+            segm = ann.get("segmentation")
+            if isinstance(segm, list) and segm:
+                ann["area"] = float(PolygonMasks([segm]).area()[0])
+            elif isinstance(segm, dict):
                 ann["area"] = float(mask_util.area(coco_api.annToRLE(ann)))
             else:
                 ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
