@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 SKIP_DETECTRON2 ?= 0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint format benchmark clean
+.PHONY: setup test demo lint format benchmark gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ demo: setup
 
 benchmark: setup
 	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn
+
+# On a machine with CUDA: the CUDA tests, then GPU benchmarks vs Mask R-CNN (one JSON, a table).
+gpu-check: setup
+	$(PY) tools/gpu_check.py
 
 LINT_PATHS := projects tests tools demo train_net.py
 
