@@ -462,6 +462,163 @@ def test_mmdet_zoo(config):
     check_conversion(source_sd, converted, model, MMDET_SAMPLES)
 
 
+class _MMConvModule(torch.nn.Module):
+    """mmcv ConvModule(norm_cfg=GN): conv (no bias) -> gn -> ReLU, under those names."""
+
+    def __init__(self, cin, cout, k):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        self.gn = torch.nn.GroupNorm(32, cout)
+
+    def forward(self, x):
+        return F.relu(self.gn(self.conv(x)))
+
+
+def _mm_coordinates(x):
+    """mmdet generate_coordinate: channel 0 = x (linspace over the width), 1 = y."""
+    n, _, h, w = x.shape
+    y, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.cat([xs.expand(n, 1, h, w), y.expand(n, 1, h, w)], 1)
+
+
+def _up(x, **kwargs):
+    return F.interpolate(x, mode="bilinear", align_corners=False, **kwargs)
+
+
+class _MMDetHead(torch.nn.Module):
+    """The forward passes of mmdetection's SOLOHead, DecoupledSOLOHead and SOLOV2Head (+
+    MaskFeatModule) in training mode, written from solo_head.py / solov2_head.py with their
+    parameter names, to check that converted weights compute the same tensors in our heads."""
+
+    def __init__(self, head, convs, ch, kernels=None):
+        super().__init__()
+        nn, self.head = torch.nn, head
+        self.cls_convs = nn.ModuleList(
+            _MMConvModule(256 if i == 0 else ch, ch, 3) for i in range(convs)
+        )
+        self.conv_cls = nn.Conv2d(ch, 80, 3, padding=1)
+        if head == "SOLOHead":
+            self.mask_convs = nn.ModuleList(
+                _MMConvModule(258 if i == 0 else ch, ch, 3) for i in range(convs)
+            )
+            self.conv_mask_list = nn.ModuleList(nn.Conv2d(ch, s * s, 1) for s in GRIDS)
+        elif head == "DecoupledSOLOHead":
+            for xy in "xy":
+                towers = [_MMConvModule(257 if i == 0 else ch, ch, 3) for i in range(convs)]
+                setattr(self, f"mask_convs_{xy}", nn.ModuleList(towers))
+                preds = [nn.Conv2d(ch, s, 3, padding=1) for s in GRIDS]
+                setattr(self, f"conv_mask_list_{xy}", nn.ModuleList(preds))
+        else:
+            self.kernel_convs = nn.ModuleList(
+                _MMConvModule(258 if i == 0 else ch, ch, 3) for i in range(convs)
+            )
+            self.conv_kernel = nn.Conv2d(ch, kernels, 3, padding=1)
+            feat = self.mask_feature_head = nn.Module()
+            feat.convs_all_levels = nn.ModuleList([nn.Sequential()])
+            feat.convs_all_levels[0].add_module("conv0", _MMConvModule(256, 128, 3))
+            for level in range(1, 4):
+                seq = nn.Sequential()
+                for j in range(level):
+                    cin = (258 if level == 3 else 256) if j == 0 else 128
+                    seq.add_module(f"conv{j}", _MMConvModule(cin, 128, 3))
+                    seq.add_module(f"upsample{j}", nn.Upsample(scale_factor=2, mode="bilinear"))
+                feat.convs_all_levels.append(seq)
+            feat.conv_pred = _MMConvModule(128, kernels, 1)
+
+    def forward(self, feats):
+        """``feats``: P2-P6. Returns per-level lists (and the SOLOv2 mask features)."""
+        out = {"cls": [], "kernels": [], "masks": [], "masks_x": [], "masks_y": []}
+        if self.head == "SOLOV2Head":
+            levels = self.mask_feature_head.convs_all_levels
+            fused = levels[0](feats[0])
+            for i in range(1, 4):
+                x = torch.cat([feats[i], _mm_coordinates(feats[i])], 1) if i == 3 else feats[i]
+                fused = fused + levels[i](x)
+            out["mask_feats"] = self.mask_feature_head.conv_pred(fused)
+        # resize_feats: the first level to the second's size, the last to the one before.
+        first = _up(feats[0], size=feats[1].shape[-2:])
+        last = _up(feats[4], size=feats[3].shape[-2:])
+        for i, x in enumerate([first, *feats[1:4], last]):
+            cls_feat = x
+            if self.head == "SOLOV2Head":
+                kernel_feat = _up(torch.cat([x, _mm_coordinates(x)], 1), size=GRIDS[i])
+                cls_feat = kernel_feat[:, :-2]
+                for layer in self.kernel_convs:
+                    kernel_feat = layer(kernel_feat)
+                out["kernels"].append(self.conv_kernel(kernel_feat))
+            elif self.head == "SOLOHead":
+                mask_feat = torch.cat([x, _mm_coordinates(x)], 1)
+                for layer in self.mask_convs:
+                    mask_feat = layer(mask_feat)
+                mask_feat = _up(mask_feat, scale_factor=2)
+                out["masks"].append(self.conv_mask_list[i](mask_feat))
+            else:
+                coords = _mm_coordinates(x)
+                feat_x = torch.cat([x, coords[:, 0:1]], 1)
+                feat_y = torch.cat([x, coords[:, 1:2]], 1)
+                for layer_x, layer_y in zip(self.mask_convs_x, self.mask_convs_y):
+                    feat_x, feat_y = layer_x(feat_x), layer_y(feat_y)
+                feat_x, feat_y = _up(feat_x, scale_factor=2), _up(feat_y, scale_factor=2)
+                out["masks_x"].append(self.conv_mask_list_x[i](feat_x))
+                out["masks_y"].append(self.conv_mask_list_y[i](feat_y))
+            for j, layer in enumerate(self.cls_convs):
+                if j == 0 and self.head != "SOLOV2Head":  # cls_down_index = 0
+                    cls_feat = _up(cls_feat, size=GRIDS[i])
+                cls_feat = layer(cls_feat)
+            out["cls"].append(self.conv_cls(cls_feat))
+        return out
+
+
+@pytest.mark.parametrize(
+    "config,head,convs,ch,kernels",
+    [
+        ("SOLOv2/Light_448_R18_3x.yaml", "SOLOV2Head", 2, 256, 128),
+        ("DecoupledSOLO/R50_1x.yaml", "DecoupledSOLOHead", 7, 256, None),
+        ("SOLO/R50_1x.yaml", "SOLOHead", 7, 256, None),
+    ],
+)
+def test_mmdet_head_outputs_equal_ours(config, head, convs, ch, kernels):
+    """Converted mmdet head weights give our head the same outputs as mmdet's forward: the
+    coordinate channels, tower order, mask-feature levels and prediction convs all line up."""
+    torch.manual_seed(0)
+    ref = _MMDetHead(head, convs, ch, kernels).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.05)
+    source_sd = {f"mask_head.{k}": v for k, v in ref.state_dict().items()}
+    converted = convert.convert_state_dict(source_sd, "mmdet")
+    ours = build_model(make_cfg(config)).head.eval()
+    ours.load_state_dict({k[len("head.") :]: v for k, v in converted.items()}, strict=True)
+
+    # P2-P6 of a 128 x 192 input (P6 = stride-2 max-pool of P5).
+    feats = [torch.randn(2, 256, 128 // s, 192 // s) for s in (4, 8, 16, 32)]
+    feats.append(F.max_pool2d(feats[-1], 1, stride=2))
+    with torch.no_grad():
+        expected = ref(feats)
+        outputs = ours(feats)
+    close = dict(rtol=1e-4, atol=1e-4)
+    for level in range(5):
+        torch.testing.assert_close(outputs.cate_logits[level], expected["cls"][level], **close)
+        if head == "SOLOV2Head":
+            torch.testing.assert_close(
+                outputs.mask_outputs[0][level], expected["kernels"][level], **close
+            )
+        elif head == "DecoupledSOLOHead":
+            logits_x, logits_y = outputs.mask_outputs[level]
+            torch.testing.assert_close(logits_x, expected["masks_x"][level], **close)
+            torch.testing.assert_close(logits_y, expected["masks_y"][level], **close)
+        else:
+            s, features = GRIDS[level], outputs.mask_outputs[level]
+            cells = torch.arange(s * s).repeat(2)
+            images = torch.arange(2).repeat_interleave(s * s)
+            logits = ours.mask_logits(features, level, images, cells)
+            torch.testing.assert_close(
+                logits.view(2, s * s, *logits.shape[-2:]), expected["masks"][level], **close
+            )
+    if head == "SOLOV2Head":
+        torch.testing.assert_close(outputs.mask_outputs[1], expected["mask_feats"], **close)
+
+
 def test_official_legacy_dcn_names():
     """Checkpoints from mmdet < 1.0 name DCN offset convs ``conv2_offset`` / ``conv_offset``."""
     config = "DecoupledSOLO/Light_DCN_R50_3x.yaml"
