@@ -598,13 +598,6 @@ def _is_weights(value) -> bool:
     return torch.is_tensor(value) or isinstance(value, np.ndarray)
 
 
-def _describe(node: Mapping) -> str:
-    keys = sorted(map(str, node))
-    if node and all(_is_weights(v) for v in node.values()):
-        return f"a state dict whose {guess_layout(keys)}"
-    return f"top-level keys {keys[:10]}"
-
-
 def unwrap_state_dict(loaded, origin: str = "the checkpoint") -> Dict[str, torch.Tensor]:
     """The weights of a loaded checkpoint, as ``{name: tensor}``, in any source's wrappers.
 
@@ -638,8 +631,8 @@ def unwrap_state_dict(loaded, origin: str = "the checkpoint") -> Dict[str, torch
             )
         wanted = ", ".join(map(repr, EMA_ENTRIES + WEIGHT_ENTRIES))
         raise ConversionError(
-            f"{origin}: no weights found: expected a state dict, bare or under one of {wanted}; "
-            f"found {_describe(node)}."
+            f"{origin}: no weights found in {where}: expected a state dict, bare or under one "
+            f"of {wanted}; found the keys {sorted(map(str, node))[:10]}."
         )
     state = {str(k): torch.as_tensor(v) for k, v in node.items()}
     stripped = True
@@ -651,14 +644,14 @@ def unwrap_state_dict(loaded, origin: str = "the checkpoint") -> Dict[str, torch
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     flat = {k.replace(".", "_") for k in state}
-    ema_buffers = [k for k in state if k.startswith("ema_") and k[4:] in flat]
+    ema_buffers = {k for k in state if k.startswith("ema_") and k[4:] in flat}
     if ema_buffers:
         logger.info(
             "%s: dropping %d ema_* buffers of mmcv's EMA hook (the weights hold the averages).",
             origin,
             len(ema_buffers),
         )
-        state = {k: v for k, v in state.items() if k not in set(ema_buffers)}
+        state = {k: v for k, v in state.items() if k not in ema_buffers}
     return state
 
 
