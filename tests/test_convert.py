@@ -486,9 +486,10 @@ def _up(x, **kwargs):
 
 
 class _MMDetHead(torch.nn.Module):
-    """The forward passes of mmdetection's SOLOHead, DecoupledSOLOHead and SOLOV2Head (+
-    MaskFeatModule) in training mode, written from solo_head.py / solov2_head.py with their
-    parameter names, to check that converted weights compute the same tensors in our heads."""
+    """The forward passes of mmdetection's SOLOHead, DecoupledSOLOHead, DecoupledSOLOLightHead
+    and SOLOV2Head (+ MaskFeatModule) in training mode, written from solo_head.py and
+    solov2_head.py with their parameter names, to check that converted weights compute the same
+    tensors in our heads."""
 
     def __init__(self, head, convs, ch, kernels=None):
         super().__init__()
@@ -497,15 +498,17 @@ class _MMDetHead(torch.nn.Module):
             _MMConvModule(256 if i == 0 else ch, ch, 3) for i in range(convs)
         )
         self.conv_cls = nn.Conv2d(ch, 80, 3, padding=1)
-        if head == "SOLOHead":
+        if head in ("SOLOHead", "DecoupledSOLOLightHead"):
             self.mask_convs = nn.ModuleList(
                 _MMConvModule(258 if i == 0 else ch, ch, 3) for i in range(convs)
             )
+        if head == "SOLOHead":
             self.conv_mask_list = nn.ModuleList(nn.Conv2d(ch, s * s, 1) for s in GRIDS)
-        elif head == "DecoupledSOLOHead":
+        elif head.startswith("Decoupled"):
             for xy in "xy":
-                towers = [_MMConvModule(257 if i == 0 else ch, ch, 3) for i in range(convs)]
-                setattr(self, f"mask_convs_{xy}", nn.ModuleList(towers))
+                if head == "DecoupledSOLOHead":
+                    towers = [_MMConvModule(257 if i == 0 else ch, ch, 3) for i in range(convs)]
+                    setattr(self, f"mask_convs_{xy}", nn.ModuleList(towers))
                 preds = [nn.Conv2d(ch, s, 3, padding=1) for s in GRIDS]
                 setattr(self, f"conv_mask_list_{xy}", nn.ModuleList(preds))
         else:
@@ -546,12 +549,16 @@ class _MMDetHead(torch.nn.Module):
                 for layer in self.kernel_convs:
                     kernel_feat = layer(kernel_feat)
                 out["kernels"].append(self.conv_kernel(kernel_feat))
-            elif self.head == "SOLOHead":
+            elif self.head in ("SOLOHead", "DecoupledSOLOLightHead"):
                 mask_feat = torch.cat([x, _mm_coordinates(x)], 1)
                 for layer in self.mask_convs:
                     mask_feat = layer(mask_feat)
                 mask_feat = _up(mask_feat, scale_factor=2)
-                out["masks"].append(self.conv_mask_list[i](mask_feat))
+                if self.head == "SOLOHead":
+                    out["masks"].append(self.conv_mask_list[i](mask_feat))
+                else:
+                    out["masks_x"].append(self.conv_mask_list_x[i](mask_feat))
+                    out["masks_y"].append(self.conv_mask_list_y[i](mask_feat))
             else:
                 coords = _mm_coordinates(x)
                 feat_x = torch.cat([x, coords[:, 0:1]], 1)
@@ -574,6 +581,7 @@ class _MMDetHead(torch.nn.Module):
     [
         ("SOLOv2/Light_448_R18_3x.yaml", "SOLOV2Head", 2, 256, 128),
         ("DecoupledSOLO/R50_1x.yaml", "DecoupledSOLOHead", 7, 256, None),
+        ("DecoupledSOLO/Light_R50_3x.yaml", "DecoupledSOLOLightHead", 4, 256, None),
         ("SOLO/R50_1x.yaml", "SOLOHead", 7, 256, None),
     ],
 )
@@ -603,7 +611,7 @@ def test_mmdet_head_outputs_equal_ours(config, head, convs, ch, kernels):
             torch.testing.assert_close(
                 outputs.mask_outputs[0][level], expected["kernels"][level], **close
             )
-        elif head == "DecoupledSOLOHead":
+        elif head.startswith("Decoupled"):
             logits_x, logits_y = outputs.mask_outputs[level]
             torch.testing.assert_close(logits_x, expected["masks_x"][level], **close)
             torch.testing.assert_close(logits_y, expected["masks_y"][level], **close)
