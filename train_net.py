@@ -143,15 +143,17 @@ class Trainer(DefaultTrainer):
                 f"--resume: '{checkpoint}' completed SOLVER.MAX_ITER={self.max_iter} "
                 "iterations: nothing left to train, only the final evaluation runs."
             )
-        if not changes:
-            return
         groups, base_lrs = self.optimizer.param_groups, self.scheduler.base_lrs
-        for index, key, old, new in changes:
-            if key == "initial_lr":  # the LR scheduler multiplies these base rates
-                groups[index]["lr"] *= new / old
-                base_lrs[index] = new
+        for index, key, _, new in changes:
             groups[index][key] = new
-        logger.warning(f"--resume: applying the config's solver: {describe_changes(changes)}")
+            if key == "initial_lr":  # what the LR scheduler multiplies
+                base_lrs[index] = new
+        if changes:
+            logger.warning(f"--resume: applying the config's solver: {describe_changes(changes)}")
+        # The first resumed iteration follows the config's schedule too (its MAX_ITER and STEPS
+        # may differ from the checkpoint's), not the learning rate saved with the optimizer.
+        for group, lr in zip(groups, self.scheduler.get_lr()):
+            group["lr"] = lr
 
     def build_writers(self):
         self._writers = super().build_writers()

@@ -47,10 +47,9 @@ def dataset_names(cfg, key: str) -> Tuple[str, ...]:
     value = cfg.DATASETS[key]
     if isinstance(value, str):
         raise RunConfigError(
-            f"DATASETS.{key} is the string {value!r}, not a list of dataset names "
-            f"(('{value}') without a comma is a string in Python and YAML). Write "
-            f"DATASETS.{key} \"('{value}',)\" on the command line, or {key}: (\"{value}\",) "
-            "in the YAML file."
+            f"DATASETS.{key} is the string {value!r}, not a tuple of dataset names: in Python, "
+            f"('{value}') without a comma is a string. Write cfg.DATASETS.{key} = ('{value}',) "
+            f"(on the command line: DATASETS.{key} \"('{value}',)\")."
         )
     bad = [name for name in value if not isinstance(name, str) or not name]
     if bad:
