@@ -284,7 +284,7 @@ def drop_unusable(
     Images left without annotations are removed with ``filter_empty``
     (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``), else kept as all-background images. The counts
     per reason are logged once, at WARNING level when more than 1% of the annotations or images
-    are removed, else at INFO.
+    are removed, else at INFO. Records must have passed :func:`check_dataset_dicts`.
 
     Returns:
         The kept records (annotation lists are replaced, records are not copied otherwise).
@@ -292,59 +292,79 @@ def drop_unusable(
     Raises:
         DatasetError: nothing is left; the message gives the counts per reason.
     """
-    skipped = collections.Counter()
-    num_annotations, kept_records, empty_images = 0, [], 0
+    annotations = [anno for record in dicts for anno in record.get("annotations", ())]
+    reasons = _unusable_reasons(annotations, use_masks)
+    skipped = collections.Counter(r for r in reasons if r is not None)
+    kept_records, empty_images, reason_of = [], 0, iter(reasons)
     for record in dicts:
-        annotations = record.get("annotations", [])
-        num_annotations += len(annotations)
-        usable = []
-        for anno in annotations:
-            reason = _unusable_reason(anno, use_masks)
-            if reason is None:
-                usable.append(anno)
-            else:
-                skipped[reason] += 1
-        if len(usable) != len(annotations):
+        annos = record.get("annotations", ())
+        usable = [anno for anno in annos if next(reason_of) is None]
+        if len(usable) != len(annos):
             record["annotations"] = usable
         if not usable:
             empty_images += 1
             if filter_empty:
                 continue
         kept_records.append(record)
-    _report_skipped(dataset_name, skipped, num_annotations, empty_images, len(dicts), filter_empty)
+    _report_skipped(dataset_name, skipped, len(annotations), empty_images, len(dicts), filter_empty)
     if not kept_records:
         raise DatasetError(
             f"Dataset '{dataset_name}' has no image with an annotation SOLO can train on: "
-            f"{_summary(skipped, num_annotations, empty_images, len(dicts))}. Check its "
+            f"{_summary(skipped, len(annotations), empty_images, len(dicts))}. Check its "
             "annotation file (masks, boxes, iscrowd), or set DATALOADER.FILTER_EMPTY_ANNOTATIONS "
             "False to train on its images as background."
         )
     return kept_records
 
 
-def _unusable_reason(anno: dict, use_masks: bool) -> Optional[str]:
-    if anno.get("iscrowd", 0):
-        return CROWD
-    x0, y0, x1, y1 = BoxMode.convert(list(anno["bbox"])[:4], anno["bbox_mode"], BoxMode.XYXY_ABS)
-    if not (x1 > x0 and y1 > y0):
-        return EMPTY_BOX
-    if use_masks and _mask_area(anno["segmentation"]) <= 0:
-        return EMPTY_MASK
-    return None
+def _unusable_reasons(annotations: Sequence[dict], use_masks: bool) -> List[Optional[str]]:
+    """Why each annotation is not trained on (None: it is). Vectorised over the dataset: a
+    BoxMode.convert per annotation (a torch round trip each) would dominate loading."""
+    reasons = [CROWD if anno.get("iscrowd", 0) else None for anno in annotations]
+    by_mode = collections.defaultdict(list)
+    for i, anno in enumerate(annotations):
+        if reasons[i] is None:
+            by_mode[anno["bbox_mode"]].append(i)
+    for mode, indices in by_mode.items():
+        boxes = np.array([annotations[i]["bbox"] for i in indices], dtype=np.float64)
+        x0, y0, x1, y1 = BoxMode.convert(boxes, mode, BoxMode.XYXY_ABS)[:, :4].T
+        for i in np.asarray(indices)[~((x1 > x0) & (y1 > y0))]:
+            reasons[i] = EMPTY_BOX
+    if use_masks:
+        indices = [i for i, reason in enumerate(reasons) if reason is None]
+        areas = _mask_areas([annotations[i]["segmentation"] for i in indices])
+        for i in np.asarray(indices, dtype=np.int64)[areas <= 0]:
+            reasons[i] = EMPTY_MASK
+    return reasons
 
 
-def _mask_area(segm) -> float:
-    if isinstance(segm, dict):
-        return float(mask_util.area(compress_rle(segm)))
-    if isinstance(segm, np.ndarray):
-        return float(segm.sum())
-    # Polygons: shoelace area, enough to tell zero (collinear or repeated points) from non-zero.
-    area = 0.0
-    for polygon in segm:
-        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        x, y = xy[:, 0], xy[:, 1]
-        area += abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
-    return area
+def _mask_areas(segms: Sequence) -> np.ndarray:
+    """Area of each mask (polygons: the sum of their shoelace areas, enough to tell zero, i.e.
+    collinear or repeated points, from non-zero; RLE and arrays: pixel counts)."""
+    areas = np.zeros(len(segms))
+    rles = [k for k, segm in enumerate(segms) if isinstance(segm, dict)]
+    if rles:
+        areas[rles] = mask_util.area([compress_rle(segms[k]) for k in rles])
+    for k, segm in enumerate(segms):
+        if isinstance(segm, np.ndarray):
+            areas[k] = segm.sum()
+    polygons = [
+        (k, np.asarray(p, dtype=np.float64))
+        for k, segm in enumerate(segms)
+        if isinstance(segm, (list, tuple))
+        for p in segm
+    ]
+    if polygons:
+        owners = np.array([k for k, _ in polygons])
+        lengths = np.array([len(p) // 2 for _, p in polygons])
+        xy = np.concatenate([p for _, p in polygons]).reshape(-1, 2)
+        starts = np.cumsum(lengths) - lengths
+        following = np.arange(len(xy)) + 1
+        following[starts + lengths - 1] = starts  # each polygon closes on its first point
+        cross = xy[:, 0] * xy[following, 1] - xy[:, 1] * xy[following, 0]
+        polygon_areas = np.abs(np.add.reduceat(cross, starts)) / 2
+        areas += np.bincount(owners, weights=polygon_areas, minlength=len(segms))
+    return areas
 
 
 def _summary(skipped: Dict[str, int], num_annotations, empty_images, num_images) -> str:
