@@ -60,7 +60,7 @@ class SOLOCOCOEvaluator(COCOEvaluator):
 
     def __init__(self, dataset_name: str, tasks=None, distributed=True, output_dir=None, **kwargs):
         if MetadataCatalog.get(dataset_name).get("json_file") is None and output_dir is not None:
-            _convert_to_coco_json(dataset_name, output_dir)
+            _convert_to_coco_json(dataset_name, output_dir, kwargs.get("allow_cached_coco", True))
         super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
         if self._do_evaluation:
             # COCOEvaluator has no public hook for its ground truth: the COCO object it loaded
@@ -115,24 +115,28 @@ def complete_coco_annotations(coco_api, source: str = "") -> int:
     return max(missing_area, missing_crowd)
 
 
-def _convert_to_coco_json(dataset_name: str, output_dir: str) -> None:
+def _convert_to_coco_json(dataset_name: str, output_dir: str, allow_cached: bool) -> None:
     """What COCOEvaluator does for datasets without a JSON file, with uncompressed RLE masks
     compressed first (``convert_to_coco_dict`` computes areas with ``mask_util.area``, which
     rejects them)."""
-    dicts = copy.deepcopy(DatasetCatalog.get(dataset_name))
-    for record in dicts:
-        for anno in record.get("annotations", ()):
-            if isinstance(anno.get("segmentation"), dict):
-                anno["segmentation"] = compress_rle(anno["segmentation"])
+
+    def compressed_dicts():
+        dicts = copy.deepcopy(DatasetCatalog.get(dataset_name))
+        for record in dicts:
+            for anno in record.get("annotations", ()):
+                if isinstance(anno.get("segmentation"), dict):
+                    anno["segmentation"] = compress_rle(anno["segmentation"])
+        return dicts
+
     # convert_to_coco_json reads a registered dataset: register the compressed copy briefly.
     staging = f"{dataset_name}__solo_coco_conversion"
-    DatasetCatalog.register(staging, lambda: dicts)
+    DatasetCatalog.register(staging, compressed_dicts)
     metadata = MetadataCatalog.get(dataset_name).as_dict()
     metadata.pop("name", None)
     MetadataCatalog.get(staging).set(**metadata)
     cache_path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
     try:
-        convert_to_coco_json(staging, cache_path)
+        convert_to_coco_json(staging, cache_path, allow_cached=allow_cached)
     finally:
         DatasetCatalog.remove(staging)
         MetadataCatalog.remove(staging)
