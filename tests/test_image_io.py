@@ -86,16 +86,17 @@ def test_float_image_with_nan_and_inf_maps_non_finite_pixels_to_zero(tmp_path):
     np.testing.assert_array_equal(read_image(path, format="L")[..., 0], EXPECTED_OBJECT)
 
 
-def test_16_bit_colour_photo_is_read_with_all_its_bits(tmp_path, photo):
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_colour_photo_is_read_with_all_its_bits(tmp_path, photo, suffix):
     """Full-range 16-bit export of the photo reads back exactly; a dim 12-bit capture (what PIL
     turns into values 0..15) is stretched to the full 8-bit range."""
     _, rgb = photo
-    path = str(tmp_path / "hopper16.png")
+    path = str(tmp_path / f"hopper16.{suffix}")
     cv2.imwrite(path, rgb[:, :, ::-1].astype(np.uint16) * 257)
     np.testing.assert_array_equal(read_image(path, format="RGB"), rgb)
     np.testing.assert_array_equal(read_image(path, format="BGR"), rgb[:, :, ::-1])
 
-    dim = str(tmp_path / "hopper12.png")
+    dim = str(tmp_path / f"hopper12.{suffix}")
     cv2.imwrite(dim, rgb[:, :, ::-1].astype(np.uint16) * 16)  # 0..4080
     assert detection_utils.read_image(dim, format="RGB").max() <= 15
     image = read_image(dim, format="RGB")
