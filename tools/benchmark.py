@@ -36,6 +36,7 @@ from torch.utils.benchmark import Timer
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -47,7 +48,8 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
 
 logger = logging.getLogger("benchmark")
@@ -415,8 +417,12 @@ def inference_parts(job: Job, model, batched):
         padded = tuple(images.tensor.shape[-2:])
         sizes = [(x["height"], x["width"]) for x in batched]
 
+        mask_probs = functools.partial(model.head.inference_mask_probs, outputs)
+
         def postprocess():
-            return model.postprocessor(model.head, outputs, padded, images.image_sizes, sizes)
+            return model.postprocessor(
+                outputs.cate_logits, mask_probs, padded, images.image_sizes, sizes
+            )
 
     parts = {
         "preprocess": lambda: model.preprocess_image(batched),
@@ -431,13 +437,12 @@ def inference_parts(job: Job, model, batched):
     }
 
 
-def postprocess_stages(postprocess: Callable, calls: int, device: str) -> Dict[str, float]:
+def postprocess_stages(postprocess: Callable, calls: int) -> Dict[str, float]:
     """Host ms per post-processing call of each ``solo.postprocess.<stage>`` profiler range
     (the post-processor synchronises with the GPU where it counts candidates)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             postprocess()
     totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
@@ -461,7 +466,7 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
         seconds = {p: measure(parts[p], job) for p in INFERENCE_PARTS}
         stages = None
         if job.model != "mask_rcnn":
-            stages = postprocess_stages(parts["postprocess"], job.repeats, job.device)
+            stages = postprocess_stages(parts["postprocess"], job.repeats)
         memory_report = memory.report()
         gflops = part_gflops()
     latency = {p: Stats.of(s) for p, s in seconds.items()}
@@ -681,95 +686,44 @@ def run_isolated(job: Job, in_process: bool) -> dict:
         return pool.submit(run_job, job).result()
 
 
-def _ratio(a, b) -> Optional[float]:
-    return (
-        round(a / b, 4)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
-        else None
-    )
+def flatten(tree: dict, prefix: str = "") -> Dict[str, float]:
+    """Numeric leaves of a nested report as {"latency_ms.total.median": 12.3, ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix + key] = value
+    return flat
 
 
-def compute_ratios(task: str, ours: dict, other: Optional[dict]) -> Dict[str, Optional[float]]:
-    """ours / Mask R-CNN per figure (< 1: ours is faster or smaller)."""
+# The figure behind the top-level "ratio", and the rows of the printed table (fnmatch patterns).
+HEADLINE = {"inference": "latency_ms.total.median", "train": "iter_s.median"}
+HEADLINE["data"] = "loader_batch_s.median"  # same batches: the ratio of s per image
+TABLE = {
+    "inference": ["latency_ms.*.median", "postprocess_stages_ms.*", "calibration.*_*", "flops.*"],
+    "train": ["iter_s.*", "targets_ms.median", "targets_share"],
+    "data": ["images_per_s", "*_s.median"],
+}
+
+
+def compute_ratios(ours: dict, other: Optional[dict]) -> Dict[str, float]:
+    """ours / Mask R-CNN for every figure both have (< 1: ours is faster or smaller)."""
     if other is None:
         return {}
-    if task == "data":  # the loading process's memory says little (workers are separate)
-        return {"s_per_image": _ratio(other["images_per_s"], ours["images_per_s"])}
-    ratios = {
-        "peak_memory": _ratio(ours["memory_mb"]["peak"], other["memory_mb"]["peak"]),
-        "peak_memory_minus_before_model": _ratio(
-            ours["memory_mb"]["peak_minus_before_model"],
-            other["memory_mb"]["peak_minus_before_model"],
-        ),
-    }
-    if task == "train":
-        ratios["iter_s"] = _ratio(ours["iter_s"]["median"], other["iter_s"]["median"])
-        return ratios
-    for part in ours["latency_ms"]:
-        ratios[part] = _ratio(
-            ours["latency_ms"][part]["median"], other["latency_ms"][part]["median"]
-        )
-    ratios["backbone_head_gflops"] = _ratio(
-        ours["flops"]["backbone_head_gflops"], other["flops"]["backbone_head_gflops"]
-    )
-    return ratios
-
-
-HEADLINE = {"inference": "total", "train": "iter_s", "data": "s_per_image"}
-
-
-def table_rows(task: str) -> List[tuple]:
-    """(label, getter of a model's figure) rows of the printed table."""
-    memory = [
-        ("peak memory MB", lambda m: m["memory_mb"]["peak"]),
-        ("memory MB above pre-model", lambda m: m["memory_mb"]["peak_minus_before_model"]),
-    ]
-    if task == "data":
-        return [
-            ("images/s (loader)", lambda m: m["images_per_s"]),
-            ("s/batch (loader, median)", lambda m: m["loader_batch_s"]["median"]),
-            ("s/image (mapper, median)", lambda m: m["mapper_s"]["median"]),
-        ]
-    if task == "train":
-        return [
-            ("s/iter (median)", lambda m: m["iter_s"]["median"]),
-            ("s/iter (min)", lambda m: m["iter_s"]["min"]),
-            ("targets ms (median)", lambda m: m["targets_ms"]["median"]),
-            ("targets share of iter", lambda m: m["targets_share"]),
-        ] + memory
-    rows = [
-        (f"{p} ms (median)", lambda m, p=p: m["latency_ms"][p]["median"]) for p in INFERENCE_PARTS
-    ]
-    rows += [
-        (f"- postprocess {s} ms", lambda m, s=s: m["postprocess_stages_ms"][s])
-        for s in POSTPROCESS_STAGES
-    ]
-    rows += [
-        ("total ms (min)", lambda m: m["latency_ms"]["total"]["min"]),
-        ("candidates before NMS", lambda m: m["calibration"].get("candidates_before_nms")),
-        ("instances out", lambda m: m["calibration"]["instances_out"]),
-    ]
-    rows += [
-        (f"flops: {k}", lambda m, k=k: m["flops"].get(k))
-        for k in ("backbone_gflops", "head_gflops", "floor_ms", "efficiency")
-    ]
-    return rows + memory
+    a, b = flatten(ours), flatten(other)
+    return {k: round(a[k] / b[k], 4) for k in a if b.get(k)}
 
 
 def format_table(report: Report) -> str:
-    """One column per model, plus ours / Mask R-CNN."""
+    """The task's figures, one column per model, plus ours / Mask R-CNN."""
     from tabulate import tabulate
 
-    rows = []
-    for label, getter in table_rows(report.task):
-        values = []
-        for m in report.models.values():
-            try:
-                values.append(getter(m))
-            except (KeyError, TypeError):  # a figure this model does not have
-                values.append(None)
-        rows.append([label, *values] + ([_ratio(*values)] if len(values) == 2 else []))
-    headers = ["", *report.models] + (["ours / mask_rcnn"] if len(report.models) == 2 else [])
+    flat = {name: flatten(m) for name, m in report.models.items()}
+    patterns = TABLE[report.task] + ["memory_mb.peak*"]
+    keys = [k for p in patterns for k in flat["ours"] if fnmatch(k, p)]
+    rows = [[k, *(f.get(k) for f in flat.values()), report.ratios.get(k)] for k in keys]
+    headers = ["", *report.models, "ours / " + (report.compare or "-")]
     return tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4g")
 
 
@@ -791,7 +745,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         )  # fmt: skip
         # Data loaders fork their workers; from a spawned process those abort at shutdown.
         models[name] = run_isolated(job, args.in_process or args.task == "data")
-    ratios = compute_ratios(args.task, models["ours"], models.get("mask_rcnn"))
+    ratios = compute_ratios(models["ours"], models.get("mask_rcnn"))
     calibration = models["ours"].get("calibration") or {}
     report = Report(
         task=args.task,

@@ -107,7 +107,7 @@ def summary_rows(results: List[dict]) -> List[list]:
             else (lambda m: m["iter_s"]["median"] * 1000)
         )
         ours, other = report["models"]["ours"], report["models"].get("mask_rcnn")
-        memory = report["ratios"].get("peak_memory")
+        memory = report["ratios"].get("memory_mb.peak")
         met = None
         if report["ratio"] is not None:
             met = report["ratio"] <= TARGETS[task] and memory <= TARGETS["peak_memory"]
