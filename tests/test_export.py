@@ -1,12 +1,14 @@
 """Exported models (ONNX Runtime, TorchScript, torch.export .pt2) against eager inference, CPU."""
-import copy
-import logging
 
 import pytest
 import torch
 
 from detectron2.utils.visualizer import Visualizer
 
+import copy
+import logging
+from conftest import REPO_ROOT, load_script, shapes_cache, tiny_cfg
+from helpers import HEADS, build, force_candidates
 from solo.export import (
     ExportedModel,
     ExportError,
@@ -16,9 +18,6 @@ from solo.export import (
     pad_image,
 )
 from solo.nms import points_nms
-
-from conftest import REPO_ROOT, load_script, shapes_cache, tiny_cfg
-from helpers import HEADS, build, force_candidates
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
 
@@ -116,7 +115,9 @@ def test_exported_model_matches_eager_at_other_input_sizes(head_name, fmt, tmp_p
         assert actual.image_size == (out_h, out_w)
         assert actual.pred_masks.dtype == torch.bool and actual.pred_classes.dtype == torch.int64
         assert_same_predictions(expected, actual)
-        torch.testing.assert_close(actual.pred_boxes.tensor, expected.pred_boxes.tensor, atol=2, rtol=0)
+        torch.testing.assert_close(
+            actual.pred_boxes.tensor, expected.pred_boxes.tensor, atol=2, rtol=0
+        )
 
 
 def test_image_without_candidates_gives_typed_empty_instances(tmp_path):
@@ -160,7 +161,7 @@ def test_deformable_model_exports_to_pt2_and_is_refused_by_onnx(tmp_path):
         model, "pt2", str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
     )
     exported = ExportedModel(path)
-    (size, (out_h, out_w)) = OTHER_SIZES[0]
+    size, (out_h, out_w) = OTHER_SIZES[0]
     inputs = [{"image": image(size, 5), "height": out_h, "width": out_w}]
     (expected,) = eager(model, inputs)
     assert_same_predictions(expected, exported(inputs)[0]["instances"])
@@ -187,9 +188,7 @@ def test_export_tool_refuses_empty_and_missing_weights(export_tool, tmp_path):
         export_tool.main(common + ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
 
 
-def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(
-    export_tool, tmp_path
-):
+def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(export_tool, tmp_path):
     cfg = tiny_cfg("DecoupledSOLOHead")
     model = forced_model("DecoupledSOLOHead")
     weights = tmp_path / "model.pth"
@@ -205,31 +204,78 @@ def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(
         export_tool.main(argv + ["MODEL.WEIGHTS", str(weights), "MODEL.SOLO.NUM_CLASSES", "7"])
 
 
+def pseudo_ground_truth(dicts, model, per_image):
+    """The shapes images annotated with the eager model's own best ``per_image`` predictions:
+    its AP is then high, and any difference of the exported predictions lowers it."""
+    from pycocotools import mask as mask_util
+
+    from detectron2.data.detection_utils import read_image
+    from detectron2.structures import BoxMode
+
+    annotated = []
+    for d in dicts:
+        img = torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy())
+        (pred,) = eager(model, [{"image": img}])
+        pred = pred[:per_image]
+        rles = mask_util.encode(
+            pred.pred_masks.permute(1, 2, 0).numpy().astype("uint8").copy(order="F")
+        )
+        annotations = [
+            dict(
+                bbox=box.tolist(),
+                bbox_mode=BoxMode.XYXY_ABS,
+                category_id=int(label),
+                segmentation={"size": rle["size"], "counts": rle["counts"].decode()},
+                iscrowd=0,
+            )
+            for box, label, rle in zip(pred.pred_boxes.tensor, pred.pred_classes, rles)
+        ]
+        annotated.append(
+            {
+                **{k: d[k] for k in ("file_name", "height", "width", "image_id")},
+                "annotations": annotations,
+            }
+        )
+    return annotated
+
+
 def test_exported_shapes_model_coco_ap_equals_eager(tmp_path):
-    """inference_on_dataset + COCO evaluation + Visualizer run on an ExportedModel unchanged,
-    and give the eager AP."""
+    """inference_on_dataset, COCOEvaluator and Visualizer run on an ExportedModel unchanged and
+    give the eager model's COCO AP."""
+    from detectron2.data import (
+        DatasetCatalog,
+        DatasetMapper,
+        MetadataCatalog,
+        build_detection_test_loader,
+    )
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+    from solo import get_solo_cfg
     from solo.data.shapes import register_shapes_datasets
 
-    train_net = load_script("train_net.py", "train_net_for_export")
-    split = "shapes_val_export"
+    split, name = "shapes_val_export", "shapes_val_export_pseudo_gt"
+    cfg = get_solo_cfg(str(REPO_ROOT / "configs/Shapes/SOLOv2_R18.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SOLO.HEAD_CHANNELS", "64"])
+    model = build(cfg)
+    force_candidates(model)
+    model.eval()
     with shapes_cache(tmp_path / "shapes") as root:
-        register_shapes_datasets(str(root), splits={split: dict(num_images=6, seed=11)})
-        cfg = train_net.get_solo_cfg(str(REPO_ROOT / "configs/Shapes/SOLOv2_R18.yaml"), [])
-        cfg.merge_from_list(
-            ["MODEL.DEVICE", "cpu", "DATASETS.TEST", f"('{split}',)", "OUTPUT_DIR", str(tmp_path)]
-        )
-        cfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SOLO.HEAD_CHANNELS", "64"])
-        model = build(cfg)
-        force_candidates(model, logit=1.0)
-        model.eval()
-        eager_results = train_net.Trainer.test(cfg, model)
+        register_shapes_datasets(str(root), splits={split: dict(num_images=4, seed=11)})
+        dicts = pseudo_ground_truth(DatasetCatalog.get(split), model, per_image=15)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
+    try:
+        loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, is_train=False))
         exported = ExportedModel(export_model(model, "onnx", str(tmp_path), max_candidates=4000))
-        exported_results = train_net.Trainer.test(cfg, exported)
-    assert eager_results["segm"]["AP"] > 0
-    for task in ("bbox", "segm"):
-        assert exported_results[task]["AP"] == pytest.approx(eager_results[task]["AP"], abs=1e-6)
+        results = {}
+        for key, predictor in (("eager", model), ("exported", exported)):
+            evaluator = COCOEvaluator(name, tasks=("segm",), output_dir=str(tmp_path / key))
+            results[key] = inference_on_dataset(predictor, loader, evaluator)["segm"]
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert results["eager"]["AP"] > 20
+    assert results["exported"] == pytest.approx(results["eager"], abs=1e-6)
     instances = exported([{"image": image((128, 160), 6)}])[0]["instances"]
-    drawing = Visualizer(image((128, 160), 6).permute(1, 2, 0).numpy()).draw_instance_predictions(
-        instances
-    )
-    assert drawing.get_image().shape == (128, 160, 3)
+    canvas = Visualizer(image((128, 160), 6).permute(1, 2, 0).numpy())
+    assert canvas.draw_instance_predictions(instances).get_image().shape == (128, 160, 3)

@@ -16,12 +16,12 @@ exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must fit the config
 empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the tool out).
 """
 
+import torch
+
 import argparse
 import logging
 import os
 import sys
-
-import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (os.path.join(_REPO, "projects", "SOLO"), _REPO):
@@ -36,8 +36,8 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from solo import get_solo_cfg  # noqa: E402
 from solo.checkpoint import SOLOCheckpointer  # noqa: E402
-from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions  # noqa: E402
 from solo.export import export_model  # noqa: E402
+from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions  # noqa: E402
 
 logger = logging.getLogger("solo.export_model")
 
@@ -148,8 +148,8 @@ def run_eval(cfg, exported: ExportedModel):
     evaluators (``inference_on_dataset`` calls it like the model)."""
     from detectron2.utils.logger import setup_logger as _setup
 
-    from train_net import Trainer
     from solo.data import register_builtin_datasets
+    from train_net import Trainer
 
     _setup(name="detectron2")
     register_builtin_datasets()

@@ -40,18 +40,19 @@ Outside the graph (cheap and size-dependent, as in eager inference): padding the
 upsampling, cropping and thresholding the masks, and their boxes. Greedy ``NMS_TYPE: mask`` has a
 data-dependent number of steps and is refused.
 """
-import copy
-import json
-import logging
-import os
-import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from detectron2.structures import Boxes, Instances
+
+import copy
+import json
+import logging
+import os
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .heads import SOLOHeadBase
 from .heads.decoupled_head import DecoupledSOLOHead, DecoupledSOLOLightHead
@@ -535,7 +536,7 @@ class ExportedModel:
             import onnxruntime as ort
         except ImportError as e:
             raise ExportError(
-                f"Running {self.path} needs onnxruntime: pip install -e .[export] \"numpy<2\""
+                f'Running {self.path} needs onnxruntime: pip install -e .[export] "numpy<2"'
             ) from e
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.num_threads
