@@ -84,13 +84,10 @@ def test_same_seed_writes_byte_identical_json_and_images(tmp_path):
         shapes.generate_shapes_split(str(tmp_path / name), ShapesSplit("s", 12, seed, SMALL))
     files_a, files_b = _file_bytes(tmp_path / "a", "s"), _file_bytes(tmp_path / "b", "s")
     files_c = _file_bytes(tmp_path / "c", "s")
-    assert sorted(files_a) == [os.path.join("annotations", "instances_s.json")] + [
-        os.path.join("s", f"{i:06d}.png") for i in range(12)
-    ]
+    json_file = os.path.join("annotations", "instances_s.json")
+    assert sorted(files_a) == [json_file] + [os.path.join("s", f"{i:06d}.png") for i in range(12)]
     assert files_a == files_b
-    assert files_a[os.path.join("annotations", "instances_s.json")] != files_c[
-        os.path.join("annotations", "instances_s.json")
-    ]
+    assert files_a[json_file] != files_c[json_file]
     assert sum(files_a[k] != files_c[k] for k in files_a) >= 10
 
 
