@@ -446,12 +446,13 @@ def test_exif_rotated_photo_annotated_on_its_raw_pixels_keeps_masks_on_the_objec
 
 
 def test_truncated_image_error_names_dataset_file_and_cause_not_the_annotations(tmp_path):
+    """Even when the record also has a bad annotation, the reader's failure is what is said."""
     path = tmp_path / "cut.png"
     write_image(path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError) as info:
-        make_mapper()(record(str(path), annotations=[annotation(5, 5, 30, 30)]))
+        make_mapper()(record(str(path), annotations=[annotation(5, 5, 30, 30, category=9)]))
     message = str(info.value)
     assert f"dataset '{DATASET}', image '{path}'" in message
     assert "truncated or corrupt" in message and "annotation" not in message.lower()

@@ -72,8 +72,10 @@ class SOLODatasetMapper(DatasetMapper):
         except Exception as e:
             # Exceptions propagate through Detectron2's MapDataset (only a None result is
             # retried with another image), so this message is what the user sees.
-            if self.is_train:
-                try:  # an invalid annotation explains the failure better than its symptom
+            # Reading errors (OSError, SizeMismatchError) are the reader's own; other failures
+            # of a training record are explained by its invalid annotation, if it has one.
+            if self.is_train and not isinstance(e, (OSError, utils.SizeMismatchError)):
+                try:
                     check_record(
                         dataset_dict, self.dataset_name, self.num_classes, self.use_instance_mask
                     )
