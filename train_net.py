@@ -10,6 +10,7 @@ also runs on machines without CUDA (``MODEL.DEVICE`` falls back to ``cpu``, DDP 
 """
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 
 import detectron2.utils.comm as comm
@@ -107,7 +108,11 @@ class Trainer(DefaultTrainer):
         # Before the (possibly long) model and dataset construction; MODEL.WEIGHTS is checked
         # in resume_or_load, which knows whether it is used.
         check_run_config(cfg, train=True, world_size=comm.get_world_size(), uses_weights=False)
-        with cpu_ddp_without_device_ids():
+        with cpu_ddp_without_device_ids(), warnings.catch_warnings():
+            if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+                # The CUDA AMPTrainer built here is replaced below; its GradScaler would warn.
+                warnings.filterwarnings("ignore", ".*GradScaler", category=UserWarning)
+                warnings.filterwarnings("ignore", ".*GradScaler", category=FutureWarning)
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:  # Detectron2 built its CUDA-only AMPTrainer
             self._trainer = trainer_for_cpu_amp(self._trainer)

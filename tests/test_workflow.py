@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from detectron2.engine import SimpleTrainer, default_argument_parser
@@ -234,6 +235,9 @@ def test_every_evaluation_reaches_metrics_json(train_net, shapes_root, tmp_path)
     run_main(train_net, argv(tmp_path, *opts))
     evaluated = [m["iteration"] for m in read_metrics(tmp_path) if "segm/AP" in m]
     assert evaluated == [1, 3, 6]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("segm/AP")] == [1, 3, 6]
 
 
 def test_two_runs_in_one_process_keep_their_own_logs(train_net, shapes_root, tmp_path):
