@@ -9,7 +9,6 @@ This is Detectron2's own ``tools/train_net.py`` with the SOLO config and a COCO 
 also runs on machines without CUDA (``MODEL.DEVICE`` falls back to ``cpu``, DDP over gloo).
 """
 import logging
-import os
 import warnings
 from contextlib import contextmanager
 
@@ -17,18 +16,14 @@ import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.engine import defaults as engine_defaults
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from solo import get_solo_cfg
 from solo.checkpoint import SOLOCheckpointer
-from solo.data import (
-    SOLODatasetMapper,
-    ensure_shapes_dataset,
-    load_dataset_dicts,
-    register_builtin_datasets,
-)
+from solo.data import SOLODatasetMapper, load_dataset_dicts, register_builtin_datasets
 from solo.engine import trainer_for_cpu_amp
+from solo.evaluation import build_solo_evaluator
 from solo.run_checks import (
     check_run_config,
     check_weights_file,
@@ -61,23 +56,6 @@ def cpu_ddp_without_device_ids():
         yield
     finally:
         engine_defaults.create_ddp_model = create
-
-
-class SOLOCOCOEvaluator(COCOEvaluator):
-    """COCOEvaluator that reports 0 AP (not NaN) when the model predicts nothing at all.
-
-    With no detections, precision is 0 at every recall level, which is what COCO's own
-    evaluation gives a category that has ground truth but no detections; Detectron2 only skips
-    pycocotools (which cannot load an empty result list) and returns NaN, which then breaks
-    best-checkpoint selection and plots.
-    """
-
-    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
-        results = super()._derive_coco_results(coco_eval, iou_type, class_names)
-        if coco_eval is None:
-            self._logger.warning(f"No {iou_type} predictions above the score threshold: AP is 0.")
-            results = {metric: 0.0 for metric in results}
-        return results
 
 
 class WriteAfterEvaluation(hooks.HookBase):
@@ -215,11 +193,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        # COCOEvaluator reads the annotation file directly: make sure a built-in dataset exists.
-        ensure_shapes_dataset(dataset_name)
-        return SOLOCOCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
+        return build_solo_evaluator(cfg, dataset_name, output_folder)
 
 
 # Loggers a run writes to log.txt; the handlers that setup() adds to them belong to that run.
