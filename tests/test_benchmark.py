@@ -108,6 +108,42 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     )
 
 
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_exported_runtime_is_timed_next_to_eager_with_the_same_instances(
+    benchmark, tmp_path, runtime
+):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", runtime)
+    assert set(report["models"]) == {"ours", f"ours_{runtime}"} and report["runtime"] == runtime
+    eager, exported = report["models"]["ours"], report["models"][f"ours_{runtime}"]
+    assert exported["runtime"] == runtime and exported["export_file_mb"] > 0
+    # The exported graph sees the same calibrated weights: the same number of instances out.
+    assert exported["calibration"]["instances_out"] == eager["calibration"]["instances_out"] > 0
+    assert exported["calibration"]["candidates"] <= exported["calibration"]["max_candidates"]
+    expected = exported["latency_ms"]["total"]["median"] / eager["latency_ms"]["total"]["median"]
+    assert report["runtime_ratio"] == pytest.approx(expected, rel=1e-3)
+    assert report["ratio"] is None
+
+
+def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path, monkeypatch):
+    def failing_tracer(*args):
+        raise RuntimeError("tracer failed")
+
+    monkeypatch.setattr(benchmark, "count_gflops", failing_tracer)
+    report = run(benchmark, tmp_path, "--task", "inference")
+    ours = report["models"]["ours"]
+    assert ours["flops"] == {"error": "RuntimeError: tracer failed"}
+    assert ours["latency_ms"]["total"]["median"] > 0
+
+
+def test_runtime_other_than_pytorch_is_refused_outside_inference(benchmark):
+    with pytest.raises(SystemExit, match="times inference only"):
+        benchmark.main(
+            ["--config-file", TINY_CONFIG, "--task", "train", "--runtime", "onnxruntime"]
+        )
+
+
 def test_train_report_times_the_step_and_the_target_assignment(benchmark, tmp_path):
     report = run(
         benchmark, tmp_path, "--task", "train", "--batch-size", "1", "--instances-per-image", "5"

@@ -45,6 +45,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -59,6 +60,7 @@ MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
 POSTPROCESS_STAGES = ("candidates", "mask_probs", "nms", "paste")  # solo.postprocess.<stage>
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
+EXPORT_FORMATS = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # --runtime: file format
 TRAIN_LR = 0.0  # the step costs the same at any lr; random weights diverge at a useful one
 
 
@@ -83,6 +85,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-process", action="store_true", help="no subprocess per model")
     parser.add_argument(
+        "--runtime",
+        choices=("pytorch", *EXPORT_FORMATS),
+        default="pytorch",
+        help="inference: also time ours exported to this runtime (solo.export), next to eager",
+    )
+    parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs for the SOLO config"
     )
     return parser
@@ -99,6 +107,8 @@ def check_args(args: argparse.Namespace):
         raise SystemExit(
             "--device cuda: CUDA is not available on this machine (torch sees no GPU)."
         )
+    if args.runtime != "pytorch" and args.task != "inference":
+        raise SystemExit(f"--runtime {args.runtime} times inference only; use --task inference.")
     if len(args.opts) % 2:
         raise SystemExit(f"--opts needs KEY VALUE pairs, got {args.opts}.")
 
@@ -120,6 +130,7 @@ class Job:
     instances_per_image: int
     seed: int
     conv_gflops_per_s: Optional[float]
+    runtime: str = "pytorch"  # or an exported model's runtime (solo.export)
 
 
 @dataclass
@@ -153,6 +164,8 @@ class Report:
     machine: dict
     conv_probe: Optional[dict]
     ratio: Optional[float]  # ours / Mask R-CNN: total latency, s/iter or s/image
+    runtime: str  # "pytorch", or the runtime of models["ours_<runtime>"]
+    runtime_ratio: Optional[float]  # exported / eager total latency
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
     candidates_before_nms: Optional[int] = None
@@ -453,6 +466,21 @@ def postprocess_stages(postprocess: Callable, calls: int) -> Dict[str, float]:
     return {s: round(totals[n] / 1000 / calls, 3) for s, n in zip(POSTPROCESS_STAGES, names)}
 
 
+def flops_report(gflops: Dict[str, float], latency: Dict[str, Stats], rate: Optional[float]):
+    """GFLOPs per part, and with the conv probe's GFLOP/s ``rate`` the floor (FLOPs at that
+    throughput) and efficiency = floor / measured."""
+    flops = {f"{k}_gflops": round(v, 3) for k, v in gflops.items()}
+    flops["backbone_head_gflops"] = round(sum(gflops.values()), 3)
+    if rate:
+        measured = latency["backbone"].median + latency["head"].median
+        flops["floor_ms"] = round(sum(gflops.values()) / rate * 1000, 3)
+        flops["efficiency"] = round(flops["floor_ms"] / measured, 4)
+        flops["per_part_efficiency"] = {
+            k: round(v / rate * 1000 / latency[k].median, 4) for k, v in gflops.items()
+        }
+    return flops
+
+
 def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     from benchmark_calibration import calibrate_mask_rcnn, calibrate_solo
 
@@ -460,6 +488,8 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     batched[0]["width"] = job.input_size[1]
     calibrate = calibrate_mask_rcnn if job.model == "mask_rcnn" else calibrate_solo
     calibration = calibrate(model, batched)
+    if job.runtime != "pytorch":
+        return run_exported(job, model, batched, calibration, memory)
     memory.start()
     with torch.no_grad():
         parts, part_gflops = inference_parts(job, model, batched)
@@ -468,29 +498,49 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
         if job.model != "mask_rcnn":
             stages = postprocess_stages(parts["postprocess"], job.repeats)
         memory_report = memory.report()
-        gflops = part_gflops()
     latency = {p: Stats.of(s) for p, s in seconds.items()}
-    latency["parts_sum"] = Stats(
-        *(
-            round(sum(getattr(latency[p], k) for p in INFERENCE_PARTS[:-1]), 3)
-            for k in asdict(latency["total"])
-        )
+    sums = (
+        sum(getattr(latency[p], k) for p in INFERENCE_PARTS[:-1]) for k in ("median", "mean", "min")
     )
-    flops = {f"{k}_gflops": round(v, 3) for k, v in gflops.items()}
-    flops["backbone_head_gflops"] = round(sum(gflops.values()), 3)
-    rate = job.conv_gflops_per_s
-    if rate:  # floor = FLOPs at the probe's throughput; efficiency = floor / measured
-        measured = latency["backbone"].median + latency["head"].median
-        flops["floor_ms"] = round(sum(gflops.values()) / rate * 1000, 3)
-        flops["efficiency"] = round(flops["floor_ms"] / measured, 4)
-        flops["per_part_efficiency"] = {
-            k: round(v / rate * 1000 / latency[k].median, 4) for k, v in gflops.items()
-        }
+    latency["parts_sum"] = Stats(*(round(v, 3) for v in sums))
+    try:  # the timings stand without FLOPs: a tracer failure is reported, not fatal
+        flops = flops_report(part_gflops(), latency, job.conv_gflops_per_s)
+    except Exception as e:  # noqa: B902
+        logger.warning(f"{job.model}: fvcore could not count FLOPs ({type(e).__name__}: {e})")
+        flops = {"error": f"{type(e).__name__}: {e}"}
     return {
         "latency_ms": {k: asdict(v) for k, v in latency.items()},
         "postprocess_stages_ms": stages,
         "calibration": calibration,
         "flops": flops,
+        "memory_mb": memory_report,
+    }
+
+
+def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTracker) -> dict:
+    """End-to-end latency of the calibrated model exported (``solo.export``) to ``job.runtime``:
+    the same weights and input as the eager run, called like the model."""
+    from solo.export import ExportedModel, export_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fmt = EXPORT_FORMATS[job.runtime]
+        path = export_model(model, fmt, tmp, sample_image=batched[0]["image"])
+        exported = ExportedModel(path, device=job.device, num_threads=job.threads)
+        file_mb = round(os.path.getsize(path) / 2**20, 1)
+    memory.start()
+    seconds = measure(lambda: exported(batched), job)
+    memory_report = memory.report()
+    calibration = {
+        **calibration,
+        "instances_out": len(exported(batched)[0]["instances"]),
+        "candidates": exported.last_num_candidates[0],
+        "max_candidates": exported.max_candidates,  # K0 of the graph
+    }
+    return {
+        "runtime": job.runtime,
+        "export_file_mb": file_mb,
+        "latency_ms": {"total": asdict(Stats.of(seconds))},
+        "calibration": calibration,
         "memory_mb": memory_report,
     }
 
@@ -736,12 +786,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         probe = conv_probe(args.input_size, args.device, args.threads)
         logger.info(f"Conv probe: {probe['gflops_per_s']} GFLOP/s")
     models = {}
-    for name in ["ours"] + ([args.compare] if args.compare else []):
+    exported = f"ours_{args.runtime}"
+    names = ["ours"] + ([exported] if args.runtime != "pytorch" else [])
+    for name in names + ([args.compare] if args.compare else []):
         logger.info(f"Measuring {name} ({args.task}) ...")
         job = Job(
             name, args.task, args.config_file, tuple(args.opts), args.device, args.threads,
             tuple(args.input_size), args.batch_size, args.repeats, args.warmup,
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
+            args.runtime if name == exported else "pytorch",
         )  # fmt: skip
         # Data loaders fork their workers; from a spawned process those abort at shutdown.
         models[name] = run_isolated(job, args.in_process or args.task == "data")
@@ -759,6 +812,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         machine=machine_info(args.threads, args.device),
         conv_probe=probe,
         ratio=ratios.get(HEADLINE[args.task]),
+        runtime=args.runtime,
+        runtime_ratio=compute_ratios(models.get(exported, {}), models["ours"]).get(
+            "latency_ms.total.median"
+        ),
         ratios=ratios,
         models=models,
         candidates_before_nms=calibration.get("candidates_before_nms"),
@@ -767,6 +824,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(format_table(report))
     if report.ratio is not None:
         print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}")
+    if report.runtime_ratio is not None:
+        print(f"ratio {args.runtime} / pytorch (inference): {report.runtime_ratio}")
     result = asdict(report)
     if args.json:
         with open(args.json, "w") as f:
