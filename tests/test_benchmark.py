@@ -67,6 +67,8 @@ def run(benchmark, tmp_path, *args):
     machine = report["machine"]
     assert machine["threads"] == 1 and machine["device"] == "cpu" and machine["cpu_model"]
     for model in report["models"].values():
+        if "error" in model:
+            continue
         memory = model["memory_mb"]
         assert memory["kind"] == "rss" and memory["peak"] > 0
         assert memory["peak_minus_before_model"] == pytest.approx(
@@ -135,6 +137,17 @@ def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path
     ours = report["models"]["ours"]
     assert ours["flops"] == {"error": "RuntimeError: tracer failed"}
     assert ours["latency_ms"]["total"]["median"] > 0
+
+
+def test_a_failed_export_is_reported_and_keeps_the_eager_figures(benchmark, tmp_path, monkeypatch):
+    def failing_export(*args):
+        raise ValueError("cannot export this model")
+
+    monkeypatch.setattr(benchmark, "run_exported", failing_export)
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "torchscript")
+    assert "cannot export this model" in report["models"]["ours_torchscript"]["error"]
+    assert report["runtime_ratio"] is None
+    assert report["models"]["ours"]["latency_ms"]["total"]["median"] > 0
 
 
 def test_runtime_other_than_pytorch_is_refused_outside_inference(benchmark):

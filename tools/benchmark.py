@@ -797,7 +797,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.runtime if name == exported else "pytorch",
         )  # fmt: skip
         # Data loaders fork their workers; from a spawned process those abort at shutdown.
-        models[name] = run_isolated(job, args.in_process or args.task == "data")
+        try:
+            models[name] = run_isolated(job, args.in_process or args.task == "data")
+        except Exception as e:  # noqa: B902 - an export failure keeps the other figures
+            if name != exported:
+                raise
+            logger.error(f"{name} failed, reported in the JSON: {type(e).__name__}: {e}")
+            models[name] = {"name": name, "runtime": args.runtime, "error": f"{e!r}"}
     ratios = compute_ratios(models["ours"], models.get("mask_rcnn"))
     calibration = models["ours"].get("calibration") or {}
     report = Report(

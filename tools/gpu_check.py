@@ -41,6 +41,7 @@ BENCHMARKS = [
         24,
     ),
 ]
+RUNTIME = {"SOLOv2-light R50 448 inference": "torchscript"}  # exported model timed alongside
 TARGETS = {"inference": 0.8, "train": 1.0, "peak_memory": 1.2}  # ours / Mask R-CNN, at most
 REPEATS = {"inference": 20, "train": 10}  # enough for stable medians at GPU speed
 
@@ -79,7 +80,7 @@ def run_tests() -> dict:
     return {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1), **counts}
 
 
-def run_benchmark(config, task, size, compare, threads) -> Optional[dict]:
+def run_benchmark(config, task, size, compare, threads, runtime="pytorch") -> Optional[dict]:
     """One ``tools/benchmark.py --device cuda`` run (its output streams through); its report,
     or None when it failed."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +89,7 @@ def run_benchmark(config, task, size, compare, threads) -> Optional[dict]:
         command += ["--device", "cuda", "--input-size", *map(str, size), "--batch-size", "2"]
         command += ["--repeats", str(REPEATS[task]), "--warmup", "5", "--threads", str(threads)]
         command += ["--compare", "mask_rcnn"] if compare else []
+        command += ["--runtime", runtime]
         if subprocess.run(command + ["--json", report], cwd=REPO_ROOT).returncode != 0:
             return None
         with open(report) as f:
@@ -123,6 +125,12 @@ def summary_rows(results: List[dict]) -> List[list]:
                 r["official_v100_ms"],
             ]
         )
+        runtime = report.get("runtime", "pytorch")
+        if runtime != "pytorch":  # the exported model; its ratio is to eager PyTorch
+            exported = report["models"][f"ours_{runtime}"]
+            ms = figure(exported) if "latency_ms" in exported else "FAILED"
+            rows.append([f"- exported, {runtime} (ratio: to eager)", ms, None])
+            rows[-1] += [report["runtime_ratio"], None, 1.0, None, None]
     return rows
 
 
@@ -136,7 +144,9 @@ def main(argv=None) -> int:
     results = []
     for name, config, task, size, compare, official in BENCHMARKS:
         print(f"\n=== {name}: {config} {task} {size[0]}x{size[1]} ===", flush=True)
-        bench = run_benchmark(config, task, size, compare, args.threads)
+        bench = run_benchmark(
+            config, task, size, compare, args.threads, RUNTIME.get(name, "pytorch")
+        )
         results.append({"name": name, "task": task, "official_v100_ms": official, "report": bench})
     report["benchmarks"] = results
     report["seconds"] = round(time.perf_counter() - start, 1)
