@@ -13,19 +13,12 @@ Examples (run from the repository root)::
     # data loading (Detectron2's DataLoaderBenchmark) on the built-in shapes dataset
     python tools/benchmark.py --config-file configs/Shapes/SOLOv2_R18.yaml --task data
 
-Models have random weights (nothing is downloaded) and are calibrated first so that their
-post-processing does a trained model's work (tools/benchmark_calibration.py; what was done is in
-the JSON's "calibration"). Each model is measured in a fresh ``spawn`` process (its own peak
-memory; ``--in-process`` to disable; ``--task data`` always runs in-process). Times come from
-``torch.utils.benchmark.Timer`` (synchronised on GPU): ``--warmup`` untimed calls, then
-``blocked_autorange`` for about ``--repeats`` calls; median, mean and min are reported. SOLO's
-post-processing stages are read from its ``torch.profiler.record_function`` ranges
-(``solo.postprocess.*``) and its candidate count from the ``solo/num_candidates`` event-storage
-scalar. FLOPs (fvcore: one multiply-add = one flop) are counted per part (backbone, head) and
-turned into a floor with the measured throughput of a 3x3 conv 256 -> 256 at stride 4 of the
-input: floor_ms = GFLOPs / (GFLOP/s), efficiency = floor / measured. Training: forward + backward
-+ the config's optimizer step with lr 0 (the full step, and every iteration sees the same
-weights). The JSON report is :class:`Report` (times in ms unless named ``_s``, memory in MB).
+Models have random weights (nothing is downloaded), calibrated first so that post-processing
+does a trained model's work (tools/benchmark_calibration.py); each runs in a fresh ``spawn``
+process (its own peak memory) unless ``--in-process``. Times: ``torch.utils.benchmark.Timer``;
+SOLO's post-processing stages: its ``solo.postprocess.*`` profiler ranges; FLOPs: fvcore per
+part. The protocol is in README ("Benchmark"); the JSON report is :class:`Report` (times in ms
+unless named ``_s``, memory in MB).
 """
 
 import numpy as np
@@ -168,8 +161,6 @@ class Report:
     runtime_ratio: Optional[float]  # exported / eager total latency
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
-    candidates_before_nms: Optional[int] = None
-    instances_out: Optional[int] = None
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
 
@@ -245,13 +236,7 @@ class MemoryTracker:
         if self.cuda:
             kind, peak = "cuda_max_allocated", torch.cuda.max_memory_allocated() / 2**20
         else:
-            import resource  # lifetime peak where /proc is missing
-
-            kind = "rss"
-            peak = (
-                _proc_status_mb("VmHWM")
-                or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            )
+            kind, peak = "rss", _proc_status_mb("VmHWM") or 0.0  # Linux: /proc
         return {
             "kind": kind,
             "peak": round(peak, 1),
@@ -805,7 +790,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             logger.error(f"{name} failed, reported in the JSON: {type(e).__name__}: {e}")
             models[name] = {"name": name, "runtime": args.runtime, "error": f"{e!r}"}
     ratios = compute_ratios(models["ours"], models.get("mask_rcnn"))
-    calibration = models["ours"].get("calibration") or {}
     report = Report(
         task=args.task,
         config_file=args.config_file,
@@ -824,8 +808,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ),
         ratios=ratios,
         models=models,
-        candidates_before_nms=calibration.get("candidates_before_nms"),
-        instances_out=calibration.get("instances_out"),
     )
     print(format_table(report))
     if report.ratio is not None:
