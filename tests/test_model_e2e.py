@@ -4,46 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detectron2.modeling import build_model
 from detectron2.structures import BitMasks
 from detectron2.utils.events import EventStorage
 
 from conftest import CONFIG_DIR, random_batch, solo_cfg, tiny_cfg
+from helpers import HEADS, build, force_candidates, train_step
 
-HEADS = ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "SOLOv2Head"]
 ZOO_CONFIGS = sorted(
     str(p.relative_to(CONFIG_DIR))
     for family in ("SOLO", "DecoupledSOLO", "SOLOv2")
     for p in (CONFIG_DIR / family).glob("*.yaml")
     if not p.name.startswith("Base-")
 )
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def train_step(model, batch):
-    model.train()
-    with EventStorage():
-        losses = model(batch)
-        total = sum(losses.values())
-        model.zero_grad()
-        total.backward()
-    return losses
-
-
-def force_candidates(model, logit=4.0):
-    """Random weights give no confident cell; a high category bias makes every cell a
-    candidate, and mask biases make masks cover part of the image, so that inference exercises
-    the full post-processing."""
-    head = model.head
-    with torch.no_grad():
-        head.cate_pred.bias.fill_(logit)
-        mask_preds = [getattr(head, n, []) for n in ("mask_preds", "mask_preds_x", "mask_preds_y")]
-        for conv in [c for preds in mask_preds for c in preds]:
-            conv.bias.fill_(1.0 if hasattr(head, "mask_preds") else 2.0)
 
 
 @pytest.mark.parametrize("config_file", ZOO_CONFIGS)
@@ -123,7 +95,7 @@ def test_inference_output_format_and_sizes(head_name):
     assert [o["instances"].image_size for o in outputs] == [(194, 266), (64, 80)]
     for out in outputs:
         inst = out["instances"]
-        assert 0 < len(inst) <= cfg.MODEL.SOLO.MAX_PER_IMAGE
+        assert 0 < len(inst) <= cfg.TEST.DETECTIONS_PER_IMAGE
         assert inst.pred_masks.dtype == torch.bool
         assert inst.pred_masks.shape[1:] == inst.image_size
         assert inst.pred_classes.dtype == torch.int64
@@ -149,8 +121,8 @@ def test_inference_without_candidates_returns_typed_empty_instances(head_name):
     assert inst.pred_boxes.tensor.shape == (0, 4)
 
 
-def test_max_per_image_caps_the_output():
-    cfg = tiny_cfg("SOLOv2Head", opts=["MODEL.SOLO.MAX_PER_IMAGE", 7])
+def test_detections_per_image_caps_the_output():
+    cfg = tiny_cfg("SOLOv2Head", opts=["TEST.DETECTIONS_PER_IMAGE", 7])
     model = build(cfg)
     force_candidates(model)
     model.eval()
@@ -197,8 +169,9 @@ def test_channels_last_on_cpu_gives_the_same_losses_gradients_and_predictions(he
     for a, b in zip(*results):
         a, b = a["instances"], b["instances"]
         assert len(a) == len(b) > 0
-        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
-        # Masks may differ only where a probability is within rounding of the threshold.
+        # Masks may differ only where a probability is within rounding of the threshold; such a
+        # stride-4 pixel changes the maskness (and score) of a small mask by about 1 / area.
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=3e-3)
         assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
 
 

@@ -4,6 +4,7 @@ Real heads answer ``inference_mask_probs``; the reference is ``reference_seg_sin
 official ``get_seg_single`` for one image fed with *all* cells' soft masks (checked against the
 official computation: every channel sigmoided and upsampled to stride 4).
 """
+import functools
 import math
 
 import numpy as np
@@ -11,92 +12,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from detectron2.utils.events import EventStorage
+
+from helpers import (
+    EMBED,
+    GRIDS,
+    HEAD_ARGS,
+    IMAGE_SIZES,
+    LEVEL_STRIDES,
+    NUM_CLASSES,
+    OUTPUT_SIZES,
+    PADDED,
+    STRIDE4,
+    identity_conv,
+    make_head,
+    mask_probs_of,
+    random_outputs,
+)
 from reference_solo import reference_seg_single
-from solo.heads import DecoupledSOLOHead, HeadOutputs, SOLOHead, SOLOv2Head
+from solo.heads import HeadOutputs, SOLOHead
+from solo.nms import points_nms
 from solo.postprocess import SOLOPostProcessor
-
-NUM_CLASSES = 3
-GRIDS = [12, 8, 6]
-LEVEL_STRIDES = [8, 16, 32]  # SOLO mask strides 4, 8, 16
-PADDED = (64, 96)
-STRIDE4 = (16, 24)
-IMAGE_SIZES = [(60, 90), (64, 72)]
-OUTPUT_SIZES = [(60, 90), (32, 36)]  # first at image size, second downscaled
-EMBED = 8  # SOLOv2 kernel / mask feature channels
-
-HEAD_ARGS = dict(in_channels=32, num_classes=NUM_CLASSES, num_grids=GRIDS, channels=32, num_convs=1)
-
-
-def make_head(kind):
-    if kind == "solo":
-        # The crafted SOLO outputs are the S^2 mask logits themselves: identity 1x1 mask convs
-        # make the head's per-cell kernels read them back channel by channel.
-        head = SOLOHead(**HEAD_ARGS)
-        head.mask_preds = torch.nn.ModuleList(identity_conv(s * s) for s in GRIDS)
-        return head
-    if kind == "decoupled":
-        return DecoupledSOLOHead(**HEAD_ARGS)
-    return SOLOv2Head(
-        **HEAD_ARGS, mask_in_features_count=2, mask_kernel_channels=32, mask_feature_channels=32
-    )
-
-
-def identity_conv(channels):
-    conv = torch.nn.Conv2d(channels, channels, 1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.eye(channels)[:, :, None, None])
-        conv.bias.zero_()
-    return conv
-
-
-def blob_logits(rng, n, size, centres, axis=None):
-    """(n, h, w) logits of blobs around a few shared centres (so that masks overlap):
-    ``amplitude * (1 - d^2 / r^2)``, d measured along ``axis`` only if given (decoupled X/Y)."""
-    h, w = size
-    yy, xx = np.mgrid[:h, :w]
-    yy, xx = (yy + 0.5) / h, (xx + 0.5) / w
-    out = np.empty((n, h, w), dtype=np.float32)
-    for k in range(n):
-        cy, cx = centres[rng.integers(0, len(centres))] + rng.normal(0, 0.03, 2)
-        r = rng.uniform(0.05, 0.35)
-        d2 = {None: (yy - cy) ** 2 + (xx - cx) ** 2, "x": (xx - cx) ** 2, "y": (yy - cy) ** 2}[axis]
-        out[k] = rng.uniform(2, 6) * (1 - d2 / r**2)
-    return np.maximum(out, -8)
-
-
-def random_outputs(kind, seed, batch=2, cate_mean=-3.0):
-    """Head outputs whose masks are blobs around 4 object centres per image."""
-    rng = np.random.default_rng(seed)
-    cate = [
-        torch.from_numpy(rng.normal(cate_mean, 1.5, (batch, NUM_CLASSES, s, s)).astype(np.float32))
-        for s in GRIDS
-    ]
-    centres = [rng.uniform(0.15, 0.85, (4, 2)) for _ in range(batch)]
-    if kind == "solo":
-        masks = []
-        for s, stride in zip(GRIDS, (4, 8, 16)):
-            size = (PADDED[0] // stride, PADDED[1] // stride)
-            masks.append(
-                torch.from_numpy(np.stack([blob_logits(rng, s * s, size, c) for c in centres]))
-            )
-        return HeadOutputs(cate, masks)
-    if kind == "decoupled":
-        xy = []
-        for s, stride in zip(GRIDS, (4, 8, 16)):
-            size = (PADDED[0] // stride, PADDED[1] // stride)
-            x = np.stack([blob_logits(rng, s, size, c, "x") for c in centres])
-            y = np.stack([blob_logits(rng, s, size, c, "y") for c in centres])
-            xy.append((torch.from_numpy(x), torch.from_numpy(y)))
-        return HeadOutputs(cate, xy)
-    # SOLOv2: mask feature channel e is a blob, each cell's kernel mostly picks one channel.
-    features = torch.from_numpy(np.stack([blob_logits(rng, EMBED, STRIDE4, c) for c in centres]))
-    kernels = []
-    for s in GRIDS:
-        k = rng.normal(0, 0.05, (batch, EMBED, s, s))
-        pick = rng.integers(0, EMBED, (batch, s, s))
-        np.put_along_axis(k, pick[:, None], rng.uniform(0.8, 1.2, (batch, 1, s, s)), axis=1)
-        kernels.append(torch.from_numpy(k.astype(np.float32)))
-    return HeadOutputs(cate, (kernels, features))
 
 
 def official_seg_preds(kind, outputs, image):
@@ -121,7 +57,8 @@ def official_seg_preds(kind, outputs, image):
 
 def run_ours(kind, outputs, image_sizes=IMAGE_SIZES, output_sizes=OUTPUT_SIZES, **kwargs):
     post = SOLOPostProcessor(**{"min_mask_areas": LEVEL_STRIDES, **kwargs})
-    return post(make_head(kind), outputs, PADDED, image_sizes, output_sizes)
+    mask_probs = mask_probs_of(kind, outputs)
+    return post(outputs.cate_logits, mask_probs, PADDED, image_sizes, output_sizes)
 
 
 REF_KEYS = {
@@ -397,7 +334,8 @@ def test_half_precision_maskness_of_a_mask_over_65504_pixels_is_finite():
         torch.full((1, 4, 130, 130), -30.0, dtype=torch.half),
     ]
     post = SOLOPostProcessor(min_mask_areas=[8, 16])
-    (result,) = post(head, HeadOutputs(cate, masks), (1040, 1040), [(1040, 1040)], [(52, 52)])
+    mask_probs = functools.partial(head.inference_mask_probs, HeadOutputs(cate, masks))
+    (result,) = post(cate, mask_probs, (1040, 1040), [(1040, 1040)], [(52, 52)])
     expected = torch.sigmoid(torch.tensor(3.0)) * torch.sigmoid(torch.tensor(8.0))
     assert len(result) == 1 and result.scores.item() == pytest.approx(expected.item(), rel=1e-3)
     assert result.pred_masks.all()
@@ -416,3 +354,61 @@ def test_masks_to_boxes_matches_detectron2_bitmasks_including_empty_masks():
     torch.testing.assert_close(
         masks_to_boxes(masks).tensor, BitMasks(masks).get_bounding_boxes().tensor
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Boundary: a mask-probability callable in, profiler ranges and a candidate count out
+# --------------------------------------------------------------------------------------------
+
+
+def test_postprocessor_needs_only_a_mask_probability_callable():
+    """Precomputed probabilities of every cell, served by a plain function, give the result of
+    the head's own method: the post-processor does not reach into the head."""
+    outputs = random_outputs("solov2", seed=4)
+    every_cell = [all_cell_probs("solov2", outputs, image) for image in range(2)]
+    offsets = torch.tensor([0] + GRIDS[:-1]).pow(2).cumsum(0)
+    calls = []
+
+    def mask_probs(image, levels, cells, size):
+        calls.append(len(cells))
+        return every_cell[image][offsets[levels] + cells].clone()
+
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES)
+    served = post(outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+    for a, b in zip(served, run_ours("solov2", outputs)):
+        assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
+        torch.testing.assert_close(a.scores, b.scores)
+    assert len(calls) >= 4  # candidates and final instances of both images
+
+
+def test_stages_are_labelled_for_the_profiler():
+    outputs = random_outputs("decoupled", seed=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        results = run_ours("decoupled", outputs)
+    assert all(len(r) for r in results)
+    ranges = {e.key: e.count for e in prof.key_averages() if e.key.startswith("solo.")}
+    stages = ["candidates", "mask_probs", "nms", "paste"]
+    assert set(ranges) == {f"solo.postprocess.{s}" for s in stages}
+    # Two images: at least one mask-probability call for the candidates and one for the output.
+    assert ranges["solo.postprocess.mask_probs"] >= 4 and ranges["solo.postprocess.paste"] == 2
+
+
+@pytest.mark.parametrize("kind", ["solo", "solov2"])
+def test_candidate_count_is_logged_as_the_mean_per_image_before_nms_pre(kind):
+    outputs = random_outputs(kind, seed=2)
+    expected = []
+    for image in range(2):
+        # Brute force: every (cell, class) above the score threshold after point NMS whose mask
+        # is larger than its level's minimum area competes for the nms_pre slots.
+        scores = torch.cat(
+            [points_nms(x[image : image + 1].sigmoid())[0].flatten(1) for x in outputs.cate_logits],
+            dim=1,
+        )  # (C, sum S^2)
+        areas = (all_cell_probs(kind, outputs, image) > 0.5).flatten(1).sum(1)
+        min_areas = torch.cat([torch.full((s * s,), a) for s, a in zip(GRIDS, LEVEL_STRIDES)])
+        expected.append(((scores > 0.1) & (areas > min_areas)).sum().item())
+    with EventStorage() as storage:
+        run_ours(kind, outputs, nms_pre=5)
+    assert min(expected) > 5, "more candidates than nms_pre: the count is taken before the cut"
+    assert storage.latest()["solo/num_candidates"][0] == pytest.approx(sum(expected) / 2)
+    run_ours(kind, outputs)  # without an EventStorage nothing is logged, nothing fails

@@ -11,13 +11,21 @@ from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from solo.config import get_solo_cfg
 from solo.losses import category_loss, mask_loss
 from solo.postprocess import SOLOPostProcessor
 from solo.targets import SOLOTargetAssigner, gather_ground_truth
 
-from conftest import random_batch, random_instances, tiny_cfg
-from test_model_e2e import force_candidates, train_step
-from test_postprocess import LEVEL_STRIDES, NUM_CLASSES, PADDED, make_head, random_outputs
+from conftest import CONFIG_DIR, random_batch, random_instances, tiny_cfg
+from helpers import (
+    LEVEL_STRIDES,
+    NUM_CLASSES,
+    PADDED,
+    force_candidates,
+    mask_probs_of,
+    random_outputs,
+    train_step,
+)
 
 # Candidates entering NMS: enough to exercise it, few enough to keep the tests fast on a CPU.
 FAST = ["MODEL.SOLO.NMS_PRE", "50"]
@@ -281,7 +289,8 @@ def fuzz_case(seed):
     image_sizes = [(int(rng.integers(32, 65)), int(rng.integers(32, 97)))]
     output_sizes = [(int(rng.integers(10, 200)), int(rng.integers(10, 200)))]
     post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, **options)
-    results = post(make_head(kind), outputs, PADDED, image_sizes, output_sizes)
+    mask_probs = mask_probs_of(kind, outputs)
+    results = post(outputs.cate_logits, mask_probs, PADDED, image_sizes, output_sizes)
     return results, options, one_class, output_sizes
 
 
@@ -344,7 +353,7 @@ def test_fuzz_cases_cover_empty_capped_and_single_class_outputs():
         (["MODEL.SOLO.TOWER_DCN", "DCNv3"], ValueError, "MODEL.SOLO.TOWER_DCN='DCNv3'"),
         (["MODEL.SOLO.SCORE_THRESH", "1.5"], ValueError,
          r"MODEL.SOLO.SCORE_THRESH must be in \[0, 1\)"),
-        (["MODEL.SOLO.MAX_PER_IMAGE", "0"], ValueError, "MODEL.SOLO.MAX_PER_IMAGE must be >= 1"),
+        (["TEST.DETECTIONS_PER_IMAGE", "0"], ValueError, "TEST.DETECTIONS_PER_IMAGE must be >= 1"),
         (["MODEL.SOLO.NUM_CLASSES", "0"], ValueError, "MODEL.SOLO.NUM_CLASSES must be >= 1"),
         (["MODEL.SOLO.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'p7']"], ValueError,
          r"MODEL.SOLO.IN_FEATURES \['p7'\] are not produced by the backbone"),
@@ -354,6 +363,22 @@ def test_fuzz_cases_cover_empty_capped_and_single_class_outputs():
 def test_bad_config_fails_at_construction_naming_the_key(opts, error, message):
     with pytest.raises(error, match=message):
         build_model(tiny_cfg("SOLOHead", opts))
+
+
+def test_removed_max_per_image_key_names_its_replacement_in_files_and_opts(tmp_path):
+    old_config = tmp_path / "old.yaml"
+    old_config.write_text('_BASE_: "{}"\nMODEL:\n  SOLO:\n    MAX_PER_IMAGE: 50\n'.format(
+        CONFIG_DIR / "SOLO" / "R50_1x.yaml"
+    ))
+    renamed = "MODEL.SOLO.MAX_PER_IMAGE was renamed to TEST.DETECTIONS_PER_IMAGE"
+    with pytest.raises(KeyError, match=renamed):
+        get_solo_cfg(str(old_config))
+    with pytest.raises(KeyError, match=renamed):
+        get_solo_cfg(opts=["MODEL.SOLO.MAX_PER_IMAGE", "50"])
+    cfg = get_solo_cfg(opts=["TEST.DETECTIONS_PER_IMAGE", "50"])
+    assert "MAX_PER_IMAGE" not in cfg.MODEL.SOLO
+    assert get_solo_cfg().TEST.DETECTIONS_PER_IMAGE == 100  # the official max_per_img
+    assert SOLOPostProcessor.from_config(cfg).max_per_image == 50
 
 
 # ----------------------------------------------------------------------------------------------

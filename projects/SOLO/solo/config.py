@@ -82,8 +82,6 @@ def add_solo_config(cfg):
     _C.MATRIX_NMS_SIGMA = 2.0
     # IoU above which a lower-scored mask of the same class is removed ("mask" NMS).
     _C.MASK_NMS_IOU_THRESH = 0.5
-    # Instances kept per image.
-    _C.MAX_PER_IMAGE = 100
     # On CPU (MODEL.DEVICE "cpu"), keep weights and feature maps in channels-last (NHWC) memory
     # format: oneDNN then skips re-laying out every convolution's input and output (the ResNet
     # + FPN runs ~18% faster at 800x1216). Same results up to float rounding.
@@ -91,6 +89,16 @@ def add_solo_config(cfg):
 
     # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"
+
+    # Instances kept per image: Detectron2's TEST.DETECTIONS_PER_IMAGE (default 100, the official
+    # max_per_img). A config or command line still setting the old key fails at merge time.
+    if not cfg.key_is_renamed("MODEL.SOLO.MAX_PER_IMAGE"):
+        cfg.register_renamed_key(
+            "MODEL.SOLO.MAX_PER_IMAGE",
+            "TEST.DETECTIONS_PER_IMAGE",
+            "SOLO now reads Detectron2's TEST.DETECTIONS_PER_IMAGE (default 100), as RetinaNet "
+            "does; rename the key in your YAML file or command line.",
+        )
 
 
 def get_solo_cfg(config_file=None, opts=()):
@@ -149,6 +157,10 @@ def check_solo_config(cfg):
     if any(a < 0 for a in c.MIN_MASK_AREAS):
         raise ValueError(f"MODEL.SOLO.MIN_MASK_AREAS must be >= 0, got {list(c.MIN_MASK_AREAS)}.")
     _check_inference_keys(c)
+    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+        raise ValueError(
+            f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}."
+        )
     if c.HEAD_CHANNELS % 32 or c.MASK_FEATURE_CHANNELS % 32 or c.MASK_KERNEL_CHANNELS % 32:
         raise ValueError(
             "MODEL.SOLO.HEAD_CHANNELS, MASK_FEATURE_CHANNELS and MASK_KERNEL_CHANNELS must be "
@@ -171,6 +183,5 @@ def _check_inference_keys(c):
     for key in ("SCORE_THRESH", "MASK_THRESH", "UPDATE_THRESH"):
         if not 0 <= c[key] < 1:
             raise ValueError(f"MODEL.SOLO.{key} must be in [0, 1), got {c[key]}.")
-    for key in ("NMS_PRE", "MAX_PER_IMAGE"):
-        if c[key] < 1:
-            raise ValueError(f"MODEL.SOLO.{key} must be >= 1, got {c[key]}.")
+    if c.NMS_PRE < 1:
+        raise ValueError(f"MODEL.SOLO.NMS_PRE must be >= 1, got {c.NMS_PRE}.")

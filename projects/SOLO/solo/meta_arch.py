@@ -1,6 +1,8 @@
 """The SOLO meta-architecture: backbone -> SOLO instance head -> targets/losses or instances."""
+import functools
 import logging
 import warnings
+from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -115,11 +117,19 @@ class SOLO(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
+        """Normalise the images and pad them (bottom/right) to one canvas for the whole batch."""
         images = [
             self._normalize(self._three_channel_image(x, i)) for i, x in enumerate(batched_inputs)
         ]
+        return self._pad(images)
+
+    def _pad(self, images: List[torch.Tensor]) -> ImageList:
         images = self._pad_to_min_size(
-            ImageList.from_tensors(images, self.backbone.size_divisibility)
+            ImageList.from_tensors(
+                images,
+                self.backbone.size_divisibility,
+                padding_constraints=self.backbone.padding_constraints,
+            )
         )
         if self.channels_last and images.tensor.device.type == "cpu":
             tensor = images.tensor.contiguous(memory_format=torch.channels_last)
@@ -196,13 +206,13 @@ class SOLO(nn.Module):
             inference: ``[{"instances": Instances}]`` with ``pred_masks`` (bool, output size),
             ``scores``, ``pred_classes`` and ``pred_boxes`` (tight boxes of the masks).
         """
+        if not self.training:
+            return self.forward_inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         outputs = self.head([features[f] for f in self.head_in_features])
-        if self.training:
-            gt_instances = [x["instances"] for x in batched_inputs]
-            return self.losses(outputs, gt_instances, tuple(images.tensor.shape[-2:]))
-        return self.inference_from_outputs(outputs, images, batched_inputs)
+        gt_instances = [x["instances"] for x in batched_inputs]
+        return self.losses(outputs, gt_instances, tuple(images.tensor.shape[-2:]))
 
     def losses(self, outputs, gt_instances: List[Instances], padded_size: Tuple[int, int]):
         # Targets are exact float32 geometry, also under mixed precision.
@@ -226,16 +236,40 @@ class SOLO(nn.Module):
             "loss_mask": mask_loss(mask_probs, targets) * self.dice_loss_weight,
         }
 
-    def inference_from_outputs(self, outputs, images: ImageList, batched_inputs):
-        output_sizes = [
-            (x.get("height", size[0]), x.get("width", size[1]))
-            for x, size in zip(batched_inputs, images.image_sizes)
+    def forward_inference(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """Predictions of each image as if it were alone in the batch.
+
+        Each image is padded only to its own multiple of the backbone's size divisibility (the
+        official single-image test), and images of equal padded size run together: the category
+        grids (resized to S x S) and every GroupNorm (heads, GN backbones) would otherwise see
+        the padding of a larger image in the batch.
+        """
+        images = [
+            self._normalize(self._three_channel_image(x, i)) for i, x in enumerate(batched_inputs)
         ]
-        results = self.postprocessor(
-            self.head,
-            outputs,
-            tuple(images.tensor.shape[-2:]),
-            images.image_sizes,
-            output_sizes,
-        )
-        return [{"instances": r} for r in results]
+        canvases = [self._pad([image]) for image in images]
+        groups = defaultdict(list)
+        for i, canvas in enumerate(canvases):
+            groups[tuple(canvas.tensor.shape[-2:])].append(i)
+        results = [None] * len(images)
+        for padded_size, indices in groups.items():
+            group = ImageList(
+                torch.cat([canvases[i].tensor for i in indices]),
+                [canvases[i].image_sizes[0] for i in indices],
+            )
+            features = self.backbone(group.tensor)
+            outputs = self.head([features[f] for f in self.head_in_features])
+            output_sizes = [
+                (batched_inputs[i].get("height", h), batched_inputs[i].get("width", w))
+                for i, (h, w) in zip(indices, group.image_sizes)
+            ]
+            instances = self.postprocessor(
+                outputs.cate_logits,
+                functools.partial(self.head.inference_mask_probs, outputs),
+                padded_size,
+                group.image_sizes,
+                output_sizes,
+            )
+            for i, r in zip(indices, instances):
+                results[i] = {"instances": r}
+        return results
