@@ -281,9 +281,6 @@ def _postprocess_args(postprocessor, max_candidates: int) -> dict:
         )
     if max_candidates < 1:
         raise ExportError(f"max_candidates (K0) must be >= 1, got {max_candidates}.")
-    max_per_image = getattr(postprocessor, "max_per_image", None)
-    if max_per_image is None:  # renamed after Detectron2's TEST.DETECTIONS_PER_IMAGE
-        max_per_image = postprocessor.detections_per_image
     return dict(
         max_candidates=int(max_candidates),
         min_mask_areas=[float(a) for a in postprocessor.min_mask_areas],
@@ -293,7 +290,7 @@ def _postprocess_args(postprocessor, max_candidates: int) -> dict:
         update_thresh=float(postprocessor.update_thresh),
         matrix_nms_kernel=postprocessor.matrix_nms_kernel,
         matrix_nms_sigma=float(postprocessor.matrix_nms_sigma),
-        max_per_image=int(max_per_image),
+        max_per_image=int(postprocessor.max_per_image),
     )
 
 
