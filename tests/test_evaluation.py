@@ -199,3 +199,50 @@ def test_dataset_without_json_file_and_with_uncompressed_rle_is_evaluated(tmp_pa
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_ground_truth_without_bbox_gets_the_mask_box_when_the_evaluator_is_built(dataset, caplog):
+    boxes = grid_of_squares(8)
+    name, cfg = dataset(boxes, drop=("bbox",))
+    plain = COCOEvaluator(name, tasks=("bbox",), output_dir=cfg.OUTPUT_DIR)
+    with pytest.raises(KeyError, match="bbox"):  # after the whole inference, in pycocotools
+        evaluate(plain, perfect_predictions(boxes))
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        evaluator = build_solo_evaluator(cfg, name)
+    assert "8 without 'bbox'" in caplog.text
+    derived = [a["bbox"] for a in evaluator._coco_api.dataset["annotations"]]
+    assert derived == [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in boxes]
+    results = evaluate(evaluator, perfect_predictions(boxes))
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+    assert results["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_ground_truth_without_segmentation_is_refused_before_inference(dataset):
+    boxes = grid_of_squares(7)
+    name, cfg = dataset(boxes, drop=("segmentation",))
+    plain = COCOEvaluator(name, tasks=("segm",), output_dir=cfg.OUTPUT_DIR)
+    with pytest.raises(KeyError, match="segmentation"):  # after the whole inference
+        evaluate(plain, perfect_predictions(boxes))
+    with pytest.raises(ValueError, match=r"7 of 7 annotations have no 'segmentation' \(ids "
+                       r"1, 2, 3, 4, 5, \.\.\.\)") as info:
+        build_solo_evaluator(cfg, name)
+    assert MetadataCatalog.get(name).json_file in str(info.value)
+
+
+def test_ground_truth_without_category_id_names_the_file(tmp_path):
+    ground_truth = coco_ground_truth(grid_of_squares(3))
+    del ground_truth["annotations"][1]["category_id"]
+    path = tmp_path / "no_category.json"
+    path.write_text(json.dumps(ground_truth))
+    name = "evaluation_without_category_id"
+    register_coco_instances(name, {}, str(path), str(tmp_path))
+    try:
+        cfg = get_cfg()
+        cfg.OUTPUT_DIR = str(tmp_path / "output")
+        with pytest.raises(ValueError, match=r"an annotation has no 'category_id'") as info:
+            build_solo_evaluator(cfg, name)
+        assert str(path) in str(info.value)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

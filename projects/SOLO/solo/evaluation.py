@@ -9,10 +9,13 @@ What it adds to ``COCOEvaluator`` (bbox and segm AP):
 * 0 AP instead of NaN when the model predicts nothing for a dataset that has objects
   (precision is 0 at every recall, as COCO scores a category without detections; NaN breaks
   best-checkpoint selection and plots);
-* ground truth without ``area`` or ``iscrowd`` (hand-written or converted JSON files, on which
-  pycocotools fails with ``KeyError: 'area'`` after the whole inference) is completed when the
-  evaluator is built, as Detectron2's ``convert_to_coco_json`` derives them: ``area`` from the
-  mask (else the box), ``iscrowd`` 0; one warning names the file and the counts;
+* ground truth without ``area``, ``iscrowd`` or ``bbox`` (hand-written or converted JSON files,
+  on which pycocotools fails with ``KeyError: 'area'`` / ``'bbox'`` after the whole inference) is
+  completed when the evaluator is built, as Detectron2's ``convert_to_coco_json`` derives them:
+  ``area`` from the mask (else the box), ``iscrowd`` 0, ``bbox`` the mask's box; one warning
+  names the file and the counts. Ground truth that cannot be completed (an object without
+  ``segmentation`` for mask AP, an annotation without ``category_id``) is an error then, before
+  inference;
 * datasets without a JSON file are converted with their uncompressed RLE masks compressed first.
 """
 import copy
@@ -61,10 +64,20 @@ class SOLOCOCOEvaluator(COCOEvaluator):
     def __init__(self, dataset_name: str, tasks=None, distributed=True, output_dir=None, **kwargs):
         if MetadataCatalog.get(dataset_name).get("json_file") is None and output_dir is not None:
             _convert_to_coco_json(dataset_name, output_dir, kwargs.get("allow_cached_coco", True))
-        super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
+        try:
+            super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
+        except KeyError as e:  # pycocotools indexing annotations without 'image_id'/'category_id'
+            json_file = MetadataCatalog.get(dataset_name).get("json_file")
+            raise ValueError(
+                f"Ground truth '{json_file}' of dataset '{dataset_name}': an annotation has no "
+                f"{e} (pycocotools needs 'id', 'image_id', 'category_id' in every annotation); "
+                "add it to the file."
+            ) from e
         if self._do_evaluation:
             # COCOEvaluator has no public hook for its ground truth: the COCO object it loaded
             # is completed in place (its index holds the same annotation dicts).
+            if "segm" in self._tasks:
+                _check_segmentations(self._coco_api, self._metadata.json_file)
             complete_coco_annotations(self._coco_api, self._metadata.json_file)
 
     def evaluate(self, img_ids=None):
@@ -78,11 +91,27 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         return results
 
 
+def _check_segmentations(coco_api, source: str) -> None:
+    """Mask AP needs a mask for every ground-truth object; pycocotools would fail on the first
+    one without (``KeyError: 'segmentation'``) after the whole inference."""
+    annotations = coco_api.dataset.get("annotations", [])
+    missing = [ann.get("id") for ann in annotations if not ann.get("segmentation")]
+    if missing:
+        raise ValueError(
+            f"Ground truth '{source}': {len(missing)} of {len(annotations)} annotations"
+            f" have no 'segmentation' (ids {', '.join(map(str, missing[:5]))}"
+            + (", ..." if len(missing) > 5 else "")
+            + "), so mask AP cannot be computed. Add a polygon or RLE mask to each, or remove "
+            "those annotations from the evaluation file."
+        )
+
+
 def complete_coco_annotations(coco_api, source: str = "") -> int:
-    """Add ``area`` and ``iscrowd`` where a ground-truth annotation lacks them, in place.
+    """Add ``area``, ``iscrowd`` and ``bbox`` where a ground-truth annotation lacks them, in place.
 
     As ``convert_to_coco_dict``: ``area`` is the polygons' area, the RLE mask's pixel count, or
-    the box's ``w * h`` without a mask; ``iscrowd`` is 0.
+    the box's ``w * h`` without a mask; ``iscrowd`` is 0; ``bbox`` is the mask's box
+    (``pycocotools.mask.toBbox``, XYWH).
 
     Args:
         coco_api: a ``pycocotools.coco.COCO`` object with images and annotations.
@@ -91,8 +120,11 @@ def complete_coco_annotations(coco_api, source: str = "") -> int:
     Returns:
         The number of annotations completed.
     """
-    missing_area = missing_crowd = 0
+    missing_area = missing_crowd = missing_box = 0
     for ann in coco_api.dataset.get("annotations", []):
+        if "bbox" not in ann and ann.get("segmentation"):
+            ann["bbox"] = [float(v) for v in mask_util.toBbox(coco_api.annToRLE(ann))]
+            missing_box += 1
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0
             missing_crowd += 1
@@ -105,14 +137,15 @@ def complete_coco_annotations(coco_api, source: str = "") -> int:
                 ann["area"] = float(mask_util.area(coco_api.annToRLE(ann)))
             else:
                 ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
-    if missing_area or missing_crowd:
+    if missing_area or missing_crowd or missing_box:
         logger.warning(
-            f"Ground truth '{source}': {missing_area} annotations without 'area' and "
-            f"{missing_crowd} without 'iscrowd' (of {len(coco_api.dataset['annotations'])}); "
-            "derived as Detectron2's convert_to_coco_json does (area from the mask, else the "
-            "box; iscrowd 0). Add them to the file to silence this warning."
+            f"Ground truth '{source}': {missing_area} annotations without 'area', "
+            f"{missing_crowd} without 'iscrowd' and {missing_box} without 'bbox' (of "
+            f"{len(coco_api.dataset['annotations'])}); derived as Detectron2's "
+            "convert_to_coco_json does (area from the mask, else the box; iscrowd 0; bbox from "
+            "the mask). Add them to the file to silence this warning."
         )
-    return max(missing_area, missing_crowd)
+    return max(missing_area, missing_crowd, missing_box)
 
 
 def _convert_to_coco_json(dataset_name: str, output_dir: str, allow_cached: bool) -> None:
