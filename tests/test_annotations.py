@@ -123,6 +123,63 @@ def test_uncompressed_rle_in_hand_registered_dicts_trains_where_detectron2_fails
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
 
 
+def test_array_and_rle_masks_train_under_polygon_mask_format_where_detectron2_fails(
+    image_file, register
+):
+    """HxW array masks (which Detectron2's transforms refuse under any INPUT.MASK_FORMAT) and RLE
+    masks next to a polygon, with Detectron2's default INPUT.MASK_FORMAT "polygon"."""
+    ellipse = ellipse_mask()
+    square = np.zeros((64, 96), dtype=bool)
+    square[40:60, 60:90] = True
+    polygon_only = rle_record(image_file, ellipse, image_id=1)
+    polygon_only["annotations"][0]["segmentation"] = [[60, 40, 90, 40, 90, 60, 60, 60]]
+    mixed = rle_record(image_file, ellipse, category=2)
+    mixed["annotations"].append(
+        dict(mixed["annotations"][0], category_id=3, segmentation=square.astype(np.uint8),
+             bbox=[60, 40, 90, 60])
+    )
+    cfg = mapper_cfg()
+    cfg.INPUT.MASK_FORMAT = "polygon"
+    for kind in ("rle", "array"):
+        record = copy.deepcopy(mixed)
+        # Compressed RLE (uncompressed would fail on its list counts first).
+        record["annotations"][0]["segmentation"] = mask_util.frPyObjects(
+            record["annotations"][0]["segmentation"], 64, 96
+        )
+        if kind == "rle":
+            del record["annotations"][1]
+        with pytest.raises(ValueError, match="mask_format=='polygon'|Cannot transform segm"):
+            DatasetMapper(cfg, is_train=True)(record)
+
+    name = register("annotations_array_masks", [mixed, polygon_only])
+    loaded = load_dataset_dicts([name], num_classes=5, check_annotations=True)
+    mapper = SOLODatasetMapper(cfg, is_train=True, dataset_name=name)
+    raw = DatasetCatalog.get(name)
+    # Through the loader (masks compressed once), and directly from the raw dicts.
+    for record in (loaded[0], raw[0]):
+        instances = mapper(record)["instances"]
+        assert instances.gt_classes.tolist() == [2, 3]
+        np.testing.assert_array_equal(instances.gt_masks.tensor.numpy(), [ellipse, square])
+    polygon_instances = mapper(loaded[1])["instances"]
+    assert type(polygon_instances.gt_masks).__name__ == "PolygonMasks"  # unchanged format
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        losses = model([mapper(loaded[0]), mapper(loaded[1])])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
+
+
+def test_array_mask_of_another_size_than_its_image_is_rejected_naming_both(image_file, register):
+    record = rle_record(image_file, ellipse_mask())
+    record["annotations"][0]["segmentation"] = ellipse_mask().T.astype(np.uint8)
+    name = register("annotations_transposed_array", [record])
+    with pytest.raises(DatasetError, match=r"array mask of shape \[96, 64\] but the image is "
+                       r"recorded as \[64, 96\]"):
+        load_dataset_dicts([name], num_classes=5, check_annotations=True)
+
+
 def test_uncompressed_rle_whose_counts_do_not_fill_its_size_is_rejected_before_training(
     image_file, register
 ):

@@ -164,9 +164,16 @@ def test_ground_truth_without_area_or_iscrowd_is_completed_when_the_evaluator_is
     assert results["bbox"]["AP"] == pytest.approx(100.0)
 
 
-def test_dataset_without_json_file_and_with_uncompressed_rle_is_evaluated(tmp_path):
+@pytest.mark.parametrize(
+    "mask_kind, plain_error",
+    [("uncompressed_rle", "Expected bytes"), ("array", "Unknown segmentation type")],
+)
+def test_dataset_without_json_file_and_with_uncompressed_rle_or_array_masks_is_evaluated(
+    tmp_path, mask_kind, plain_error
+):
     boxes = grid_of_squares(6)
     masks = square_masks(boxes)
+    encode = uncompressed_rle if mask_kind == "uncompressed_rle" else lambda m: m.numpy()
     record = {
         "file_name": "img.png",
         "image_id": 1,
@@ -177,19 +184,19 @@ def test_dataset_without_json_file_and_with_uncompressed_rle_is_evaluated(tmp_pa
                 "bbox": list(box),
                 "bbox_mode": BoxMode.XYXY_ABS,
                 "category_id": 0,
-                "segmentation": uncompressed_rle(mask),
+                "segmentation": encode(mask),
                 "iscrowd": 0,
             }
             for box, mask in zip(boxes, masks)
         ],
     }
-    name = "evaluation_hand_registered_rle"
+    name = f"evaluation_hand_registered_{mask_kind}"
     DatasetCatalog.register(name, lambda: [record])
     MetadataCatalog.get(name).set(thing_classes=["square"])
     try:
         cfg = get_cfg()
         cfg.OUTPUT_DIR = str(tmp_path)
-        with pytest.raises(TypeError, match="Expected bytes"):
+        with pytest.raises(TypeError, match=plain_error):
             COCOEvaluator(name, output_dir=str(tmp_path / "plain"))
         MetadataCatalog.remove(name)
         MetadataCatalog.get(name).set(thing_classes=["square"])

@@ -303,6 +303,15 @@ def test_file_that_is_not_an_image_is_refused_saying_so(tmp_path, content):
         read_image(str(path))
 
 
+def test_heic_phone_photo_is_refused_naming_the_format_and_the_plugin(tmp_path):
+    path = tmp_path / "IMG_0001.HEIC"
+    # An ISO-BMFF "ftyp" box with the HEIC brand, as an iPhone photo starts, then other boxes.
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    with pytest.raises(ImageReadError, match="IMG_0001.HEIC' is a HEIF/HEIC photo") as info:
+        read_image(str(path))
+    assert "pillow_heif.register_heif_opener()" in str(info.value)
+
+
 def test_missing_file_is_a_file_not_found_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*nowhere.png' does not exist"):
         read_image(str(tmp_path / "nowhere.png"))

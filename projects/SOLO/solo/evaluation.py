@@ -16,13 +16,15 @@ What it adds to ``COCOEvaluator`` (bbox and segm AP):
   names the file and the counts. Ground truth that cannot be completed (an object without
   ``segmentation`` for mask AP, an annotation without ``category_id``) is an error then, before
   inference;
-* datasets without a JSON file are converted with their uncompressed RLE masks compressed first.
+* datasets without a JSON file are converted with their uncompressed RLE and array masks
+  compressed first.
 """
 import copy
 import logging
 import math
 import os
 
+import numpy as np
 import pycocotools.mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -149,15 +151,15 @@ def complete_coco_annotations(coco_api, source: str = "") -> int:
 
 
 def _convert_to_coco_json(dataset_name: str, output_dir: str, allow_cached: bool) -> None:
-    """What COCOEvaluator does for datasets without a JSON file, with uncompressed RLE masks
-    compressed first (``convert_to_coco_dict`` computes areas with ``mask_util.area``, which
-    rejects them)."""
+    """What COCOEvaluator does for datasets without a JSON file, with uncompressed RLE and array
+    masks compressed first (``convert_to_coco_dict`` computes areas with ``mask_util.area``,
+    which rejects list counts, and refuses arrays)."""
 
     def compressed_dicts():
         dicts = copy.deepcopy(DatasetCatalog.get(dataset_name))
         for record in dicts:
             for anno in record.get("annotations", ()):
-                if isinstance(anno.get("segmentation"), dict):
+                if isinstance(anno.get("segmentation"), (dict, np.ndarray)):
                     anno["segmentation"] = compress_rle(anno["segmentation"])
         return dicts
 

@@ -109,7 +109,7 @@ def load_dataset_dicts(
             check_dataset_dicts(part, name, num_classes, use_masks)
         for record in part:
             for anno in record.get("annotations", ()):
-                if isinstance(anno.get("segmentation"), dict):
+                if isinstance(anno.get("segmentation"), (dict, np.ndarray)):
                     anno["segmentation"] = compress_rle(anno["segmentation"])
         if check_annotations:
             part = drop_unusable(part, name, filter_empty, use_masks)
@@ -139,11 +139,15 @@ def check_num_classes(num_classes: int, dataset_names: Sequence[str], key: str) 
             )
 
 
-def compress_rle(segm: dict) -> dict:
+def compress_rle(segm: Union[dict, np.ndarray]) -> dict:
     """A COCO RLE dict with compressed ``counts``: uncompressed RLE (``counts`` a list of run
     lengths, as COCO writes crowd regions) goes through ``pycocotools.mask.frPyObjects``, as
-    Detectron2's ``load_coco_json`` does; anything else is returned unchanged (the mask decoders
-    of Detectron2 and pycocotools reject list counts with ``TypeError: Expected bytes``)."""
+    Detectron2's ``load_coco_json`` does, and an HxW array mask (nonzero = object) through
+    ``pycocotools.mask.encode``; any other dict is returned unchanged. Detectron2's and
+    pycocotools' mask code reject list counts (``TypeError: Expected bytes``), and Detectron2's
+    transforms and COCO conversion reject arrays ("Cannot transform segmentation of type")."""
+    if isinstance(segm, np.ndarray):
+        return mask_util.encode(np.asfortranarray(segm != 0, dtype=np.uint8))
     if isinstance(segm.get("counts"), list) and "size" in segm:
         height, width = segm["size"]
         return mask_util.frPyObjects(segm, height, width)
@@ -227,6 +231,12 @@ def _check_segmentation(anno: dict, index: int, where: str, image_hw) -> None:
         _check_rle(segm, index, where, image_hw)
         return
     if isinstance(segm, np.ndarray):  # binary mask
+        if None not in image_hw and segm.shape != tuple(image_hw):
+            raise DatasetError(
+                f"{where}: annotation {index} has an array mask of shape {list(segm.shape)} but "
+                f"the image is recorded as {list(image_hw)} (height, width); give an HxW mask "
+                "of the image's size."
+            )
         return
     if not isinstance(segm, (list, tuple)) or not all(
         isinstance(p, (list, tuple, np.ndarray)) for p in segm

@@ -105,13 +105,40 @@ class SOLODatasetMapper(DatasetMapper):
             return dataset_dict
 
         for anno in dataset_dict.get("annotations", ()):
-            if isinstance(anno.get("segmentation"), dict):
+            if isinstance(anno.get("segmentation"), (dict, np.ndarray)):
                 anno["segmentation"] = compress_rle(anno["segmentation"])
         if "annotations" in dataset_dict:
             self._transform_annotations(dataset_dict, transforms, image.shape[:2])
         dataset_dict["instances"] = self._complete_instances(dataset_dict)
         self._check_classes(dataset_dict)
         return dataset_dict
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        """``DatasetMapper._transform_annotations`` (Detectron2's hook for it), except that an
+        image with RLE or array masks uses bitmasks under ``INPUT.MASK_FORMAT "polygon"``
+        (Detectron2's default), where Detectron2 fails with "Failed to use
+        mask_format=='polygon'"; the SOLO targets take either kind, per image."""
+        annos = [anno for anno in dataset_dict.pop("annotations") if not anno.get("iscrowd", 0)]
+        for anno in annos:
+            if not self.use_instance_mask:
+                anno.pop("segmentation", None)
+            if not self.use_keypoint:
+                anno.pop("keypoints", None)
+        annos = [
+            utils.transform_instance_annotations(
+                anno, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices
+            )
+            for anno in annos
+        ]
+        mask_format = self.instance_mask_format
+        if mask_format == "polygon" and any(
+            not isinstance(anno.get("segmentation", []), list) for anno in annos
+        ):
+            mask_format = "bitmask"
+        instances = utils.annotations_to_instances(annos, image_shape, mask_format=mask_format)
+        if self.recompute_boxes:  # after cropping, the boxes no longer bound the masks tightly
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)
 
     def _complete_instances(self, result: dict) -> Instances:
         """Images without (non-crowd) annotations get typed empty instances: the model trains

@@ -50,6 +50,9 @@ _EXIF_TRANSPOSE = {
 }
 _SWAPS_AXES = {5, 6, 7, 8}
 
+# ISO base media "ftyp" brands of HEIF still images (HEIC photos of phones).
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+
 # Warnings given once per process (data-loader workers are processes: once per worker).
 _warned = set()
 
@@ -103,6 +106,13 @@ def read_image(
         sixteen_bit_colour = image.mode in ("RGB", "RGBA") and _raw_bits(image) == 16
         image.load()
     except UnidentifiedImageError as e:
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            raise ImageReadError(
+                f"Image file '{file_name}' is a HEIF/HEIC photo ({data[8:12].decode()}, the "
+                "format of iPhones and many phones), which PIL cannot decode by itself. Convert "
+                "it to JPEG, or `pip install pillow-heif` and call "
+                "pillow_heif.register_heif_opener() before reading images."
+            ) from e
         what = "is empty" if not data else f"starts with {data[:8]!r}"
         raise ImageReadError(
             f"Image file '{file_name}' is not an image PIL can decode (it {what}). Replace it "
