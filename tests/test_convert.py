@@ -836,6 +836,7 @@ def _source_state_dicts():
         "mmdet": random_state_dict(mmdet_keys(light), seed=2),
         "adelaidet": random_state_dict(adelaidet_keys(50), seed=3),
         "torchvision": torchvision.models.resnet18(weights=None).state_dict(),
+        "solo": convert.convert_loaded(random_state_dict(official_keys(light), seed=4), "official"),
     }
 
 
@@ -920,8 +921,10 @@ def test_refusal_names_the_layout_found(source_state_dicts, actual, source, look
 def test_refusal_of_an_already_converted_checkpoint(small):
     cfg, model, sd = small
     ours = convert.convert_loaded({"state_dict": sd}, "official")
-    with pytest.raises(ConversionError, match="no conversion needed, use it with MODEL.WEIGHTS"):
+    plain = "no conversion needed, use it with MODEL.WEIGHTS"
+    with pytest.raises(ConversionError, match=plain) as e:
         convert.convert_loaded({"model": ours, "__author__": "x"}, "adelaidet")
+    assert "--source solo removes them" in str(e.value)
     assert convert.guess_layout(["foo.weight", "bar.bias"]) == (
         "keys are in no known layout; first keys: ['foo.weight', 'bar.bias']"
     )
@@ -1141,3 +1144,29 @@ def test_cli(tmp_path, small):
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
     with pytest.raises(SystemExit):
         cli.main(["--source", "caffe", str(src), str(dst)])
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: _prefixed(sd, "module."),  # torch.save(ddp_model.state_dict())
+        lambda sd: {"state_dict": _prefixed(sd, "model._orig_mod."), "epoch": 2},
+        lambda sd: {"model": _zeros_like(sd), "model_ema": _prefixed(sd, "module.")},
+    ],
+    ids=["ddp", "lightning_compiled", "ema"],
+)
+def test_cli_our_own_wrapped_checkpoint_is_unwrapped_and_loads_strictly(tmp_path, small, wrap):
+    """A model of this project saved by other code than Detectron2's checkpointer: MODEL.WEIGHTS
+    alone would load nothing of the last two; --source solo writes a plain checkpoint."""
+    cfg, _, _ = small
+    torch.manual_seed(0)
+    trained = build_model(cfg).state_dict()
+    src, dst = tmp_path / "wrapped.pth", tmp_path / "plain.pth"
+    torch.save(wrap(trained), src)
+    config = os.path.join(ROOT, "configs", SMALL)
+    assert _cli().main(["--source", "solo", "--config", config, str(src), str(dst)]) == 0
+
+    fresh = build_model(cfg)
+    incompatible = DetectionCheckpointer(fresh)._load_model(torch.load(dst, weights_only=True))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())

@@ -20,6 +20,10 @@ Examples (run from the repository root)::
     python tools/convert_checkpoint.py --source torchvision --config configs/SOLO/R50_1x.yaml \\
         resnet50-0676ba61.pth checkpoints/torchvision-R-50.pkl
 
+    # a model of this project saved with torch.save (DDP, torch.compile, Lightning, EMA copy)
+    python tools/convert_checkpoint.py --source solo --config configs/SOLOv2/R50_3x.yaml \\
+        model_ddp.pth checkpoints/model.pth
+
 Use the result with ``MODEL.WEIGHTS DST`` and the same config (and ``--opts``). The tool builds
 the config's model and refuses to write a checkpoint that does not fit it exactly. Wrappers are
 found for every source: ``state_dict`` / ``model`` nesting, ``module.`` / ``model.`` /

@@ -1,6 +1,6 @@
 """Convert published SOLO / SOLOv2 weights into this project's Detectron2 parameter names.
 
-Four sources (``SOURCES``):
+Five sources (``SOURCES``):
 
 * ``official``: WXinlong/SOLO model-zoo checkpoints (mmdetection v1, ``{"state_dict", "meta"}``):
   ``backbone.*`` (torchvision-style ResNet / ResNeXt, optional DCN), ``neck.*`` (FPN),
@@ -14,6 +14,9 @@ Four sources (``SOURCES``):
   ``mask_feature_head``), mmcv ``ConvModule`` towers (``conv``, ``gn``, DCN ``conv_offset``).
 * ``torchvision``: ImageNet ResNet / ResNeXt state dicts (also the torchvision-named
   ``open-mmlab://resnext101_64x4d``) -> a Detectron2 ``.pkl`` for ``MODEL.WEIGHTS``.
+* ``solo``: this project's own models saved by other code than Detectron2's checkpointer
+  (``torch.save`` of a DDP / ``torch.compile`` / Lightning-wrapped model, EMA copies): names are
+  kept, the wrappers removed, the result checked and written as a plain Detectron2 checkpoint.
 
 A conversion is: find the weights in the file's wrappers (:func:`unwrap_state_dict`:
 ``state_dict`` / ``model`` nesting, EMA copies, ``module.`` / ``model.`` / ``_orig_mod.``
@@ -35,7 +38,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("official", "adelaidet", "mmdet", "torchvision")
+SOURCES = ("official", "adelaidet", "mmdet", "torchvision", "solo")
 
 
 class ConversionError(ValueError):
@@ -328,6 +331,8 @@ RULES: Dict[str, List[Rule]] = {
     # ImageNet backbones keep Detectron2's prefix-free ImageNet names (``res2.0.conv1.weight``);
     # the checkpointer's matching heuristics put them under ``backbone.bottom_up``.
     "torchvision": _COMMON_RULES + resnet_rules("", "") + [(r"fc\.(?:weight|bias)", None)],
+    # Our own names, kept (BatchNorm counters included: a BN backbone of ours has them).
+    "solo": [(r"(?:backbone|head)\..+", r"\g<0>")],
 }
 
 #: Where the stem conv ends up, per source (to fold input normalisation into it).
@@ -336,6 +341,7 @@ STEM_KEY = {
     "adelaidet": "backbone.bottom_up.stem.conv1.weight",
     "mmdet": "backbone.bottom_up.stem.conv1.weight",
     "torchvision": "stem.conv1.weight",
+    "solo": "backbone.bottom_up.stem.conv1.weight",
 }
 #: mmdet's SOLO configs normalise like the official ones: RGB (``to_rgb`` / ``bgr_to_rgb``),
 #: ImageNet mean and std.
@@ -344,15 +350,24 @@ INPUT_CONVENTION = {
     "adelaidet": BGR_MSRA,
     "mmdet": RGB_IMAGENET,
     "torchvision": RGB_IMAGENET,
+    "solo": None,  # the target config's own (no folding)
 }
 #: Whether the source's bottleneck ResNets stride in the 1x1 conv (MSRA / caffe) or the 3x3 one
 #: (mmdet: ``style='pytorch'`` in every SOLO config).
-STRIDE_IN_1X1 = {"official": False, "adelaidet": True, "mmdet": False, "torchvision": False}
+#: ``None``: the target config decides (our own checkpoints).
+STRIDE_IN_1X1 = {
+    "official": False,
+    "adelaidet": True,
+    "mmdet": False,
+    "torchvision": False,
+    "solo": None,
+}
 AUTHORS = {
     "official": "WXinlong/SOLO",
     "adelaidet": "aim-uofa/AdelaiDet",
     "mmdet": "open-mmlab/mmdetection",
     "torchvision": "torchvision",
+    "solo": "SOLO for Detectron2",
 }
 
 _COMPILED: Dict[str, List[Tuple["re.Pattern", object]]] = {
@@ -393,6 +408,7 @@ DESCRIPTIONS = {
     "adelaidet": "AdelaiDet (Detectron2) SOLOv2",
     "mmdet": "mmdetection 2.x/3.x SOLO-family",
     "torchvision": "torchvision ImageNet ResNet",
+    "solo": "SOLO for Detectron2 (this project)",
 }
 
 
@@ -414,12 +430,17 @@ def guess_layout(keys: Sequence[str]) -> str:
     if any(k.startswith("head.") for k in keys) and any(
         k.startswith("backbone.bottom_up.") for k in keys
     ):
+        # MODEL.WEIGHTS reads the file's "model" entry (or the bare dict) and strips only
+        # "module.": other wrappers would leave every weight unloaded.
         return (
             "keys look like a checkpoint of this project (Detectron2 SOLO names): no conversion "
-            f"needed, use it with MODEL.WEIGHTS; {first}"
+            "needed, use it with MODEL.WEIGHTS if it is a plain Detectron2 checkpoint; if it was "
+            "saved with other wrappers (a 'state_dict' entry, 'model.' or '_orig_mod.' prefixes, "
+            f"an EMA copy), --source solo removes them; {first}"
         )
-    counts = {src: _known_keys(keys, src) for src in SOURCES}
-    best = max(SOURCES, key=counts.get)  # ties: the first of SOURCES
+    foreign = [src for src in SOURCES if src != "solo"]  # "solo" keeps any backbone/head key
+    counts = {src: _known_keys(keys, src) for src in foreign}
+    best = max(foreign, key=counts.get)  # ties: the first of SOURCES
     if keys and counts[best] == len(keys):
         return f"keys look like a {DESCRIPTIONS[best]} checkpoint (--source {best}); {first}"
     if counts[best] * 2 > len(keys):
@@ -733,7 +754,7 @@ def check_config(cfg, source: str):
     """Settings of the target config that must match how the source network was built."""
     r, wanted = cfg.MODEL.RESNETS, STRIDE_IN_1X1[source]
     # Shapes do not tell where a bottleneck strides, so a wrong setting would load silently.
-    if r.DEPTH >= 50 and bool(r.STRIDE_IN_1X1) != wanted:
+    if wanted is not None and r.DEPTH >= 50 and bool(r.STRIDE_IN_1X1) != wanted:
         style = "MSRA/caffe-style (stride in the 1x1 conv)" if wanted else "pytorch-style"
         raise ConversionError(
             f"{source} ResNets are {style}: the target config needs "
@@ -819,7 +840,8 @@ def convert_loaded(
     names = checkpoint_class_names(loaded)
     if names is not None and source != "torchvision":
         check_class_names(names, cfg, origin)
-    src_conv, dst_conv = INPUT_CONVENTION[source], input_convention_from_cfg(cfg)
+    dst_conv = input_convention_from_cfg(cfg)
+    src_conv = INPUT_CONVENTION[source] or dst_conv
     if src_conv != dst_conv:
         logger.info("Folding input normalisation %s -> %s into %s.", src_conv, dst_conv, stem)
     converted[stem] = fold_input_normalization(converted[stem], src_conv, dst_conv)
