@@ -209,6 +209,17 @@ def test_data_report_uses_detectron2_data_loader_benchmark(benchmark, tmp_path, 
     assert ours["mapper_s"]["median"] > ours["dataset_s"]["median"]
 
 
+def test_mask_rcnn_data_loading_uses_our_input_pipeline(benchmark):
+    """Same resizing, augmentation, mask format and workers: the loaders differ only by mapper."""
+    config = str(REPO_ROOT / TINY_CONFIG)
+    job = benchmark.Job("mask_rcnn", "data", config, (), "cpu", 1, (64, 96), 2, 1, 0, 5, 0, None)
+    ours = benchmark.build_cfg(benchmark.replace(job, model="ours"))
+    cfg = benchmark.build_cfg(job)
+    assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    assert cfg.INPUT == ours.INPUT and cfg.DATALOADER == ours.DATALOADER
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (128,) and cfg.INPUT.MASK_FORMAT == "bitmask"
+
+
 def test_command_line_measures_in_a_spawned_process(tmp_path):
     """The default path: the tool as a script, each model measured in a fresh process."""
     out = tmp_path / "bench.json"

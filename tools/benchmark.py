@@ -42,7 +42,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -282,7 +282,9 @@ def build_cfg(job: Job):
 
         cfg.merge_from_file(model_zoo.get_config_file(MASK_RCNN_CONFIG))
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # random weights: 100 detections out
-        cfg.INPUT.MASK_FORMAT = "bitmask"  # as ours (the shapes dataset stores RLE)
+        if job.task == "data":  # the same input pipeline: sizes, augmentation, masks, workers
+            ours = build_cfg(replace(job, model="ours"))
+            cfg.INPUT, cfg.DATALOADER = ours.INPUT.clone(), ours.DATALOADER.clone()
     else:
         import solo
 
