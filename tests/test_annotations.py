@@ -302,7 +302,7 @@ def test_dataset_with_nothing_to_train_on_says_why_with_the_counts(image_file, r
 def test_dataset_wide_mask_areas_equal_detectron2_polygon_and_pycocotools_rle_areas():
     from detectron2.structures import PolygonMasks
 
-    from solo.data.checks import _mask_areas
+    from solo.data import mask_areas
 
     rng = np.random.default_rng(0)
     segms = []
@@ -312,5 +312,5 @@ def test_dataset_wide_mask_areas_equal_detectron2_polygon_and_pycocotools_rle_ar
     segms += [[LINE], [SQUARE, LINE], uncompressed_rle(ellipse_mask()), ellipse_mask()]
     expected = [float(PolygonMasks([s]).area()[0]) for s in segms[:30]]
     expected += [0.0, 900.0, float(ellipse_mask().sum()), float(ellipse_mask().sum())]
-    # Detectron2's PolygonMasks.area sums the parts' shoelace areas, as _mask_areas does.
-    np.testing.assert_allclose(_mask_areas(segms), expected, rtol=1e-9)
+    # Detectron2's PolygonMasks.area sums the parts' shoelace areas, as mask_areas does.
+    np.testing.assert_allclose(mask_areas(segms), expected, rtol=1e-9)

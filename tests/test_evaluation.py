@@ -253,3 +253,36 @@ def test_ground_truth_without_category_id_names_the_file(tmp_path):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_derived_areas_equal_detectron2_polygon_and_pycocotools_rle_areas(tmp_path):
+    """complete_coco_annotations works on the whole file at once; its areas are those of
+    Detectron2's PolygonMasks (multi-part polygons) and pycocotools (RLE, also uncompressed)."""
+    import pycocotools.mask as mask_util
+    from pycocotools.coco import COCO
+
+    from detectron2.structures import PolygonMasks
+
+    from solo.evaluation import complete_coco_annotations
+
+    rng = np.random.default_rng(0)
+    segms = [[rng.uniform(0, 150, 2 * n).tolist() for n in (3, 7)] for _ in range(5)]
+    segms.append([[10, 10, 60, 10, 35, 50]])
+    masks = square_masks(grid_of_squares(3))
+    rles = [uncompressed_rle(masks[0])]
+    compressed = mask_util.encode(np.asfortranarray(masks[1].numpy().astype(np.uint8)))
+    rles.append({"size": compressed["size"], "counts": compressed["counts"].decode()})
+    ground_truth = coco_ground_truth(grid_of_squares(len(segms) + len(rles) + 1), drop=("area",))
+    for ann, segm in zip(ground_truth["annotations"], segms + rles):
+        ann["segmentation"] = segm
+    del ground_truth["annotations"][-1]["segmentation"]  # box only: area from the box
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(ground_truth))
+    coco = COCO(str(path))
+    assert complete_coco_annotations(coco, str(path)) == len(ground_truth["annotations"])
+    areas = [ann["area"] for ann in coco.dataset["annotations"]]
+    expected = [float(PolygonMasks([segm]).area()[0]) for segm in segms]
+    with_rle = coco.dataset["annotations"][len(segms) : -1]
+    expected += [float(mask_util.area(coco.annToRLE(ann))) for ann in with_rle]
+    np.testing.assert_allclose(areas[:-1], expected, rtol=1e-9)
+    assert areas[:-1][len(segms):] == [144.0, 144.0] and areas[-1] == 144.0

@@ -8,6 +8,7 @@ from .checks import (
     compress_rle,
     drop_unusable,
     load_dataset_dicts,
+    mask_areas,
 )
 from .dataset_mapper import SOLODatasetMapper
 from .image_io import ImageReadError, read_image
@@ -30,6 +31,7 @@ __all__ = [
     "drop_unusable",
     "ensure_shapes_dataset",
     "load_dataset_dicts",
+    "mask_areas",
     "read_image",
     "register_builtin_datasets",
     "register_shapes_datasets",

@@ -31,6 +31,7 @@ __all__ = [
     "compress_rle",
     "drop_unusable",
     "load_dataset_dicts",
+    "mask_areas",
 ]
 
 logger = logging.getLogger(__name__)
@@ -342,15 +343,25 @@ def _unusable_reasons(annotations: Sequence[dict], use_masks: bool) -> List[Opti
             reasons[i] = EMPTY_BOX
     if use_masks:
         indices = [i for i, reason in enumerate(reasons) if reason is None]
-        areas = _mask_areas([annotations[i]["segmentation"] for i in indices])
+        areas = mask_areas([annotations[i]["segmentation"] for i in indices])
         for i in np.asarray(indices, dtype=np.int64)[areas <= 0]:
             reasons[i] = EMPTY_MASK
     return reasons
 
 
-def _mask_areas(segms: Sequence) -> np.ndarray:
-    """Area of each mask (polygons: the sum of their shoelace areas, enough to tell zero, i.e.
-    collinear or repeated points, from non-zero; RLE and arrays: pixel counts)."""
+def mask_areas(segms: Sequence) -> np.ndarray:
+    """Area of each mask, as Detectron2's ``PolygonMasks.area`` and ``pycocotools.mask.area``
+    give it, for a whole dataset at once (a structure per mask would dominate loading).
+
+    Args:
+        segms: per mask, a list of polygons (``[x1, y1, x2, y2, ...]`` each), a COCO RLE dict
+            (compressed or not) or an HxW array.
+
+    Returns:
+        float64 array (len(segms),): polygons: the sum of their shoelace areas (a polygon of
+        fewer than 3 points counts 0; a trailing odd coordinate is ignored); RLE and arrays: the
+        pixel count.
+    """
     areas = np.zeros(len(segms))
     rles = [k for k, segm in enumerate(segms) if isinstance(segm, dict)]
     if rles:
@@ -359,10 +370,11 @@ def _mask_areas(segms: Sequence) -> np.ndarray:
         if isinstance(segm, np.ndarray):
             areas[k] = segm.sum()
     polygons = [
-        (k, np.asarray(p, dtype=np.float64))
+        (k, np.asarray(p, dtype=np.float64)[: len(p) // 2 * 2])
         for k, segm in enumerate(segms)
         if isinstance(segm, (list, tuple))
         for p in segm
+        if len(p) >= 6
     ]
     if polygons:
         owners = np.array([k for k, _ in polygons])
