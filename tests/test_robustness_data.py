@@ -257,6 +257,15 @@ BAD_ANNOTATIONS = {
         annotation(5, 5, 30, 30, segmentation=box_polygon(5, 5, 30, 30)),
         "expected a list of polygons",
     ),
+    # labelme / shapely points: 4 pairs looked like "4 coordinates", 8 crashed in numpy.
+    "polygon of 4 (x, y) pairs": (
+        annotation(5, 5, 30, 30, segmentation=[[(5, 5), (30, 5), (30, 30), (5, 30)]]),
+        r"polygon 0 of annotation 0 is a list of \(x, y\) points \(shape \[4, 2\]\)",
+    ),
+    "polygon of 8 (x, y) pairs": (
+        annotation(5, 5, 30, 30, segmentation=[np.reshape(box_polygon(5, 5, 30, 30) * 2, (8, 2))]),
+        r"is a list of \(x, y\) points \(shape \[8, 2\]\).*np.asarray\(points\).ravel",
+    ),
     "segmentation missing": (
         {k: v for k, v in annotation(5, 5, 30, 30).items() if k != "segmentation"},
         "has no 'segmentation'",

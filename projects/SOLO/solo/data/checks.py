@@ -248,6 +248,12 @@ def _check_segmentation(anno: dict, index: int, where: str, image_hw) -> None:
             "[[x1, y1, x2, y2, ...], ...], a COCO RLE dict or an HxW numpy mask."
         )
     for j, polygon in enumerate(segm):
+        if np.ndim(polygon) != 1:  # [(x1, y1), (x2, y2), ...] as labelme / shapely give them
+            raise DatasetError(
+                f"{where}: polygon {j} of annotation {index} is a list of (x, y) points (shape "
+                f"{list(np.shape(polygon))}); Detectron2 polygons are flat lists [x1, y1, x2, "
+                "y2, ...]. Flatten it, e.g. np.asarray(points).ravel().tolist()."
+            )
         if len(polygon) < 6 or len(polygon) % 2:
             raise DatasetError(
                 f"{where}: polygon {j} of annotation {index} has {len(polygon)} coordinates; a "
