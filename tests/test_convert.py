@@ -1170,3 +1170,25 @@ def test_cli_our_own_wrapped_checkpoint_is_unwrapped_and_loads_strictly(tmp_path
     incompatible = DetectionCheckpointer(fresh)._load_model(torch.load(dst, weights_only=True))
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+
+
+def test_detectron2_pkl_file_of_our_model_converts_and_opaque_pickles_are_refused(tmp_path, small):
+    """Detectron2's .pkl format (pickled numpy arrays), which torch.load cannot read: its arrays
+    load without --trust-pickle, any other pickled object is named and refused."""
+    cfg, _, _ = small
+    torch.manual_seed(0)
+    trained = build_model(cfg).state_dict()
+    src, dst = str(tmp_path / "model_final.pkl"), str(tmp_path / "plain.pth")
+    convert.save_checkpoint(src, trained, "someone")
+    with pytest.raises(Exception, match="magic number"):
+        torch.load(src, weights_only=False)
+    config = os.path.join(ROOT, "configs", SMALL)
+    assert _cli().main(["--source", "solo", "--config", config, src, dst]) == 0
+    written = torch.load(dst, weights_only=True)["model"]
+    assert all(torch.equal(written[k], v) for k, v in trained.items())
+
+    odd = tmp_path / "odd.pkl"
+    odd.write_bytes(pickle.dumps({"model": {"w": np.zeros(2)}, "meta": _Opaque()}))
+    with pytest.raises(ConversionError, match=r"odd.pkl: a .pkl file .*_Opaque.*--trust-pickle"):
+        convert.load_checkpoint_file(str(odd))
+    assert isinstance(convert.load_checkpoint_file(str(odd), trust_pickle=True)["meta"], _Opaque)

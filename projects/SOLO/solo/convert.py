@@ -26,6 +26,7 @@ input normalisation into the stem conv when the target config normalises differe
 the result key by key and shape by shape against the model built from the target config.
 """
 
+import collections
 import logging
 import os
 import pickle
@@ -567,11 +568,15 @@ def load_checkpoint_file(path: str, trust_pickle: bool = False):
     neither imported nor run, so mmengine need not be installed and the file cannot execute code
     through them (the rest of the file is still read by torch's ``weights_only`` unpickler).
     ``trust_pickle`` allows arbitrary pickled objects: only for files from a trusted source.
+    ``.pkl`` files are plain pickles of numpy arrays (Detectron2's model-zoo format, which
+    ``torch.load`` cannot read): read with an unpickler that builds numpy arrays and nothing else.
 
     Raises :class:`ConversionError` for a missing or unreadable file, or other pickled objects.
     """
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file.")
+    if path.endswith(".pkl"):
+        return _load_pickle(path, trust_pickle)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
@@ -601,6 +606,35 @@ def load_checkpoint_file(path: str, trust_pickle: bool = False):
         f"loaded by default ({_unpickling_reason(first_error)}). If the file comes from a "
         "source you trust, pass --trust-pickle (trust_pickle=True)."
     ) from first_error
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other global."""
+
+    allowed = {**_numpy_globals(), "collections.OrderedDict": collections.OrderedDict}
+
+    def find_class(self, module, name):
+        if f"{module}.{name}" not in self.allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return self.allowed[f"{module}.{name}"]
+
+
+def _load_pickle(path: str, trust_pickle: bool):
+    try:
+        with open(path, "rb") as f:
+            # latin1: Detectron2's model zoo has Python 2 pickles of numpy arrays.
+            unpickler = pickle.Unpickler if trust_pickle else _NumpyUnpickler
+            return unpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if trust_pickle or not str(e):
+            raise ConversionError(f"{path}: not a readable pickle file ({e}).") from e
+        raise ConversionError(
+            f"{path}: a .pkl file holding objects other than numpy arrays and plain containers "
+            f"(pickled class/function: {e}), which are not loaded by default. If the file comes "
+            "from a source you trust, pass --trust-pickle (trust_pickle=True)."
+        ) from e
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise ConversionError(f"{path}: not a readable pickle file ({e}).") from e
 
 
 #: Entries holding a separate averaged (EMA) copy of the weights next to the raw ones; the copy
