@@ -297,6 +297,24 @@ def test_dataset_with_nothing_to_train_on_says_why_with_the_counts(image_file, r
     assert "1 of 2 annotations are empty masks" in message
     assert "2 of 2 images have no usable annotation" in message
     assert "DATALOADER.FILTER_EMPTY_ANNOTATIONS" in message
+    assert "most annotations are marked iscrowd=1" not in message  # 1 of 2: not a majority
+
+
+def test_a_majority_of_crowd_regions_is_reported_with_the_iscrowd_export_hint(
+    image_file, register, caplog
+):
+    """Single objects exported as RLE with iscrowd=1 would all be ignored: say why."""
+    mask = ellipse_mask()
+    dicts = [rle_record(image_file, mask, iscrowd=1, image_id=i) for i in range(3)]
+    dicts[0]["annotations"].append(polygon_annotation(SQUARE))
+    name = register("annotations_mostly_crowd", dicts)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert len(load_dataset_dicts([name], num_classes=5, check_annotations=True)) == 1
+    assert "3 of 4 annotations are crowd regions" in caplog.text
+    assert 'if they are single objects, set "iscrowd": 0 in the annotation file' in caplog.text
+    register("annotations_all_crowd", dicts[1:])
+    with pytest.raises(DatasetError, match="most annotations are marked iscrowd=1"):
+        load_dataset_dicts(["annotations_all_crowd"], num_classes=5, check_annotations=True)
 
 
 def test_dataset_wide_mask_areas_equal_detectron2_polygon_and_pycocotools_rle_areas():

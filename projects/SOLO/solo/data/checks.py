@@ -398,7 +398,16 @@ def mask_areas(segms: Sequence) -> np.ndarray:
 def _summary(skipped: Dict[str, int], num_annotations, empty_images, num_images) -> str:
     parts = [f"{n} of {num_annotations} annotations are {reason}" for reason, n in skipped.items()]
     parts.append(f"{empty_images} of {num_images} images have no usable annotation")
-    return "; ".join(parts)
+    summary = "; ".join(parts)
+    if skipped.get(CROWD, 0) * 2 > num_annotations:
+        # Crowd regions are rare in real data (1% of COCO); a majority is usually an export
+        # setting, not the annotator's intent.
+        summary += (
+            " (most annotations are marked iscrowd=1: some annotation tools export every RLE "
+            "mask that way; if they are single objects, set \"iscrowd\": 0 in the annotation "
+            "file)"
+        )
+    return summary
 
 
 def _report_skipped(name, skipped, num_annotations, empty_images, num_images, filter_empty):
