@@ -299,8 +299,27 @@ def test_truncated_16_bit_png_is_refused_naming_the_file(tmp_path):
 def test_file_that_is_not_an_image_is_refused_saying_so(tmp_path, content):
     path = tmp_path / "notes.png"
     path.write_bytes(content)
-    with pytest.raises(ImageReadError, match="notes.png' is not an image PIL can decode"):
+    with pytest.raises(ImageReadError, match="notes.png' is not an image PIL or OpenCV can decode"):
         read_image(str(path))
+
+
+def test_float_colour_tiff_that_pil_cannot_open_is_read_by_its_own_range(tmp_path):
+    """32-bit float RGB TIFF (HDR, remote sensing): PIL has no mode for it, OpenCV decodes it."""
+    path = tmp_path / "radiance.tif"
+    rgb = np.zeros((20, 30, 3), dtype=np.float32)
+    rgb[..., 0] = 2.0  # red everywhere
+    rgb[5:15, 10:20] = (-1.0, 6.0, 0.5)  # a green object
+    assert cv2.imwrite(str(path), rgb[:, :, ::-1])
+    with pytest.raises(Exception):
+        Image.open(path)
+    # OpenCV stores float colour TIFF with (lossy) SGILOG compression: compare with its decoding.
+    stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[:, :, ::-1].astype(np.float64)
+    np.testing.assert_allclose(stored, rgb, atol=0.02)
+    low, high = stored.min(), stored.max()
+    expected = np.round((stored - low) * 255.0 / (high - low)).astype(np.uint8)
+    read = read_image(str(path), format="RGB")
+    np.testing.assert_array_equal(read, expected)
+    assert read[10, 15, 0] == 0 and read[10, 15, 1] == 255  # the object holds the extremes
 
 
 def test_heic_phone_photo_is_refused_naming_the_format_and_the_plugin(tmp_path):

@@ -4,13 +4,15 @@
 
 Detectron2's ``detection_utils.read_image`` converts with ``PIL.Image.convert``, which clips
 16-bit and 32-bit gray pixels to 255 (a microscopy or depth image becomes one flat white plane)
-and keeps only the high byte of 16-bit colour. Here every file PIL (or, for 16-bit colour,
-OpenCV) decodes becomes an 8-bit image as follows:
+and keeps only the high byte of 16-bit colour. Here every file PIL (or OpenCV: for 16-bit
+colour, and for layouts PIL has no mode for, such as floating-point colour TIFF) decodes
+becomes an 8-bit image as follows:
 
 * 8-bit gray, colour, CMYK, YCbCr, 1-bit and palette images: converted by PIL, as in Detectron2;
   an alpha channel (RGBA, LA, palette transparency) is dropped, as Detectron2 and OpenCV's
   ``imread`` (the official SOLO's mmcv reader) drop it.
-* More than 8 bits per channel (16-bit gray or colour PNG/TIFF, 32-bit integer or float TIFF):
+* More than 8 bits per channel (16-bit gray or colour PNG/TIFF, 32-bit integer or float TIFF,
+  gray or colour):
   scaled linearly so that the image's own smallest value becomes 0 and its largest 255 (all
   colour channels together, so the colour balance is kept). Such files store measurements
   (12-bit sensors, depth in millimetres, temperatures) whose range is rarely the type's full
@@ -101,23 +103,16 @@ def read_image(
             f"Image file '{file_name}' does not exist. Fix the record's file_name or the "
             "dataset's image root (the image_root of register_coco_instances)."
         ) from e
+    opencv_image = None
     try:
         image = Image.open(io.BytesIO(data))
         sixteen_bit_colour = image.mode in ("RGB", "RGBA") and _raw_bits(image) == 16
         image.load()
     except UnidentifiedImageError as e:
-        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-            raise ImageReadError(
-                f"Image file '{file_name}' is a HEIF/HEIC photo ({data[8:12].decode()}, the "
-                "format of iPhones and many phones), which PIL cannot decode by itself. Convert "
-                "it to JPEG, or `pip install pillow-heif` and call "
-                "pillow_heif.register_heif_opener() before reading images."
-            ) from e
-        what = "is empty" if not data else f"starts with {data[:8]!r}"
-        raise ImageReadError(
-            f"Image file '{file_name}' is not an image PIL can decode (it {what}). Replace it "
-            "with a JPEG/PNG/TIFF/BMP/WebP file or remove it from the dataset."
-        ) from e
+        # Layouts PIL has no mode for (floating-point colour TIFF, ...): OpenCV's decoder.
+        opencv_image = _decode_with_opencv(data, file_name)
+        if opencv_image is None:
+            raise _undecodable(data, file_name) from e
     except Image.DecompressionBombError as e:
         raise ImageReadError(
             f"Image file '{file_name}' is larger than PIL's decompression-bomb limit ({e}). If "
@@ -134,11 +129,14 @@ def read_image(
             "remove it from the dataset."
         ) from e
 
-    orientation = _exif_orientation(image)
-    if sixteen_bit_colour:
-        image8 = _decode_16bit_colour(data, file_name, image.mode)
+    if opencv_image is not None:
+        orientation, image8 = 1, opencv_image  # OpenCV's IMREAD_UNCHANGED ignores EXIF
     else:
-        image8 = _to_8bit(image, file_name)
+        orientation = _exif_orientation(image)
+        if sixteen_bit_colour:
+            image8 = _decode_16bit_colour(data, file_name, image.mode)
+        else:
+            image8 = _to_8bit(image, file_name)
     raw_hw = (image8.height, image8.width)
     upright = image8
     if orientation in _EXIF_TRANSPOSE:
@@ -162,6 +160,35 @@ def read_image(
                     file_name, upright_hw, expected_size, orientation
                 ))
     return convert_PIL_to_numpy(upright, format)
+
+
+def _undecodable(data: bytes, file_name: str) -> ImageReadError:
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return ImageReadError(
+            f"Image file '{file_name}' is a HEIF/HEIC photo ({data[8:12].decode()}, the "
+            "format of iPhones and many phones), which PIL cannot decode by itself. Convert "
+            "it to JPEG, or `pip install pillow-heif` and call "
+            "pillow_heif.register_heif_opener() before reading images."
+        )
+    what = "is empty" if not data else f"starts with {data[:8]!r}"
+    return ImageReadError(
+        f"Image file '{file_name}' is not an image PIL or OpenCV can decode (it {what}). "
+        "Replace it with a JPEG/PNG/TIFF/BMP/WebP file or remove it from the dataset."
+    )
+
+
+def _decode_with_opencv(data: bytes, file_name: str) -> Optional[Image.Image]:
+    """Gray, BGR or BGRA pixels of any depth that OpenCV decodes, as 8-bit "L"/"RGB"; None if
+    OpenCV cannot decode them either."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if pixels is None or pixels.ndim not in (2, 3) or pixels.ndim == 3 and pixels.shape[2] < 3:
+        return None
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
+    if pixels.dtype != np.uint8:
+        kind = f"{pixels.dtype} {'colour' if pixels.ndim == 3 else 'gray'}"
+        pixels = _stretch(pixels, file_name, kind)
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB" if pixels.ndim == 3 else "L")
 
 
 def _exif_orientation(image: Image.Image) -> int:
