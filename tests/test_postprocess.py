@@ -249,10 +249,12 @@ def test_area_filter_keeps_masks_strictly_larger_than_the_level_stride():
 def test_min_mask_areas_default_to_the_level_strides():
     from solo import get_solo_cfg
 
-    cfg = get_solo_cfg(opts=["MODEL.SOLO.LEVEL_STRIDES", "[4, 8, 16, 32, 64]"])
-    assert SOLOPostProcessor.from_config(cfg).min_mask_areas == [4, 8, 16, 32, 64]
+    cfg = get_solo_cfg()
+    assert SOLOPostProcessor(cfg, level_strides=[4, 8, 16, 32, 64]).min_mask_areas == [
+        4, 8, 16, 32, 64
+    ]  # fmt: skip
     cfg.MODEL.SOLO.MIN_MASK_AREAS = [0, 1, 2, 3, 4]
-    assert SOLOPostProcessor.from_config(cfg).min_mask_areas == [0, 1, 2, 3, 4]
+    assert SOLOPostProcessor(cfg, level_strides=[8] * 5).min_mask_areas == [0, 1, 2, 3, 4]
 
 
 def test_mask_threshold_is_strict_and_maskness_rescales_the_score():

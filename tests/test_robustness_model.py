@@ -92,42 +92,29 @@ def test_tiny_image_alone_trains_and_gives_output_at_its_size(v2_model):
 
 
 @pytest.mark.parametrize(
-    "make_input, warning",
-    [
-        (lambda rgb: rgb[:1], "1-channel"),  # (1, H, W) grayscale
-        (lambda rgb: rgb[0], "1-channel"),  # (H, W) grayscale
-        (lambda rgb: torch.cat([rgb, torch.full_like(rgb[:1], 255)]), "4-channel"),  # RGBA
-    ],
-    ids=["gray_1HW", "gray_HW", "rgba"],
-)
-def test_grayscale_and_rgba_inputs_are_converted_with_a_warning(v2_model, make_input, warning):
-    rgb = random_image(64, 96, seed=3)
-    converted = make_input(rgb)
-    expected_rgb = rgb if warning == "4-channel" else rgb[:1].expand(3, -1, -1)
-    with pytest.warns(UserWarning, match=warning):
-        (got,) = infer(v2_model, [{"image": converted}])
-    (expected,) = infer(v2_model, [{"image": expected_rgb}])
-    assert len(got) > 0 and torch.equal(got.pred_masks, expected.pred_masks)
-    torch.testing.assert_close(got.scores, expected.scores)
-
-
-@pytest.mark.parametrize(
     "image, shown",
     [
-        (torch.zeros(2, 32, 32, dtype=torch.uint8), r"shape \(2, 32, 32\)"),
-        (torch.zeros(32, 48, 3, dtype=torch.uint8), r"shape \(32, 48, 3\).*permuted"),
+        (torch.zeros(1, 32, 32, dtype=torch.uint8), r"shape \(1, 32, 32\)"),  # grayscale
+        (torch.zeros(32, 32, dtype=torch.uint8), r"shape \(32, 32\)"),
+        (torch.zeros(4, 32, 32, dtype=torch.uint8), r"shape \(4, 32, 32\)"),  # RGBA
+        (torch.zeros(32, 48, 3, dtype=torch.uint8), r"shape \(32, 48, 3\).*Permute"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), r"shape \(1, 3, 32, 32\)"),
         (torch.zeros(3, 0, 32, dtype=torch.uint8), r"shape \(3, 0, 32\)"),
-        (np.zeros((32, 32, 3), dtype=np.uint8), "got ndarray"),
+        (np.zeros((32, 32, 3), dtype=np.uint8), "type ndarray"),
     ],
-    ids=["2_channels", "HWC", "batched", "empty", "numpy"],
+    ids=["gray_1HW", "gray_HW", "rgba", "HWC", "batched", "empty", "numpy"],
 )
-def test_uninterpretable_image_raises_value_error_naming_shape_and_expected_format(image, shown):
+def test_image_not_3_by_h_by_w_raises_value_error_naming_shape_and_the_reader(image, shown):
+    """Readers (solo.data.read_image) convert grayscale and RGBA files; the model only checks."""
     model = build("SOLOHead")
     good = {"image": random_image(32, 32)}
-    with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['image'\].*" + shown) as info:
-        infer(model, [good, {"image": image}])
-    assert "a (3, H, W) tensor in INPUT.FORMAT=" in str(info.value)
+    for training in (False, True):
+        model.train(training)
+        expected = r"batched_inputs\[1\]\['image'\] has " + shown
+        with pytest.raises(ValueError, match=expected) as info:
+            model([good, {"image": image}])
+        assert "expected a (3, H, W) tensor in INPUT.FORMAT='RGB'" in str(info.value)
+        assert "solo.data.read_image" in str(info.value)
 
 
 def test_non_contiguous_images_give_the_same_batch_and_outputs(v2_model):
@@ -339,8 +326,8 @@ def test_fuzz_cases_cover_empty_capped_and_single_class_outputs():
          ValueError, "MODEL.SOLO.SCALE_RANGES must increase from level to level"),
         (["MODEL.SOLO.SCALE_RANGES", "[[1, 24], [12, 48], [24, 96], [48, 192], [96]]"],
          ValueError, r"MODEL.SOLO.SCALE_RANGES must be \[low, high\] pairs"),
-        (["MODEL.SOLO.LEVEL_STRIDES", "[8, 8, 16, 32]"], ValueError,
-         "MODEL.SOLO.LEVEL_STRIDES has 4 entries"),
+        (["MODEL.SOLO.LEVEL_STRIDES", "[8, 8, 16, 32, 32]"], KeyError,
+         r"LEVEL_STRIDES was renamed to nothing \(derived from the backbone.*delete the key"),
         (["MODEL.SOLO.MIN_MASK_AREAS", "[2, 2, 4, 8]"], ValueError,
          "MODEL.SOLO.MIN_MASK_AREAS has 4 entries"),
         (["MODEL.SOLO.MIN_MASK_AREAS", "[2, 2, 4, 8, -1]"], ValueError,
@@ -350,7 +337,10 @@ def test_fuzz_cases_cover_empty_capped_and_single_class_outputs():
         (["MODEL.SOLO.MATRIX_NMS_KERNEL", "box"], ValueError,
          r"MODEL.SOLO.MATRIX_NMS_KERNEL='box' is not one of \('gaussian', 'linear'\)"),
         (["MODEL.SOLO.NMS_TYPE", "soft"], ValueError, "MODEL.SOLO.NMS_TYPE='soft' is not one of"),
-        (["MODEL.SOLO.TOWER_DCN", "DCNv3"], ValueError, "MODEL.SOLO.TOWER_DCN='DCNv3'"),
+        (["MODEL.SOLO.TOWER_DCN", "DCNv3"], ValueError,
+         r"'DCNv3' \(MODEL.SOLO.TOWER_DCN or MASK_FEATURE_DCN\) is not one of"),
+        (["MODEL.SOLO.TOWER_DCN_LAYERS", "first"], ValueError,
+         "MODEL.SOLO.TOWER_DCN_LAYERS must be 'all' or 'last'"),
         (["MODEL.SOLO.SCORE_THRESH", "1.5"], ValueError,
          r"MODEL.SOLO.SCORE_THRESH must be in \[0, 1\)"),
         (["TEST.DETECTIONS_PER_IMAGE", "0"], ValueError, "TEST.DETECTIONS_PER_IMAGE must be >= 1"),
@@ -378,7 +368,7 @@ def test_removed_max_per_image_key_names_its_replacement_in_files_and_opts(tmp_p
     cfg = get_solo_cfg(opts=["TEST.DETECTIONS_PER_IMAGE", "50"])
     assert "MAX_PER_IMAGE" not in cfg.MODEL.SOLO
     assert get_solo_cfg().TEST.DETECTIONS_PER_IMAGE == 100  # the official max_per_img
-    assert SOLOPostProcessor.from_config(cfg).max_per_image == 50
+    assert SOLOPostProcessor(cfg, level_strides=[8] * 5).max_per_image == 50
 
 
 # ----------------------------------------------------------------------------------------------

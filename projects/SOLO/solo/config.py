@@ -15,15 +15,14 @@ def add_solo_config(cfg):
     # Instance head, from SOLO_HEAD_REGISTRY: SOLOHead | DecoupledSOLOHead | DecoupledSOLOLightHead
     # | SOLOv2Head.
     _C.HEAD_NAME = "SOLOHead"
-    # FPN levels the head reads, finest first. P2 is resized x0.5 and P6 to P5's size inside the
-    # head, so the effective level strides are LEVEL_STRIDES.
+    # FPN levels the head reads, finest first. The first (P2) is resized x0.5 and the last (P6)
+    # to the size of the one before it inside the head: level strides [8, 8, 16, 32, 32],
+    # derived from the backbone's output strides.
     _C.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     # Number of foreground categories (no background channel).
     _C.NUM_CLASSES = 80
     # S, the number of grid cells per side, one per level.
     _C.NUM_GRIDS = [40, 36, 24, 16, 12]
-    # Stride of each level after the P2/P6 resizing.
-    _C.LEVEL_STRIDES = [8, 8, 16, 32, 32]
     # Inclusive [low, high] ranges of sqrt(w * h) of an instance's box that each level is
     # responsible for. Ranges overlap on purpose: one instance may be positive on two levels.
     _C.SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
@@ -70,8 +69,9 @@ def add_solo_config(cfg):
     _C.MASK_THRESH = 0.5
     # Per level, a candidate's binary mask must cover more than this many pixels of the mask
     # prediction (stride 4 for SOLOv2, half the level stride for SOLO) to be kept. Empty: the
-    # level strides, as in the official code -- sized for COCO images (at stride 4, 8 pixels are
-    # 128 input pixels), which drops every small object of a 128-pixel image.
+    # level strides ([8, 8, 16, 32, 32]), as in the official code -- sized for COCO images (at
+    # stride 4, 8 pixels are 128 input pixels), which drops every small object of a 128-pixel
+    # image.
     _C.MIN_MASK_AREAS = []
     # Score threshold applied after NMS (inclusive).
     _C.UPDATE_THRESH = 0.05
@@ -90,15 +90,25 @@ def add_solo_config(cfg):
     # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"
 
-    # Instances kept per image: Detectron2's TEST.DETECTIONS_PER_IMAGE (default 100, the official
-    # max_per_img). A config or command line still setting the old key fails at merge time.
-    if not cfg.key_is_renamed("MODEL.SOLO.MAX_PER_IMAGE"):
-        cfg.register_renamed_key(
-            "MODEL.SOLO.MAX_PER_IMAGE",
+    # Removed keys: a YAML file or command line still setting one fails at merge time, naming
+    # what to do. Instances kept per image are Detectron2's TEST.DETECTIONS_PER_IMAGE (default
+    # 100, the official max_per_img).
+    removed = {
+        "MODEL.SOLO.MAX_PER_IMAGE": (
             "TEST.DETECTIONS_PER_IMAGE",
-            "SOLO now reads Detectron2's TEST.DETECTIONS_PER_IMAGE (default 100), as RetinaNet "
-            "does; rename the key in your YAML file or command line.",
-        )
+            "SOLO reads Detectron2's TEST.DETECTIONS_PER_IMAGE (default 100), as RetinaNet does; "
+            "rename the key in your YAML file or command line.",
+        ),
+        "MODEL.SOLO.LEVEL_STRIDES": (
+            "nothing (derived from the backbone's output strides)",
+            "delete the key: the level strides follow from the backbone's strides (first level "
+            "halved, last level resized to the one before it); set MODEL.SOLO.MIN_MASK_AREAS "
+            "to change the minimum mask areas that defaulted to them.",
+        ),
+    }
+    for old_key, (new_key, note) in removed.items():
+        if not cfg.key_is_renamed(old_key):
+            cfg.register_renamed_key(old_key, new_key, note)
 
 
 def get_solo_cfg(config_file=None, opts=()):
@@ -121,15 +131,15 @@ def get_solo_cfg(config_file=None, opts=()):
 
 
 def check_solo_config(cfg):
-    """Fail early, naming the key, on ``MODEL.SOLO`` settings the model cannot work with."""
-    from .layers import DCN_TYPES
-    from .nms import MATRIX_NMS_KERNELS
-    from .postprocess import NMS_TYPES
+    """Fail early, naming the key, on ``MODEL.SOLO`` settings the model cannot work with.
 
+    Choice-type keys (head name, NMS type and kernel, DCN types) are checked where they are
+    consumed (the head registry, the post-processor, the layers).
+    """
     c = cfg.MODEL.SOLO
     num_levels = len(c.IN_FEATURES)
-    per_level = ["NUM_GRIDS", "LEVEL_STRIDES", "SCALE_RANGES"]
-    per_level += ["MIN_MASK_AREAS"] if c.MIN_MASK_AREAS else []  # empty: LEVEL_STRIDES
+    per_level = ["NUM_GRIDS", "SCALE_RANGES"]
+    per_level += ["MIN_MASK_AREAS"] if c.MIN_MASK_AREAS else []  # empty: the level strides
     for key in per_level:
         if len(c[key]) != num_levels:
             raise ValueError(
@@ -152,8 +162,6 @@ def check_solo_config(cfg):
         raise ValueError(f"MODEL.SOLO.NUM_GRIDS must be positive, got {list(c.NUM_GRIDS)}.")
     if c.SIGMA <= 0:
         raise ValueError(f"MODEL.SOLO.SIGMA must be > 0, got {c.SIGMA}.")
-    if any(s < 1 for s in c.LEVEL_STRIDES):
-        raise ValueError(f"MODEL.SOLO.LEVEL_STRIDES must be positive, got {list(c.LEVEL_STRIDES)}.")
     if any(a < 0 for a in c.MIN_MASK_AREAS):
         raise ValueError(f"MODEL.SOLO.MIN_MASK_AREAS must be >= 0, got {list(c.MIN_MASK_AREAS)}.")
     _check_inference_keys(c)
@@ -166,16 +174,6 @@ def check_solo_config(cfg):
             "MODEL.SOLO.HEAD_CHANNELS, MASK_FEATURE_CHANNELS and MASK_KERNEL_CHANNELS must be "
             "multiples of 32 (GroupNorm with 32 groups)."
         )
-    choices = {
-        "NMS_TYPE": NMS_TYPES,
-        "MATRIX_NMS_KERNEL": MATRIX_NMS_KERNELS,
-        "TOWER_DCN": DCN_TYPES,
-        "TOWER_DCN_LAYERS": ("all", "last"),
-        "MASK_FEATURE_DCN": DCN_TYPES,
-    }
-    for key, allowed in choices.items():
-        if c[key] not in allowed:
-            raise ValueError(f"MODEL.SOLO.{key}={c[key]!r} is not one of {allowed}.")
 
 
 def _check_inference_keys(c):

@@ -108,7 +108,10 @@ class ConvGNReLU(nn.Sequential):
 
     def __init__(self, in_channels, out_channels, kernel_size=3, dcn="none", num_groups=32):
         if dcn not in DCN_TYPES:
-            raise ValueError(f"Unknown deformable conv type {dcn!r}; expected one of {DCN_TYPES}.")
+            raise ValueError(
+                f"Deformable conv type {dcn!r} (MODEL.SOLO.TOWER_DCN or MASK_FEATURE_DCN) is not "
+                f"one of {DCN_TYPES}."
+            )
         padding = kernel_size // 2
         if dcn == "none":
             conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False)

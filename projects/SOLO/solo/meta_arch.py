@@ -1,7 +1,5 @@
 """The SOLO meta-architecture: backbone -> SOLO instance head -> targets/losses or instances."""
 import functools
-import logging
-import warnings
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
@@ -16,11 +14,10 @@ from detectron2.utils.events import get_event_storage
 
 from .config import check_solo_config
 from .heads import SOLOHeadBase, build_solo_head
+from .heads.base import split_strides
 from .losses import category_loss, mask_loss
 from .postprocess import SOLOPostProcessor
 from .targets import SOLOTargetAssigner, gather_ground_truth
-
-logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -49,7 +46,6 @@ class SOLO(nn.Module):
         cate_loss_weight: float = 1.0,
         dice_loss_weight: float = 3.0,
         input_format: str = "RGB",
-        vis_period: int = 0,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -64,7 +60,6 @@ class SOLO(nn.Module):
         self.cate_loss_weight = cate_loss_weight
         self.dice_loss_weight = dice_loss_weight
         self.input_format = input_format
-        self.vis_period = vis_period
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # Channels-last on CPU: weights now, images in preprocess_image (see config.py).
@@ -84,22 +79,20 @@ class SOLO(nn.Module):
                 f"MODEL.SOLO.IN_FEATURES {missing} are not produced by the backbone, which "
                 f"outputs {sorted(shapes)}."
             )
-        head = build_solo_head(cfg, [shapes[f] for f in cfg.MODEL.SOLO.IN_FEATURES])
+        head_shapes = [shapes[f] for f in cfg.MODEL.SOLO.IN_FEATURES]
+        head = build_solo_head(cfg, head_shapes)
+        level_strides = split_strides([s.stride for s in head_shapes])
         c = cfg.MODEL.SOLO
-        assigner = SOLOTargetAssigner(
-            num_classes=c.NUM_CLASSES,
-            num_grids=c.NUM_GRIDS,
-            scale_ranges=c.SCALE_RANGES,
-            mask_strides=head.mask_strides(c.LEVEL_STRIDES),
-            sigma=c.SIGMA,
-            keep_overlapping_masks=head.keep_overlapping_masks,
-        )
         return {
             "backbone": backbone,
             "head": head,
             "head_in_features": c.IN_FEATURES,
-            "target_assigner": assigner,
-            "postprocessor": SOLOPostProcessor.from_config(cfg),
+            "target_assigner": SOLOTargetAssigner(
+                cfg,
+                mask_strides=head.mask_strides(level_strides),
+                keep_overlapping_masks=head.keep_overlapping_masks,
+            ),
+            "postprocessor": SOLOPostProcessor(cfg, level_strides=level_strides),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "num_classes": c.NUM_CLASSES,
@@ -108,7 +101,6 @@ class SOLO(nn.Module):
             "cate_loss_weight": c.CATE_LOSS_WEIGHT,
             "dice_loss_weight": c.DICE_LOSS_WEIGHT,
             "input_format": cfg.INPUT.FORMAT,
-            "vis_period": cfg.VIS_PERIOD,
             "channels_last": c.CHANNELS_LAST_ON_CPU and cfg.MODEL.DEVICE == "cpu",
         }
 
@@ -119,7 +111,7 @@ class SOLO(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
         """Normalise the images and pad them (bottom/right) to one canvas for the whole batch."""
         images = [
-            self._normalize(self._three_channel_image(x, i)) for i, x in enumerate(batched_inputs)
+            self._normalize(self._checked_image(x, i)) for i, x in enumerate(batched_inputs)
         ]
         return self._pad(images)
 
@@ -150,46 +142,18 @@ class SOLO(nn.Module):
         padded = F.pad(images.tensor, (0, max(min_size - w, 0), 0, max(min_size - h, 0)))
         return ImageList(padded, images.image_sizes)
 
-    def _three_channel_image(self, inputs: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
-        """``inputs["image"]`` as (3, H, W): grayscale is replicated, an alpha channel dropped.
-
-        Images read by the dataset mapper are already 3-channel (it reads files in
-        ``INPUT.FORMAT``); tensors handed to the model directly may not be. Converting, with a
-        warning (once per process), is friendlier than a channel-mismatch error deep in the
-        backbone; anything else is rejected with the shape and what is expected.
-        """
+    def _checked_image(self, inputs: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        """``inputs["image"]``, which must be a (3, H, W) tensor (Detectron2's readers give one)."""
         image = inputs.get("image") if isinstance(inputs, dict) else None
-        expected = (
-            f"a (3, H, W) tensor in INPUT.FORMAT={self.input_format!r} (1-channel grayscale and "
-            "4-channel images with alpha are converted)"
-        )
-        if not isinstance(image, torch.Tensor):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
+        if shape is None or len(shape) != 3 or shape[0] != 3 or 0 in shape:
+            got = f"shape {shape}" if shape is not None else f"type {type(image).__name__}"
             raise ValueError(
-                f"batched_inputs[{index}]['image'] must be {expected}, got "
-                f"{type(image).__name__}. Convert an HxWxC numpy image with "
-                "torch.as_tensor(image.transpose(2, 0, 1))."
+                f"batched_inputs[{index}]['image'] has {got}; expected a (3, H, W) tensor in "
+                f"INPUT.FORMAT={self.input_format!r}. Permute an (H, W, C) image with "
+                "torch.as_tensor(image.transpose(2, 0, 1)); read files with solo.data.read_image, "
+                "which converts grayscale and RGBA images."
             )
-        if image.dim() == 2:  # (H, W) grayscale
-            image = image[None]
-        channels = image.shape[0] if image.dim() == 3 else None
-        if channels not in (1, 3, 4) or image.shape[-1] == 0 or image.shape[-2] == 0:
-            raise ValueError(
-                f"batched_inputs[{index}]['image'] has shape {tuple(image.shape)}; expected "
-                f"{expected}. An (H, W, C) image must be permuted to (C, H, W) first."
-            )
-        if channels == 1:
-            warnings.warn(
-                "SOLO got a 1-channel (grayscale) image; replicating it to 3 channels.",
-                stacklevel=3,
-            )
-            image = image.expand(3, -1, -1)
-        elif channels == 4:
-            warnings.warn(
-                f"SOLO got a 4-channel image; dropping the 4th (alpha) channel and reading the "
-                f"first three as {self.input_format}.",
-                stacklevel=3,
-            )
-            image = image[:3]
         return image
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
@@ -224,10 +188,9 @@ class SOLO(nn.Module):
             for level, t in enumerate(targets)
         ]
         storage = get_event_storage()
-        for level, t in enumerate(targets):
-            storage.put_scalar(
-                f"solo/num_pos_p{level}", t.positive_cells.sum().item() / len(gt_instances)
-            )
+        for name, t in zip(self.head_in_features, targets):
+            positives = t.positive_cells.sum().item() / len(gt_instances)
+            storage.put_scalar(f"solo/num_pos_{name}", positives)
         loss_cate = category_loss(
             outputs.cate_logits, targets, self.num_classes, self.focal_alpha, self.focal_gamma
         )
@@ -245,7 +208,7 @@ class SOLO(nn.Module):
         the padding of a larger image in the batch.
         """
         images = [
-            self._normalize(self._three_channel_image(x, i)) for i, x in enumerate(batched_inputs)
+            self._normalize(self._checked_image(x, i)) for i, x in enumerate(batched_inputs)
         ]
         canvases = [self._pad([image]) for image in images]
         groups = defaultdict(list)

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
 from .layers import resize
-from .nms import mask_nms, matrix_nms, points_nms
+from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, points_nms
 
 NMS_TYPES = ("matrix", "mask")
 
@@ -44,6 +45,9 @@ MaskProbs = Callable[[int, torch.Tensor, torch.Tensor, Tuple[int, int]], torch.T
 
 
 class SOLOPostProcessor:
+    """Per-image instances from category logits and a mask-probability callable."""
+
+    @configurable
     def __init__(
         self,
         *,
@@ -60,8 +64,12 @@ class SOLOPostProcessor:
         chunk_size: int = 128,
         paste_chunk_size: int = 4,
     ):
-        if nms_type not in NMS_TYPES:
-            raise ValueError(f"MODEL.SOLO.NMS_TYPE must be one of {NMS_TYPES}, got {nms_type!r}.")
+        for key, value, allowed in [
+            ("NMS_TYPE", nms_type, NMS_TYPES),
+            ("MATRIX_NMS_KERNEL", matrix_nms_kernel, MATRIX_NMS_KERNELS),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"MODEL.SOLO.{key}={value!r} is not one of {allowed}.")
         self.min_mask_areas = list(min_mask_areas)
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh
@@ -76,21 +84,21 @@ class SOLOPostProcessor:
         self.paste_chunk_size = paste_chunk_size
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, level_strides: Sequence[int]):
         c = cfg.MODEL.SOLO
-        return cls(
+        return {
             # Empty: the official rule, which reuses the level strides as minimum areas.
-            min_mask_areas=list(c.MIN_MASK_AREAS) or list(c.LEVEL_STRIDES),
-            score_thresh=c.SCORE_THRESH,
-            mask_thresh=c.MASK_THRESH,
-            nms_pre=c.NMS_PRE,
-            update_thresh=c.UPDATE_THRESH,
-            nms_type=c.NMS_TYPE,
-            matrix_nms_kernel=c.MATRIX_NMS_KERNEL,
-            matrix_nms_sigma=c.MATRIX_NMS_SIGMA,
-            mask_nms_iou_thresh=c.MASK_NMS_IOU_THRESH,
-            max_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        )
+            "min_mask_areas": list(c.MIN_MASK_AREAS) or list(level_strides),
+            "score_thresh": c.SCORE_THRESH,
+            "mask_thresh": c.MASK_THRESH,
+            "nms_pre": c.NMS_PRE,
+            "update_thresh": c.UPDATE_THRESH,
+            "nms_type": c.NMS_TYPE,
+            "matrix_nms_kernel": c.MATRIX_NMS_KERNEL,
+            "matrix_nms_sigma": c.MATRIX_NMS_SIGMA,
+            "mask_nms_iou_thresh": c.MASK_NMS_IOU_THRESH,
+            "max_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
 
     @torch.no_grad()
     def __call__(

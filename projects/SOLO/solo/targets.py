@@ -21,6 +21,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 
@@ -152,6 +153,7 @@ def downsample_masks(masks: torch.Tensor, stride: int) -> torch.Tensor:
 class SOLOTargetAssigner:
     """Builds :class:`LevelTargets` for every level from a batch's ground truth."""
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
@@ -167,6 +169,19 @@ class SOLOTargetAssigner:
         self.mask_strides = list(mask_strides)
         self.sigma = sigma
         self.keep_overlapping_masks = keep_overlapping_masks
+
+    @classmethod
+    def from_config(cls, cfg, mask_strides: Sequence[int], keep_overlapping_masks: bool):
+        """``mask_strides`` and ``keep_overlapping_masks`` come from the head."""
+        c = cfg.MODEL.SOLO
+        return {
+            "num_classes": c.NUM_CLASSES,
+            "num_grids": c.NUM_GRIDS,
+            "scale_ranges": c.SCALE_RANGES,
+            "mask_strides": mask_strides,
+            "sigma": c.SIGMA,
+            "keep_overlapping_masks": keep_overlapping_masks,
+        }
 
     def __call__(self, gt: BatchGroundTruth) -> List[LevelTargets]:
         hp, wp = gt.masks.shape[-2:]

@@ -38,6 +38,12 @@ def split_features(features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return features
 
 
+def split_strides(strides: Sequence[int]) -> List[int]:
+    """Strides of the levels after :func:`split_features`, from the FPN strides (4, 8, ..., 64):
+    the first level's doubled, the last level's equal to the one before it."""
+    return [2 * strides[0], *strides[1:-1], strides[-2]]
+
+
 def tower_dcn_types(num_convs: int, dcn: str, layers: str) -> List[str]:
     """Deformable conv type of each tower conv: everywhere, or only on the last one."""
     if layers not in ("all", "last"):
