@@ -1,5 +1,6 @@
 """Exported models (ONNX Runtime, TorchScript, torch.export .pt2) against eager inference, CPU."""
 
+import cv2
 import pytest
 import torch
 
@@ -189,14 +190,26 @@ def test_export_tool_refuses_empty_and_missing_weights(export_tool, tmp_path):
 
 
 def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(export_tool, tmp_path):
-    cfg = tiny_cfg("DecoupledSOLOHead")
-    model = forced_model("DecoupledSOLOHead")
+    cfg = tiny_cfg("SOLOv2Head")
+    model = forced_model("SOLOv2Head")
     weights = tmp_path / "model.pth"
     torch.save({"model": model.state_dict()}, weights)
     config = tmp_path / "tiny.yaml"
     config.write_text(cfg.dump())
-    common = ["--config-file", str(config), "--format", "torchscript"]
+    sample = tmp_path / "sample.png"
+    cv2.imwrite(str(sample), image(SAMPLE_SIZE, 7).permute(1, 2, 0).numpy())
+    common = [
+        "--config-file",
+        str(config),
+        "--format",
+        "torchscript",
+        "--sample-image",
+        str(sample),
+    ]
     argv = common + ["--output", str(tmp_path / "out"), "--verify", "--max-candidates", "1500"]
+    # INPUT.MIN_SIZE_TEST 0: the sample is not resized (--verify then runs at 97x133 and two
+    # other sizes, small enough for a unit test).
+    argv += ["INPUT.MIN_SIZE_TEST", "0"]
     assert export_tool.main(argv + ["MODEL.WEIGHTS", str(weights)]) == 0
     assert (tmp_path / "out" / "model.ts").is_file()
     # The same checkpoint for a model with more classes: strict loading names the mismatch.
@@ -260,7 +273,7 @@ def test_exported_shapes_model_coco_ap_equals_eager(tmp_path):
     force_candidates(model)
     model.eval()
     with shapes_cache(tmp_path / "shapes") as root:
-        register_shapes_datasets(str(root), splits={split: dict(num_images=4, seed=11)})
+        register_shapes_datasets(str(root), splits={split: dict(num_images=3, seed=11)})
         dicts = pseudo_ground_truth(DatasetCatalog.get(split), model, per_image=15)
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])

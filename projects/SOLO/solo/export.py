@@ -18,6 +18,8 @@ Public API (``from solo.export import ...``)::
         model: ``[{"image": (3, H, W) uint8/float tensor in INPUT.FORMAT, "height", "width"}]``
         -> ``[{"instances": Instances}]`` with bool ``pred_masks`` (height x width), ``scores``,
         int64 ``pred_classes`` and ``pred_boxes`` (tight boxes of the masks).
+    is_exported_model_file(path) -> bool
+        Whether the suffix is one of ``.onnx``, ``.ts``, ``.pt2``.
     SOLOExportModule(model, max_candidates)
         The traced ``nn.Module``: one padded (1, 3, H, W) float32 image -> fixed-size outputs.
     fixed_size_postprocess(cate_logits, mask_probs, ...)
@@ -70,6 +72,7 @@ __all__ = [
     "compare_predictions",
     "export_model",
     "fixed_size_postprocess",
+    "is_exported_model_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +92,12 @@ ONNX_OPSET = 18
 
 class ExportError(RuntimeError):
     """A model, config or file that cannot be exported or loaded as an exported SOLO model."""
+
+
+def is_exported_model_file(path: str) -> bool:
+    """Whether ``path`` names a file :class:`ExportedModel` runs (by its suffix), e.g. for a
+    ``MODEL.WEIGHTS`` that may be a checkpoint or an exported model."""
+    return os.path.splitext(str(path))[1] in EXPORT_FORMATS.values()
 
 
 # ----------------------------------------------------------------------------------------------
