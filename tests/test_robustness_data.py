@@ -275,6 +275,17 @@ BAD_ANNOTATIONS = {
         {k: v for k, v in annotation(5, 5, 30, 30).items() if k != "bbox"},
         "has no 'bbox'",
     ),
+    # Crashed in numpy when the dataset's boxes were stacked, or were dropped as "empty boxes".
+    "bbox of 3 numbers": (
+        annotation(5, 5, 30, 30, bbox=[5, 5, 25]),
+        r"bbox=\[5, 5, 25\] with bbox_mode=<BoxMode.XYWH_ABS: 1>; expected .* 4 finite numbers",
+    ),
+    "bbox with None": (annotation(5, 5, 30, 30, bbox=[5, 5, None, 25]), "4 finite numbers"),
+    "bbox as a string": (annotation(5, 5, 30, 30, bbox="5,5,25,25"), "bbox='5,5,25,25'"),
+    "unknown bbox_mode": (
+        annotation(5, 5, 30, 30, bbox_mode=9),
+        "bbox_mode=9; expected a detectron2.structures.BoxMode",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ Every error is a :class:`DatasetError`; data-loader workers forward its message 
 """
 import collections
 import logging
+import math
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -203,8 +204,30 @@ def check_record(
                 f"{where}: annotation {i} has no 'bbox'/'bbox_mode'; SOLO assigns instances to "
                 "levels by their box size. Add the box (BoxMode.XYWH_ABS for COCO boxes)."
             )
+        _check_box(anno, i, where)
         if use_masks:
             _check_segmentation(anno, i, where, (record.get("height"), record.get("width")))
+
+
+_BOX_MODES = frozenset(BoxMode)  # an IntEnum: plain ints of valid modes are members too
+
+
+def _check_box(anno: dict, index: int, where: str) -> None:
+    # A malformed box would otherwise fail in numpy when the dataset's boxes are stacked, or
+    # (None, NaN) be dropped as an "empty box". Plain Python per annotation (math.isfinite
+    # raises TypeError for None and strings): this runs for every annotation of the dataset.
+    mode, bbox = anno["bbox_mode"], anno["bbox"]
+    size = 5 if mode == BoxMode.XYWHA_ABS else 4
+    try:
+        valid = len(bbox) == size and all(math.isfinite(v) for v in bbox)
+    except TypeError:
+        valid = False
+    if mode not in _BOX_MODES or isinstance(bbox, str) or not valid:
+        raise DatasetError(
+            f"{where}: annotation {index} has bbox={bbox!r} with bbox_mode={mode!r}; "
+            f"expected a detectron2.structures.BoxMode and {size} finite numbers "
+            "([x, y, width, height] for BoxMode.XYWH_ABS, the COCO boxes). Fix the box."
+        )
 
 
 def _check_category(anno: dict, index: int, num_classes: Optional[int], where: str) -> None:
