@@ -152,6 +152,18 @@ def test_coord_features_export_keeps_height_and_width_dynamic():
         torch.testing.assert_close(program.module()(x), coord_features(x), rtol=0, atol=0)
 
 
+def test_coord_features_traced_at_one_size_run_at_others():
+    # torch.jit.trace (TorchScript and the ONNX exporter) sees the sizes as tensors.
+    class Coords(torch.nn.Module):
+        def forward(self, x):
+            return coord_features(x)
+
+    traced = torch.jit.trace(Coords(), (torch.zeros(1, 1, 8, 12),))
+    for h, w in [(5, 9), (1, 1), (40, 3)]:
+        x = torch.zeros(1, 1, h, w)
+        torch.testing.assert_close(traced(x), coord_features(x), rtol=0, atol=0)
+
+
 def test_level_split_halves_p2_and_brings_p6_to_p5_size():
     feats = [torch.randn(1, 4, 64 // 2**i, 96 // 2**i) for i in range(4)]
     feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))  # P6 as detectron2 builds it

@@ -135,9 +135,11 @@ def coord_features(x: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
 
     def axis(size):
-        # 2i / (size - 1) - 1, computed in float32; a single position is -1 as in linspace.
+        # 2i / (size - 1) - 1, computed in float32. A single position divides 0 by 0: nan_to_num
+        # makes it -1 as in linspace, without a branch on the size, which works for ints, the
+        # symbolic sizes of torch.export and the tensor sizes of torch.jit.trace alike.
         steps = torch.arange(size, device=x.device, dtype=torch.float32)
-        return (steps * 2 / torch.sym_max(size - 1, 1) - 1).to(x.dtype)
+        return ((steps * 2 / (size - 1)).nan_to_num(0.0) - 1).to(x.dtype)
 
     grid_y, grid_x = torch.meshgrid(axis(h), axis(w), indexing="ij")
     return torch.stack([grid_x, grid_y]).expand(n, 2, h, w)
