@@ -29,13 +29,13 @@ for _path in (os.path.join(_REPO, "projects", "SOLO"), _REPO):
         sys.path.insert(0, _path)
 
 from detectron2.data import transforms as T  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from solo import get_solo_cfg  # noqa: E402
 from solo.checkpoint import SOLOCheckpointer  # noqa: E402
+from solo.data import read_image  # noqa: E402
 from solo.export import export_model  # noqa: E402
 from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions  # noqa: E402
 

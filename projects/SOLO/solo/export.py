@@ -29,7 +29,7 @@ What is in the graph (batch 1, dynamic H and W, multiples of the backbone's size
 normalisation, backbone, head, and a fixed-size version of ``SOLOPostProcessor``: point NMS, the
 top K0 (cell, class) scores with a validity mask (the official multi-label candidates), the masks
 of those K0 only, area filter and maskness by masking, the top ``NMS_PRE``, Matrix NMS as matrix
-products, the top ``MAX_PER_IMAGE``. Outputs: ``scores`` (D,), ``labels`` (D,) int64, ``masks``
+products, the top ``TEST.DETECTIONS_PER_IMAGE``. Outputs: ``scores`` (D,), ``labels`` (D,) int64, ``masks``
 (D, H/4, W/4) soft masks, ``num_detections`` and ``num_candidates`` (0-dim int64).
 
 The K0 trade-off: results equal eager inference whenever an image has at most K0 candidates
@@ -130,7 +130,7 @@ def fixed_size_postprocess(
 
     Returns:
         scores (D,) float, labels (D,) int64, masks (D, h, w) soft masks, num_detections and
-        num_candidates (0-dim int64), with D = min(MAX_PER_IMAGE, NMS_PRE, K0, sum S^2 * C).
+        num_candidates (0-dim int64), with D = min(TEST.DETECTIONS_PER_IMAGE, NMS_PRE, K0, sum S^2 * C).
         Rows ``num_detections`` and later are padding (score -1). The first ``num_detections``
         rows are the eager post-processor's instances in its order (descending score) whenever
         ``num_candidates <= K0``.
