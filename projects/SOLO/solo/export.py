@@ -29,8 +29,8 @@ What is in the graph (batch 1, dynamic H and W, multiples of the backbone's size
 normalisation, backbone, head, and a fixed-size version of ``SOLOPostProcessor``: point NMS, the
 top K0 (cell, class) scores with a validity mask (the official multi-label candidates), the masks
 of those K0 only, area filter and maskness by masking, the top ``NMS_PRE``, Matrix NMS as matrix
-products, the top ``TEST.DETECTIONS_PER_IMAGE``. Outputs: ``scores`` (D,), ``labels`` (D,) int64, ``masks``
-(D, H/4, W/4) soft masks, ``num_detections`` and ``num_candidates`` (0-dim int64).
+products, the top ``TEST.DETECTIONS_PER_IMAGE``. Outputs: ``scores`` (D,), ``labels`` (D,) int64,
+``masks`` (D, H/4, W/4) soft masks, ``num_detections`` and ``num_candidates`` (0-dim int64).
 
 The K0 trade-off: results equal eager inference whenever an image has at most K0 candidates
 (cell, class pairs scoring above ``SCORE_THRESH``). With more, only the K0 best category scores
@@ -61,7 +61,7 @@ from .heads.decoupled_head import DecoupledSOLOHead, DecoupledSOLOLightHead
 from .heads.solo_head import SOLOHead
 from .heads.solov2_head import SOLOv2Head
 from .layers import resize
-from .nms import MATRIX_NMS_KERNELS, points_nms
+from .nms import MATRIX_NMS_KERNELS, matrix_nms_from_iou, points_nms
 from .postprocess import masks_to_boxes
 
 __all__ = [
@@ -130,7 +130,8 @@ def fixed_size_postprocess(
 
     Returns:
         scores (D,) float, labels (D,) int64, masks (D, h, w) soft masks, num_detections and
-        num_candidates (0-dim int64), with D = min(TEST.DETECTIONS_PER_IMAGE, NMS_PRE, K0, sum S^2 * C).
+        num_candidates (0-dim int64), with
+        D = min(TEST.DETECTIONS_PER_IMAGE, NMS_PRE, K0, sum S^2 * C).
         Rows ``num_detections`` and later are padding (score -1). The first ``num_detections``
         rows are the eager post-processor's instances in its order (descending score) whenever
         ``num_candidates <= K0``.
@@ -193,14 +194,7 @@ def _matrix_nms(masks, labels, scores, areas, kernel: str, sigma: float) -> torc
     inter = masks @ masks.t()
     union = areas[:, None] + areas[None, :] - inter
     iou = inter / union.clamp(min=1e-6)
-    same_class = labels[:, None] == labels[None, :]
-    decay_iou = (iou * same_class).triu(diagonal=1)
-    compensate_iou = decay_iou.max(dim=0).values[:, None]
-    if kernel == "gaussian":
-        decay = torch.exp(-sigma * (decay_iou**2 - compensate_iou**2))
-    else:
-        decay = (1 - decay_iou) / (1 - compensate_iou).clamp(min=1e-6)
-    return scores * decay.min(dim=0).values
+    return matrix_nms_from_iou(iou, labels, scores, kernel, sigma)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,9 +63,22 @@ def matrix_nms(
         return scores
     if areas is None:
         areas = masks.flatten(1).sum(dim=1).float()
+    return matrix_nms_from_iou(mask_iou_matrix(masks, areas), labels, scores, kernel, sigma)
+
+
+def matrix_nms_from_iou(
+    iou: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+) -> torch.Tensor:
+    """The decay step of :func:`matrix_nms`, given the (N, N) float IoU matrix of N masks sorted
+    by descending score; returns the (N,) decayed scores. Exporters call it with IoUs from a float
+    product (the int8 kernels of :func:`mask_iou_matrix` have no ONNX/TorchScript mapping)."""
     same_class = labels[:, None] == labels[None, :]
     # iou[i, j] for i ranked above j, same class; zero elsewhere.
-    decay_iou = (mask_iou_matrix(masks, areas) * same_class).triu(diagonal=1)
+    decay_iou = (iou * same_class).triu(diagonal=1)
     compensate_iou = decay_iou.max(dim=0).values[:, None]  # per row i: its own worst overlap
     if kernel == "gaussian":
         decay = torch.exp(-sigma * (decay_iou**2 - compensate_iou**2))
