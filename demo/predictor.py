@@ -24,6 +24,8 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solo.checkpoint import SOLOCheckpointer
+from solo.data import stretch_to_8bit
+from solo.export import ExportedModel, is_exported_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +37,23 @@ class _NoResize(T.Augmentation):
 
 def as_bgr(image: np.ndarray) -> np.ndarray:
     """An (H, W, 3) BGR view of what a user may hand the predictor: (H, W) or (H, W, 1) gray
-    (replicated), (H, W, 4) BGRA (alpha dropped), (H, W, 3) BGR (unchanged).
+    (replicated), (H, W, 4) BGRA (alpha dropped), (H, W, 3) BGR (unchanged). Integer arrays of
+    more than 8 bits (e.g. uint16 microscopy or depth) are scaled to 0..255 by their own range,
+    as :func:`solo.data.read_image` reads such files; float arrays must already be in 0..255.
 
     Raises:
-        ValueError: any other shape, naming it and the accepted ones.
+        ValueError: any other shape, or a float array outside 0..255, naming it and the fix.
     """
+    if image.dtype != np.uint8 and np.issubdtype(image.dtype, np.integer):
+        image = stretch_to_8bit(image, "the array given to Predictor", f"{image.dtype}")
+    elif np.issubdtype(image.dtype, np.floating) and image.size:
+        low, high = float(np.nanmin(image)), float(np.nanmax(image))
+        if low < 0 or high > 255 or np.isnan(image).any():
+            raise ValueError(
+                f"Predictor got a {image.dtype} image with values {low:g}..{high:g}; expected "
+                "0..255 (as uint8 images hold). Scale it, e.g. with "
+                "solo.data.stretch_to_8bit(image, name, kind)."
+            )
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
     if image.ndim == 3 and image.shape[2] == 4:
@@ -62,7 +76,10 @@ class Predictor(DefaultPredictor):
       ``DefaultPredictor`` warns and predicts with partly random weights.
     * ``INPUT.MIN_SIZE_TEST == 0`` means "no resizing" (as in Detectron2's test data loader),
       where ``DefaultPredictor`` would resize to a 0-pixel short side.
-    * Gray (H, W) / (H, W, 1) and BGRA (H, W, 4) arrays are accepted (:func:`as_bgr`).
+    * Gray (H, W) / (H, W, 1) and BGRA (H, W, 4) arrays are accepted, and integer arrays of
+      more than 8 bits are scaled by their own range (:func:`as_bgr`).
+    * ``MODEL.WEIGHTS`` may name an exported model (``.onnx``, ``.ts``, ``.pt2`` from
+      ``tools/export_model.py``): it runs through :class:`solo.export.ExportedModel`.
 
     Call it with a ``uint8`` image; it returns ``{"instances": Instances}`` at the input's size
     with ``pred_masks`` (bool), ``scores``, ``pred_classes`` and ``pred_boxes``, on
@@ -71,11 +88,14 @@ class Predictor(DefaultPredictor):
 
     def __init__(self, cfg):  # DefaultPredictor.__init__, with the strict checkpointer
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
-        self.model.eval()
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        SOLOCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+        if is_exported_model_file(cfg.MODEL.WEIGHTS):
+            self.model = ExportedModel(cfg.MODEL.WEIGHTS, device=cfg.MODEL.DEVICE)
+        else:
+            self.model = build_model(self.cfg)
+            self.model.eval()
+            SOLOCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
         if cfg.INPUT.MIN_SIZE_TEST == 0:
             self.aug = _NoResize()
         else:

@@ -285,6 +285,45 @@ def test_predictor_takes_gray_and_bgra_arrays_as_bgr(weights, predictor_module):
         predictor(bgr[:, :, :2])
 
 
+def test_predictor_scales_16_bit_arrays_by_their_range_and_refuses_bad_floats(
+    weights, predictor_module
+):
+    """A uint16 array went to the model unscaled (values up to 65535): silent garbage."""
+    predictor = predictor_module.Predictor(small_cfg(["MODEL.WEIGHTS", weights]))
+    bgr = synthetic_image(4)
+    low, high = int(bgr.min()), int(bgr.max())
+    # The same picture in 16 bits, spread over another range: read back to the same 8 bits.
+    deep = (bgr.astype(np.uint16) - low) * 200 + 1000
+    stretched = np.round((bgr.astype(np.float64) - low) * 255 / (high - low)).astype(np.uint8)
+    expected, actual = predictor(stretched)["instances"], predictor(deep)["instances"]
+    assert len(actual) == len(expected) > 0
+    assert torch.equal(actual.pred_masks, expected.pred_masks)
+    with pytest.raises(ValueError, match=r"values 0\.\.1000; expected 0\.\.255"):
+        predictor(np.linspace(0, 1000, bgr.size).reshape(bgr.shape).astype(np.float32))
+
+
+def test_predictor_and_demo_run_an_exported_model(demo, weights, image_dir, tmp_path):
+    """MODEL.WEIGHTS naming a TorchScript export runs it, with the eager model's predictions."""
+    from solo.export import export_model
+
+    cfg = small_cfg(["MODEL.WEIGHTS", weights])
+    # K0 above the candidate count (every cell is one here), so results equal eager inference.
+    path = export_model(cfg, "torchscript", str(tmp_path / "exported"), max_candidates=4096)
+    predictor_module = sys.modules[demo.VisualizationDemo.__module__]
+    eager = predictor_module.Predictor(cfg)
+    exported = predictor_module.Predictor(small_cfg(["MODEL.WEIGHTS", path]))
+    image = synthetic_image(5)
+    expected, actual = eager(image)["instances"], exported(image)["instances"]
+    assert len(actual) == len(expected) > 0
+    assert torch.equal(actual.pred_classes, expected.pred_classes)
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=1e-3)
+    # Masks may differ at a few border pixels (resampling in and out of the graph).
+    assert (actual.pred_masks != expected.pred_masks).sum() <= 0.01 * expected.pred_masks.numel()
+    out = tmp_path / "vis"
+    written = run_demo(demo, path, "--input", str(image_dir), "--output", str(out))
+    assert len(written) == 2 and all(cv2.imread(w) is not None for w in written)
+
+
 def test_class_names_come_from_the_option_the_json_or_a_single_warning(
     predictor_module, tmp_path, caplog
 ):

@@ -11,7 +11,7 @@ from .checks import (
     mask_areas,
 )
 from .dataset_mapper import SOLODatasetMapper
-from .image_io import ImageReadError, read_image
+from .image_io import ImageReadError, read_image, stretch_to_8bit
 from .shapes import ensure_shapes_dataset, register_shapes_datasets
 
 
@@ -33,6 +33,7 @@ __all__ = [
     "load_dataset_dicts",
     "mask_areas",
     "read_image",
+    "stretch_to_8bit",
     "register_builtin_datasets",
     "register_shapes_datasets",
 ]

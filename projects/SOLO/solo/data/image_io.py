@@ -187,7 +187,7 @@ def _decode_with_opencv(data: bytes, file_name: str) -> Optional[Image.Image]:
         pixels = pixels[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
     if pixels.dtype != np.uint8:
         kind = f"{pixels.dtype} {'colour' if pixels.ndim == 3 else 'gray'}"
-        pixels = _stretch(pixels, file_name, kind)
+        pixels = stretch_to_8bit(pixels, file_name, kind)
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB" if pixels.ndim == 3 else "L")
 
 
@@ -228,7 +228,7 @@ def _decode_16bit_colour(data: bytes, file_name: str, mode: str) -> Image.Image:
             "save it as an 8-bit or 16-bit PNG."
         )
     pixels = pixels[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
-    return Image.fromarray(_stretch(pixels, file_name, f"16-bit colour ({mode})"), "RGB")
+    return Image.fromarray(stretch_to_8bit(pixels, file_name, f"16-bit colour ({mode})"), "RGB")
 
 
 def _to_8bit(image: Image.Image, file_name: str) -> Image.Image:
@@ -242,7 +242,7 @@ def _to_8bit(image: Image.Image, file_name: str) -> Image.Image:
         # Palette transparency goes through RGBA, as PIL asks (convert("RGB") warns).
         return image.convert("RGBA").convert("RGB")
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_stretch(np.asarray(image), file_name, f"mode {mode}"), "L")
+        return Image.fromarray(stretch_to_8bit(np.asarray(image), file_name, f"mode {mode}"), "L")
     try:
         return image.convert("RGB")  # RGBA, RGBX, CMYK, YCbCr, LAB, HSV
     except ValueError as e:
@@ -252,8 +252,10 @@ def _to_8bit(image: Image.Image, file_name: str) -> Image.Image:
         ) from e
 
 
-def _stretch(pixels: np.ndarray, file_name: str, kind: str) -> np.ndarray:
-    """Map ``[min, max]`` of the finite values linearly to ``[0, 255]`` (uint8)."""
+def stretch_to_8bit(pixels: np.ndarray, file_name: str, kind: str) -> np.ndarray:
+    """Map ``[min, max]`` of the finite values of ``pixels`` (any shape and dtype) linearly to
+    ``[0, 255]`` (uint8, same shape), non-finite values to 0; warns once per process, naming
+    ``file_name`` (or whatever the pixels came from) and ``kind`` (e.g. "16-bit gray")."""
     values = pixels.astype(np.float64)
     finite = np.isfinite(values)
     low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
