@@ -8,14 +8,16 @@
 This is Detectron2's own ``tools/train_net.py`` with the SOLO config and a COCO evaluator; it
 also runs on machines without CUDA (``MODEL.DEVICE`` falls back to ``cpu``, DDP over gloo).
 """
+
 import logging
 import warnings
 from contextlib import contextmanager
 
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.engine import defaults as engine_defaults
+from detectron2.engine import hooks, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 

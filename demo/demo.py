@@ -20,17 +20,15 @@ import logging
 import os
 import time
 from typing import Dict, List, Optional, Sequence
-
 import cv2
 import tqdm
 
 from detectron2.utils.logger import setup_logger
 
+from predictor import VisualizationDemo  # next to this script, as in Detectron2's demo
 from solo import get_solo_cfg
 from solo.checkpoint import CheckpointMismatchError
 from solo.data import read_image, register_builtin_datasets
-
-from predictor import VisualizationDemo  # next to this script, as in Detectron2's demo
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,9 @@ images and video frames and draws the instances with Detectron2's visualizers.
 
 import json
 import logging
-from typing import Iterator, Optional, Sequence, Tuple
-
-import cv2
 import numpy as np
+from typing import Iterator, Optional, Sequence, Tuple
+import cv2
 import torch
 
 from detectron2.data import MetadataCatalog

@@ -1,13 +1,13 @@
 """Shared helpers for the SOLO tests: configs, tiny models and random instance sets."""
+
 import importlib.util
 import json
 import logging
+import numpy as np
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 

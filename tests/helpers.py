@@ -1,7 +1,7 @@
 """Helpers shared by the model tests: seeded models, training steps, forced candidates, and
 crafted head outputs for the post-processing tests."""
-import functools
 
+import functools
 import numpy as np
 import torch
 

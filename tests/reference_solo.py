@@ -3,8 +3,9 @@
 references for the vectorised code in ``solo``. Slow on purpose: one instance, cell or pair at a
 time, in the order of the official code.
 """
-import cv2
+
 import numpy as np
+import cv2
 import torch
 import torch.nn.functional as F
 

@@ -1,10 +1,10 @@
 """Annotations users bring: uncompressed RLE accepted wherever a mask is read, and every
 annotation or image the loader does not train on counted per reason, once per dataset."""
+
 import copy
 import logging
-
-import cv2
 import numpy as np
+import cv2
 import pycocotools.mask as mask_util
 import pytest
 import torch
@@ -14,9 +14,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
-from solo.data import DatasetError, SOLODatasetMapper, load_dataset_dicts
-
 from conftest import tiny_cfg
+from solo.data import DatasetError, SOLODatasetMapper, load_dataset_dicts
 
 LOGGER = "solo.data.checks"
 
@@ -135,8 +134,12 @@ def test_array_and_rle_masks_train_under_polygon_mask_format_where_detectron2_fa
     polygon_only["annotations"][0]["segmentation"] = [[60, 40, 90, 40, 90, 60, 60, 60]]
     mixed = rle_record(image_file, ellipse, category=2)
     mixed["annotations"].append(
-        dict(mixed["annotations"][0], category_id=3, segmentation=square.astype(np.uint8),
-             bbox=[60, 40, 90, 60])
+        dict(
+            mixed["annotations"][0],
+            category_id=3,
+            segmentation=square.astype(np.uint8),
+            bbox=[60, 40, 90, 60],
+        )
     )
     cfg = mapper_cfg()
     cfg.INPUT.MASK_FORMAT = "polygon"
@@ -175,8 +178,10 @@ def test_array_mask_of_another_size_than_its_image_is_rejected_naming_both(image
     record = rle_record(image_file, ellipse_mask())
     record["annotations"][0]["segmentation"] = ellipse_mask().T.astype(np.uint8)
     name = register("annotations_transposed_array", [record])
-    with pytest.raises(DatasetError, match=r"array mask of shape \[96, 64\] but the image is "
-                       r"recorded as \[64, 96\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"array mask of shape \[96, 64\] but the image is " r"recorded as \[64, 96\]",
+    ):
         load_dataset_dicts([name], num_classes=5, check_annotations=True)
 
 
@@ -224,17 +229,30 @@ def mixed_dataset(image_file, num_images=50):
     dicts = []
     for i in range(num_images):
         dicts.append(
-            {"file_name": image_file, "height": 64, "width": 96, "image_id": i,
-             "annotations": [polygon_annotation(SQUARE, category=i % 5)]}
+            {
+                "file_name": image_file,
+                "height": 64,
+                "width": 96,
+                "image_id": i,
+                "annotations": [polygon_annotation(SQUARE, category=i % 5)],
+            }
         )
     for i in range(3):
         dicts[i]["annotations"].append(polygon_annotation(SQUARE, iscrowd=1))
     dicts[3]["annotations"].append(polygon_annotation(LINE))
     dicts[4]["annotations"].append(polygon_annotation(SQUARE, bbox=[10, 10, 10, 40]))
-    dicts.append({"file_name": image_file, "height": 64, "width": 96, "image_id": 100,
-                  "annotations": [polygon_annotation(SQUARE, iscrowd=1)]})
-    dicts.append({"file_name": image_file, "height": 64, "width": 96, "image_id": 101,
-                  "annotations": []})
+    dicts.append(
+        {
+            "file_name": image_file,
+            "height": 64,
+            "width": 96,
+            "image_id": 100,
+            "annotations": [polygon_annotation(SQUARE, iscrowd=1)],
+        }
+    )
+    dicts.append(
+        {"file_name": image_file, "height": 64, "width": 96, "image_id": 101, "annotations": []}
+    )
     return dicts
 
 
@@ -284,8 +302,13 @@ def test_a_rare_skip_is_reported_at_info_level(image_file, register, caplog):
 
 def test_dataset_with_nothing_to_train_on_says_why_with_the_counts(image_file, register):
     dicts = [
-        {"file_name": image_file, "height": 64, "width": 96, "image_id": 0,
-         "annotations": [polygon_annotation(SQUARE, iscrowd=1), polygon_annotation(LINE)]},
+        {
+            "file_name": image_file,
+            "height": 64,
+            "width": 96,
+            "image_id": 0,
+            "annotations": [polygon_annotation(SQUARE, iscrowd=1), polygon_annotation(LINE)],
+        },
         {"file_name": image_file, "height": 64, "width": 96, "image_id": 1, "annotations": []},
     ]
     name = register("annotations_nothing_usable", dicts)

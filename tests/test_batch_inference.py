@@ -1,5 +1,6 @@
 """Inference does not depend on the batch: each image of a batch of mixed sizes gets the
 predictions it gets alone (issue: the category grids and GroupNorms saw the batch's padding)."""
+
 import numpy as np
 import pytest
 import torch

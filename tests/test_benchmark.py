@@ -5,16 +5,16 @@ the post-processor's profiler ranges, ratios); the spawned-process path runs the
 script; tools/gpu_check.py must refuse to run without CUDA.
 """
 
-import pytest
-import torch
-
-from detectron2.modeling import build_model
-
 import json
 import math
 import os
 import subprocess
 import sys
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
 from conftest import REPO_ROOT, load_script, tiny_cfg
 from solo.nms import points_nms
 

@@ -8,13 +8,12 @@ conversion rules, and filled with random values.
 
 import importlib
 import math
+import numpy as np
 import os
 import pickle
 import re
 import sys
 import types
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

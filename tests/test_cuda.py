@@ -6,7 +6,9 @@ Comparisons run in float32 with TF32 off (cuDNN and matmul), so CUDA and CPU dif
 summation order; float16 autocast is exercised through Detectron2's ``AMPTrainer``.
 """
 
+import math
 import numpy as np
+import os
 import pytest
 import torch
 
@@ -14,8 +16,6 @@ from detectron2.engine import AMPTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-import math
-import os
 from conftest import (
     REPO_ROOT,
     SHAPES_CONFIG,

@@ -5,20 +5,19 @@ takes a fraction of a second. Its weights are random, but the category bias is r
 every grid cell is a confident candidate: SOLOv2's masks then come from random dynamic kernels,
 which reliably gives a few large masks to draw.
 """
-import json
-import sys
 
-import cv2
+import json
 import numpy as np
+import sys
+import cv2
 import pytest
 import torch
 
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
-from solo.checkpoint import CheckpointMismatchError
-
 from conftest import REPO_ROOT, capture_warnings, load_script, solo_cfg
+from solo.checkpoint import CheckpointMismatchError
 
 CONFIG = "configs/Shapes/SOLOv2_R18.yaml"
 # Narrow model and small test size: the demo's code path is the same, only faster.

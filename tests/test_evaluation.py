@@ -1,8 +1,8 @@
 """solo.evaluation: COCO AP that sees every detection (TEST.DETECTIONS_PER_IMAGE), 0 instead of
 NaN without predictions, and ground truth without 'area'/'iscrowd' or with uncompressed RLE."""
+
 import json
 import logging
-
 import numpy as np
 import pytest
 import torch
@@ -23,8 +23,12 @@ def grid_of_squares(num_objects, size=12, step=20):
     """``num_objects`` disjoint squares (x0, y0, x1, y1) on a HEIGHT x WIDTH image."""
     per_row = WIDTH // step
     return [
-        (step * (i % per_row), step * (i // per_row), step * (i % per_row) + size,
-         step * (i // per_row) + size)
+        (
+            step * (i % per_row),
+            step * (i // per_row),
+            step * (i % per_row) + size,
+            step * (i // per_row) + size,
+        )
         for i in range(num_objects)
     ]
 
@@ -231,8 +235,10 @@ def test_ground_truth_without_segmentation_is_refused_before_inference(dataset):
     plain = COCOEvaluator(name, tasks=("segm",), output_dir=cfg.OUTPUT_DIR)
     with pytest.raises(KeyError, match="segmentation"):  # after the whole inference
         evaluate(plain, perfect_predictions(boxes))
-    with pytest.raises(ValueError, match=r"7 of 7 annotations have no 'segmentation' \(ids "
-                       r"1, 2, 3, 4, 5, \.\.\.\)") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"7 of 7 annotations have no 'segmentation' \(ids " r"1, 2, 3, 4, 5, \.\.\.\)",
+    ) as info:
         build_solo_evaluator(cfg, name)
     assert MetadataCatalog.get(name).json_file in str(info.value)
 
@@ -285,4 +291,4 @@ def test_derived_areas_equal_detectron2_polygon_and_pycocotools_rle_areas(tmp_pa
     with_rle = coco.dataset["annotations"][len(segms) : -1]
     expected += [float(mask_util.area(coco.annToRLE(ann))) for ann in with_rle]
     np.testing.assert_allclose(areas[:-1], expected, rtol=1e-9)
-    assert areas[:-1][len(segms):] == [144.0, 144.0] and areas[-1] == 144.0
+    assert areas[:-1][len(segms) :] == [144.0, 144.0] and areas[-1] == 144.0

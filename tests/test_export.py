@@ -1,13 +1,13 @@
 """Exported models (ONNX Runtime, TorchScript, torch.export .pt2) against eager inference, CPU."""
 
+import copy
+import logging
 import cv2
 import pytest
 import torch
 
 from detectron2.utils.visualizer import Visualizer
 
-import copy
-import logging
 from conftest import REPO_ROOT, load_script, shapes_cache, tiny_cfg
 from helpers import HEADS, build, force_candidates
 from solo.export import (

@@ -4,20 +4,19 @@ assume, and unreadable files refused naming the file, the cause and the fix.
 Files are written per test (PIL, OpenCV); the photograph is matplotlib's public-domain sample
 ``grace_hopper.jpg`` (600x512 RGB, values 0..255 in every channel).
 """
-import logging
-import warnings
 
+import logging
+import numpy as np
+import warnings
 import cv2
 import matplotlib.cbook
-import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
 from detectron2.data import detection_utils
 from detectron2.data.detection_utils import SizeMismatchError
 
-from solo.data import ImageReadError, read_image
-from solo.data import image_io
+from solo.data import ImageReadError, image_io, read_image
 
 LOGGER = "solo.data.image_io"
 
@@ -227,9 +226,7 @@ def test_every_exif_orientation_is_shown_upright(tmp_path, orientation):
     path = str(tmp_path / f"o{orientation}.png")
     save_with_orientation(path, raw_for_orientation(upright, orientation), orientation)
     np.testing.assert_array_equal(read_image(path, format="RGB"), upright)
-    np.testing.assert_array_equal(
-        read_image(path, format="RGB", expected_size=(20, 30)), upright
-    )
+    np.testing.assert_array_equal(read_image(path, format="RGB", expected_size=(20, 30)), upright)
 
 
 def test_phone_photo_with_exif_rotation_matches_annotations_drawn_either_way(

@@ -1,4 +1,5 @@
 """Layers of the SOLO heads: deformable convs, CoordConv, the level split, SOLOv2 dynamic convs."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,7 +204,5 @@ def test_solov2_batched_dynamic_conv_equals_a_naive_conv_per_instance():
 def test_solov2_mask_features_are_at_stride_4():
     model = build_model(tiny_cfg("SOLOv2Head"))
     features = model.backbone(torch.randn(1, 3, 96, 128))
-    mask_features = model.head.mask_features(
-        [features[f] for f in ("p2", "p3", "p4", "p5")]
-    )
+    mask_features = model.head.mask_features([features[f] for f in ("p2", "p3", "p4", "p5")])
     assert mask_features.shape == (1, 32, 24, 32)

@@ -1,6 +1,6 @@
 """SOLOv2 actually learns: a short CPU training on a few shapes images fits them."""
-import os
 
+import os
 import pytest
 
 from detectron2.engine import default_argument_parser

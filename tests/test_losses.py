@@ -1,6 +1,6 @@
 """SOLO losses (solo.losses): dice loss, focal category loss and the mean dice mask loss."""
-import math
 
+import math
 import pytest
 import torch
 

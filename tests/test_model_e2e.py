@@ -1,4 +1,5 @@
 """End-to-end behaviour of the SOLO meta-architecture on CPU: training steps and inference."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,11 +8,10 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks
 from detectron2.utils.events import EventStorage
 
-from solo.heads.base import split_features
-from solo.targets import gather_ground_truth
-
 from conftest import CONFIG_DIR, random_batch, solo_cfg, tiny_cfg
 from helpers import HEADS, build, force_candidates, train_step
+from solo.heads.base import split_features
+from solo.targets import gather_ground_truth
 
 ZOO_CONFIGS = sorted(
     str(p.relative_to(CONFIG_DIR))

@@ -1,7 +1,7 @@
 """Duplicate removal (solo.nms): Matrix NMS, greedy mask NMS, point NMS and mask IoU, against
 brute-force loops in ``reference_solo``."""
-import math
 
+import math
 import numpy as np
 import pytest
 import torch

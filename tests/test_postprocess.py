@@ -4,9 +4,9 @@ Real heads answer ``inference_mask_probs``; the reference is ``reference_seg_sin
 official ``get_seg_single`` for one image fed with *all* cells' soft masks (checked against the
 official computation: every channel sigmoided and upsampled to stride 4).
 """
+
 import functools
 import math
-
 import numpy as np
 import pytest
 import torch

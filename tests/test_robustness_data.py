@@ -3,10 +3,10 @@
 Everything goes through :class:`solo.data.SOLODatasetMapper` (what ``train_net.Trainer`` uses)
 and :func:`solo.data.load_dataset_dicts`, on a few tiny PNG files written per test.
 """
-import json
 
-import cv2
+import json
 import numpy as np
+import cv2
 import pycocotools.mask as mask_util
 import pytest
 import torch
@@ -22,6 +22,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
+from conftest import capture_warnings, tiny_cfg
 from solo.data import (
     DatasetError,
     SOLODatasetMapper,
@@ -29,8 +30,6 @@ from solo.data import (
     check_num_classes,
     load_dataset_dicts,
 )
-
-from conftest import capture_warnings, tiny_cfg
 
 DATASET = "robust_train"
 

@@ -1,8 +1,8 @@
 """Robustness of the model: unusual inputs, degenerate ground truth, bad configs, divergence, and
 seeded fuzzing of target assignment and post-processing for their invariants."""
+
 import functools
 import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -10,11 +10,6 @@ import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
-
-from solo.config import get_solo_cfg
-from solo.losses import category_loss, mask_loss
-from solo.postprocess import SOLOPostProcessor
-from solo.targets import SOLOTargetAssigner, gather_ground_truth
 
 from conftest import CONFIG_DIR, random_batch, random_instances, tiny_cfg
 from helpers import (
@@ -26,6 +21,10 @@ from helpers import (
     random_outputs,
     train_step,
 )
+from solo.config import get_solo_cfg
+from solo.losses import category_loss, mask_loss
+from solo.postprocess import SOLOPostProcessor
+from solo.targets import SOLOTargetAssigner, gather_ground_truth
 
 # Candidates entering NMS: enough to exercise it, few enough to keep the tests fast on a CPU.
 FAST = ["MODEL.SOLO.NMS_PRE", "50"]
@@ -357,9 +356,11 @@ def test_bad_config_fails_at_construction_naming_the_key(opts, error, message):
 
 def test_removed_max_per_image_key_names_its_replacement_in_files_and_opts(tmp_path):
     old_config = tmp_path / "old.yaml"
-    old_config.write_text('_BASE_: "{}"\nMODEL:\n  SOLO:\n    MAX_PER_IMAGE: 50\n'.format(
-        CONFIG_DIR / "SOLO" / "R50_1x.yaml"
-    ))
+    old_config.write_text(
+        '_BASE_: "{}"\nMODEL:\n  SOLO:\n    MAX_PER_IMAGE: 50\n'.format(
+            CONFIG_DIR / "SOLO" / "R50_1x.yaml"
+        )
+    )
     renamed = "MODEL.SOLO.MAX_PER_IMAGE was renamed to TEST.DETECTIONS_PER_IMAGE"
     with pytest.raises(KeyError, match=renamed):
         get_solo_cfg(str(old_config))

@@ -1,11 +1,11 @@
 """Robustness of train_net.py: interrupted runs lose nothing, checkpoints that do not fit and
 datasets that do not match the config fail clearly, evaluation without predictions gives 0 AP,
 and CPU DDP survives a rank whose batches never contain an instance."""
+
 import json
 import os
 import subprocess
 import sys
-
 import pytest
 import torch
 from torch import nn
@@ -14,13 +14,12 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, hooks
 from detectron2.modeling import build_model
 
-from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer, atomic_write
-from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
-
-from conftest import REPO_ROOT, capture_warnings, load_train_net, run_main
+from conftest import REPO_ROOT
 from conftest import SHAPES_CONFIG as CONFIG
 from conftest import SMALL_SHAPES_OPTS as SMALL
-from conftest import shapes_cache, tiny_cfg
+from conftest import capture_warnings, load_train_net, run_main, shapes_cache, tiny_cfg
+from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer, atomic_write
+from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
 
 TRAIN = "shapes_robust_train"
 VAL = "shapes_robust_val"  # 6 images, one of them without any object (seed 14)

@@ -3,12 +3,11 @@
 import dataclasses
 import json
 import multiprocessing
+import numpy as np
 import os
 import sys
 import time
-
 import cv2
-import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_util

@@ -1,4 +1,5 @@
 """SOLVER.OPTIMIZER: Detectron2's SGD by default, AdamW on request, both with its param groups."""
+
 import pytest
 import torch
 
@@ -53,8 +54,10 @@ def test_adamw_step_equals_the_reference_adamw_update():
     assert optimizer.defaults["fused"]  # CPU parameters: the fused kernel
     # Channels-last weights (MODEL.SOLO.CHANNELS_LAST_ON_CPU) get NCHW gradients below: the
     # fused kernel alone would pair the wrong elements.
-    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-               for p in model.parameters())
+    assert any(
+        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     copies = [p.detach().clone().requires_grad_() for p in params]
     decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

@@ -4,8 +4,9 @@ Hand-computed cases state their arithmetic in comments; a randomized test compar
 assigner with ``reference_solo.reference_targets_single``, a loop-by-loop re-implementation of the
 official ``solo_target_single`` / ``solov2_target_single``.
 """
-import cv2
+
 import numpy as np
+import cv2
 import pytest
 import torch
 

@@ -1,20 +1,19 @@
 """train_net.py end to end on the built-in shapes dataset, on CPU: train, resume, evaluate, DDP."""
+
 import math
 import os
 import subprocess
 import sys
-
 import pytest
 import torch
 
 from detectron2.engine import default_argument_parser
 
-from solo.data.shapes import register_shapes_datasets
-
-from conftest import REPO_ROOT, capture_warnings, load_train_net, read_metrics, run_main
+from conftest import REPO_ROOT
 from conftest import SHAPES_CONFIG as CONFIG
 from conftest import SMALL_SHAPES_OPTS as SMALL
-from conftest import shapes_cache
+from conftest import capture_warnings, load_train_net, read_metrics, run_main, shapes_cache
+from solo.data.shapes import register_shapes_datasets
 
 EVAL_SPLIT = "shapes_val_tiny"
 
@@ -84,8 +83,9 @@ def test_amp_on_cpu_trains_in_bfloat16_where_native_else_float32(
 ):
     """Detectron2's AMPTrainer needs CUDA; on CPU SOLVER.AMP.ENABLED picks solo.engine's
     bfloat16 trainer, or float32 with a warning where bfloat16 would be emulated."""
-    import solo.engine
     from detectron2.engine import SimpleTrainer
+
+    import solo.engine
 
     opts = SMALL + ["OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", "True"]
     opts += ["SOLVER.MAX_ITER", "3", "MODEL.DEVICE", "cpu"]

@@ -1,27 +1,27 @@
 """The workflow does what was asked: weights always loaded for evaluation, --resume with a changed
 solver applied or refused before training, config mistakes caught before the model is built,
 every evaluation written, each run's log its own, messages that name the real cause."""
+
 import os
 import shutil
 import subprocess
 import sys
-
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from detectron2.engine import SimpleTrainer, default_argument_parser
 from detectron2.utils.events import EventStorage
 
+from conftest import REPO_ROOT
+from conftest import SHAPES_CONFIG as CONFIG
+from conftest import SMALL_SHAPES_OPTS as SMALL
+from conftest import load_train_net, read_metrics, run_main, shapes_cache
 from solo.checkpoint import CheckpointMismatchError
 from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
 from solo.engine import CPUAutocastTrainer
 from solo.run_checks import RunConfigError, check_run_config
-
-from conftest import REPO_ROOT, load_train_net, read_metrics, run_main, shapes_cache
-from conftest import SHAPES_CONFIG as CONFIG
-from conftest import SMALL_SHAPES_OPTS as SMALL
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TRAIN = "shapes_workflow_train"
 VAL = "shapes_workflow_val"
@@ -175,7 +175,7 @@ def test_dataset_name_written_as_a_string_fails_before_training(train_net, shape
     failed on dataset 'n' (the early class-count check walked the letters)."""
     cfg = setup_cfg(train_net, tmp_path)
     cfg.defrost()
-    cfg.DATASETS.TEST = (VAL)  # what a notebook user writes
+    cfg.DATASETS.TEST = VAL  # what a notebook user writes
     with pytest.raises(RunConfigError, match="DATASETS.TEST is the string") as info:
         train_net.Trainer(cfg)
     assert f"('{VAL}',)" in str(info.value)

@@ -21,12 +21,6 @@ part. The protocol is in README ("Benchmark"); the JSON report is :class:`Report
 unless named ``_s``, memory in MB).
 """
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.benchmark import Timer
-
 import argparse
 import contextlib
 import functools
@@ -34,6 +28,7 @@ import json
 import logging
 import math
 import multiprocessing
+import numpy as np
 import os
 import platform
 import statistics
@@ -45,6 +40,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.benchmark import Timer
 
 logger = logging.getLogger("benchmark")
 

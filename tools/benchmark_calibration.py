@@ -17,15 +17,15 @@ a real image, and say what they did.
   ``POST_NMS_TOPK_TEST`` proposals and ``TEST.DETECTIONS_PER_IMAGE`` detections come out.
 """
 
+import logging
+import math
+from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
 from detectron2.utils.events import EventStorage
 
-import logging
-import math
 from solo.nms import points_nms
-from typing import List, Sequence, Tuple
 
 logger = logging.getLogger("benchmark")
 

@@ -16,12 +16,11 @@ exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must fit the config
 empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the tool out).
 """
 
-import torch
-
 import argparse
 import logging
 import os
 import sys
+import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (os.path.join(_REPO, "projects", "SOLO"), _REPO):

@@ -14,8 +14,6 @@ Installs nothing beyond ``make setup``; sized to finish within about 8 minutes o
 GPU. Exits with 2 when torch sees no CUDA device, 1 when a test or a benchmark failed.
 """
 
-import torch
-
 import argparse
 import json
 import os
@@ -25,6 +23,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from typing import List, Optional
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (name, config, task, input size, compare with Mask R-CNN, official V100 ms/image or None)

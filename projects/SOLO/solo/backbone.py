@@ -8,6 +8,7 @@ alike, with detectron2's parameter names. Convolutions followed by a ``FrozenBat
 that fixed affine map into their weights whenever no gradient is needed (inference, frozen
 stages), which saves one pass over every activation map; parameters and checkpoints are unchanged.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +16,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
 
 from .layers import DeformConv
 

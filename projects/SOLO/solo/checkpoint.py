@@ -14,11 +14,11 @@
   checkpoint), which Detectron2 only logs before predicting with random weights.
   Fine-tuning from ``MODEL.WEIGHTS`` keeps Detectron2's warn-and-skip behaviour (``strict=False``).
 """
+
 import logging
 import os
 import uuid
 from typing import Any, Sequence
-
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer

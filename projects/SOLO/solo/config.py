@@ -4,6 +4,7 @@ Every default is the official one (WXinlong/SOLO, ``configs/solo/solo_r50_fpn_8g
 paper symbol is given where the paper names the quantity. Variants (Decoupled SOLO, SOLOv2, light,
 DCN) change only a few keys in their YAML files.
 """
+
 from detectron2.config import CfgNode as CN
 
 
@@ -117,6 +118,7 @@ def get_solo_cfg(config_file=None, opts=()):
     On a machine without CUDA, ``MODEL.DEVICE`` becomes ``cpu`` unless ``opts`` set it.
     """
     import torch
+
     from detectron2.config import get_cfg
 
     cfg = get_cfg()

@@ -28,13 +28,12 @@ the result key by key and shape by shape against the model built from the target
 
 import collections
 import logging
+import numpy as np
 import os
 import pickle
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
-
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ exponent range, so no gradient scaler is needed. Weights, gradients and optimize
 float32; the losses are computed in float32 (see ``solo.losses``) and the targets outside
 autocast (``SOLO.losses``).
 """
+
 import logging
 import time
-
 import torch
 
 from detectron2.engine import SimpleTrainer

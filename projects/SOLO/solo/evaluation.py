@@ -19,12 +19,12 @@ What it adds to ``COCOEvaluator`` (bbox and segm AP):
 * datasets without a JSON file are converted with their uncompressed RLE and array masks
   compressed first.
 """
+
 import copy
 import logging
 import math
-import os
-
 import numpy as np
+import os
 import pycocotools.mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -43,18 +43,17 @@ upsampling, cropping and thresholding the masks, and their boxes. Greedy ``NMS_T
 data-dependent number of steps and is refused.
 """
 
+import copy
+import json
+import logging
 import numpy as np
+import os
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
 from detectron2.structures import Boxes, Instances
-
-import copy
-import json
-import logging
-import os
-import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .heads import SOLOHeadBase
 from .heads.decoupled_head import DecoupledSOLOHead, DecoupledSOLOLightHead

@@ -4,8 +4,8 @@ Detectron2's compiled deformable convolution (``detectron2._C``) is not always a
 CPU path has no backward), so deformable layers here run on ``torchvision.ops.deform_conv2d``,
 which works on CPU and GPU.
 """
-from typing import Optional
 
+from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,9 +82,7 @@ class DeformConvPack(nn.Module):
         self.padding = _pair(padding)
         self.num_taps = kernel_size * kernel_size
         self.modulated = modulated
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels, kernel_size, kernel_size)
-        )
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.conv_offset = nn.Conv2d(
             in_channels, (3 if modulated else 2) * self.num_taps, kernel_size, padding=padding
         )

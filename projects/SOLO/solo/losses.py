@@ -1,6 +1,6 @@
 """SOLO losses: sigmoid focal loss on the category grid, dice loss on the masks."""
-from typing import List, Sequence
 
+from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 from fvcore.nn import sigmoid_focal_loss

@@ -1,8 +1,8 @@
 """The SOLO meta-architecture: backbone -> SOLO instance head -> targets/losses or instances."""
+
 import functools
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,9 +110,7 @@ class SOLO(nn.Module):
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
         """Normalise the images and pad them (bottom/right) to one canvas for the whole batch."""
-        images = [
-            self._normalize(self._checked_image(x, i)) for i, x in enumerate(batched_inputs)
-        ]
+        images = [self._normalize(self._checked_image(x, i)) for i, x in enumerate(batched_inputs)]
         return self._pad(images)
 
     def _pad(self, images: List[torch.Tensor]) -> ImageList:
@@ -207,9 +205,7 @@ class SOLO(nn.Module):
         grids (resized to S x S) and every GroupNorm (heads, GN backbones) would otherwise see
         the padding of a larger image in the batch.
         """
-        images = [
-            self._normalize(self._checked_image(x, i)) for i, x in enumerate(batched_inputs)
-        ]
+        images = [self._normalize(self._checked_image(x, i)) for i, x in enumerate(batched_inputs)]
         canvases = [self._pad([image]) for image in images]
         groups = defaultdict(list)
         for i, canvas in enumerate(canvases):

@@ -1,4 +1,5 @@
 """Duplicate removal for masks: Matrix NMS (SOLOv2), greedy mask NMS, and point NMS on grids."""
+
 import torch
 import torch.nn.functional as F
 

@@ -26,7 +26,6 @@ larger than the level's minimum area).
 """
 
 from typing import Callable, List, Sequence, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function

@@ -10,11 +10,11 @@ before the first iteration):
   schedule, batch and input-size keys, ``MODEL.WEIGHTS`` and ``MODEL.DEVICE``.
 * :func:`compare_resumed_solver`: ``--resume`` with a solver that differs from the checkpoint's.
 """
+
 import difflib
 import logging
 import os
 from typing import Dict, List, Sequence, Tuple
-
 import torch
 
 from detectron2.data import DatasetCatalog
@@ -169,9 +169,7 @@ def check_weights_file(cfg) -> None:
         raise RunConfigError(f"MODEL.WEIGHTS '{weights}' does not exist.")
 
 
-def check_run_config(
-    cfg, *, train: bool, world_size: int = 1, uses_weights: bool = True
-) -> None:
+def check_run_config(cfg, *, train: bool, world_size: int = 1, uses_weights: bool = True) -> None:
     """Refuse, before any model or data is built, a config that cannot run as asked.
 
     Args:

@@ -8,6 +8,7 @@ is ``CLIP_TYPE "full_model"`` here (the name Mask2Former uses for the same thing
 AdamW converges much faster when a small model is trained from scratch for a few hundred
 iterations (the CPU-sized shapes configs); the COCO configs keep the official SGD recipe.
 """
+
 import torch
 
 from detectron2.solver import build_optimizer

@@ -15,9 +15,9 @@ vectorised over all instances of the batch (the official code loops over instanc
 * mask targets are the instance masks downscaled to the level's mask stride (bilinear, >= 0.5,
   as ``mmcv.imrescale`` on 0/1 masks).
 """
+
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -214,9 +214,7 @@ class SOLOTargetAssigner:
             grid_cell(cy + half_h, hp, num_grid).clamp(max=num_grid - 1), row + 1
         )
         left = torch.maximum(grid_cell(cx - half_w, wp, num_grid).clamp(min=0), col - 1)
-        right = torch.minimum(
-            grid_cell(cx + half_w, wp, num_grid).clamp(max=num_grid - 1), col + 1
-        )
+        right = torch.minimum(grid_cell(cx + half_w, wp, num_grid).clamp(max=num_grid - 1), col + 1)
         idx = torch.arange(num_grid, device=cx.device)
         rows_in = (idx >= top[:, None]) & (idx <= bottom[:, None])  # (n, S)
         cols_in = (idx >= left[:, None]) & (idx <= right[:, None])  # (n, S)

@@ -1,5 +1,6 @@
 """Datasets shipped with the project (the procedural ``shapes`` dataset), the dataset checks,
 the image reader and the SOLO mapper."""
+
 from .checks import (
     DatasetError,
     check_dataset_dicts,

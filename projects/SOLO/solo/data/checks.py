@@ -12,12 +12,12 @@ and drops data with at most a count. Here:
 
 Every error is a :class:`DatasetError`; data-loader workers forward its message unchanged.
 """
+
 import collections
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Union
-
 import numpy as np
+from typing import Dict, List, Optional, Sequence, Union
 import pycocotools.mask as mask_util
 import torch
 
@@ -427,7 +427,7 @@ def _summary(skipped: Dict[str, int], num_annotations, empty_images, num_images)
         # setting, not the annotator's intent.
         summary += (
             " (most annotations are marked iscrowd=1: some annotation tools export every RLE "
-            "mask that way; if they are single objects, set \"iscrowd\": 0 in the annotation "
+            'mask that way; if they are single objects, set "iscrowd": 0 in the annotation '
             "file)"
         )
     return summary

@@ -5,12 +5,12 @@ Records are validated once per dataset when they are loaded (:mod:`solo.data.che
 at every sample of every epoch; the mapper only explains a failure (running the record check
 when Detectron2's transforms fail) and always gives training records an ``instances`` field.
 """
+
 import copy
 import importlib.util
 import logging
-from typing import Optional
-
 import numpy as np
+from typing import Optional
 import torch
 
 from detectron2.config import configurable

@@ -24,12 +24,12 @@ Errors name the file, the cause and the fix: :class:`ImageReadError` (an ``OSErr
 unreadable, truncated or unsupported files, ``FileNotFoundError`` for a missing one and
 Detectron2's ``SizeMismatchError`` when ``expected_size`` cannot be met.
 """
+
 import io
 import logging
-from typing import Optional, Tuple
-
-import cv2
 import numpy as np
+from typing import Optional, Tuple
+import cv2
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from detectron2.data.detection_utils import SizeMismatchError, convert_PIL_to_numpy
@@ -156,9 +156,9 @@ def read_image(
                 )
                 upright = image8
             else:
-                raise SizeMismatchError(_size_mismatch_message(
-                    file_name, upright_hw, expected_size, orientation
-                ))
+                raise SizeMismatchError(
+                    _size_mismatch_message(file_name, upright_hw, expected_size, orientation)
+                )
     return convert_PIL_to_numpy(upright, format)
 
 

@@ -31,12 +31,11 @@ import functools
 import json
 import logging
 import numbers
+import numpy as np
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
-
 import cv2
-import numpy as np
 from iopath.common.file_io import file_lock
 from pycocotools import mask as mask_util
 

@@ -1,4 +1,5 @@
 """SOLO instance heads; importing this package registers them in SOLO_HEAD_REGISTRY."""
+
 from .base import HeadOutputs, SOLOHeadBase
 from .decoupled_head import DecoupledSOLOHead, DecoupledSOLOLightHead
 from .registry import SOLO_HEAD_REGISTRY, build_solo_head

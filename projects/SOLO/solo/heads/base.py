@@ -9,11 +9,11 @@ written once for the whole family:
   mask-target stride (``mask_strides``);
 * :meth:`inference_mask_probs`: mask probabilities of given candidates of one image at stride 4.
 """
+
 import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Any, List, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn

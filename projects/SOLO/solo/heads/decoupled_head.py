@@ -3,16 +3,22 @@
 Instead of S^2 mask channels, a level predicts S "column" maps X and S "row" maps Y, which
 cuts the output channels from S^2 to 2S.
 """
-from typing import List, Sequence
 
+from typing import List, Sequence
 import torch
 from torch import nn
 
 from detectron2.config import configurable
 
 from ..layers import coord_features, resize
-from .base import HeadOutputs, SOLOHeadBase, build_tower, gather_per_level, init_prediction
-from .base import split_features
+from .base import (
+    HeadOutputs,
+    SOLOHeadBase,
+    build_tower,
+    gather_per_level,
+    init_prediction,
+    split_features,
+)
 from .registry import SOLO_HEAD_REGISTRY
 from .solo_head import upsample2x
 
@@ -38,9 +44,7 @@ class _DecoupledBase(SOLOHeadBase):
         cate_logits, xy_logits = [], []
         for level, x in enumerate(features):
             feat_x, feat_y = self.xy_features(x)
-            xy_logits.append(
-                (self.mask_preds_x[level](feat_x), self.mask_preds_y[level](feat_y))
-            )
+            xy_logits.append((self.mask_preds_x[level](feat_x), self.mask_preds_y[level](feat_y)))
             cate_logits.append(self.category_logits(x, level))
         return HeadOutputs(cate_logits, xy_logits)
 

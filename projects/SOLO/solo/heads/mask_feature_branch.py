@@ -1,6 +1,6 @@
 """SOLOv2's unified mask features: FPN P2-P5 fused at stride 4 into E channels."""
-from typing import Sequence
 
+from typing import Sequence
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """Registry of SOLO instance heads (``MODEL.SOLO.HEAD_NAME``)."""
+
 from detectron2.utils.registry import Registry
 
 SOLO_HEAD_REGISTRY = Registry("SOLO_HEAD")

@@ -5,8 +5,8 @@ inference), and channel k of a 1x1 conv is the dot product of the features with 
 weight. So the head returns the (upsampled) mask features and applies the rows it needs: the same
 logits as the official full S^2-channel conv, without computing (1600 + 1296 + ...) maps.
 """
-from typing import List, Sequence
 
+from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn

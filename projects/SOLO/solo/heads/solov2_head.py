@@ -1,6 +1,6 @@
 """SOLOv2 head: per-cell dynamic 1x1 mask kernels applied to unified stride-4 mask features."""
-from typing import List, Sequence
 
+from typing import List, Sequence
 import torch
 from torch import nn
 
