@@ -91,6 +91,7 @@ class Predictor(DefaultPredictor):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         if is_exported_model_file(cfg.MODEL.WEIGHTS):
             self.model = ExportedModel(cfg.MODEL.WEIGHTS, device=cfg.MODEL.DEVICE)
+            self.model.check_config(cfg)
         else:
             self.model = build_model(self.cfg)
             self.model.eval()

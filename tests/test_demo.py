@@ -303,7 +303,7 @@ def test_predictor_scales_16_bit_arrays_by_their_range_and_refuses_bad_floats(
 
 def test_predictor_and_demo_run_an_exported_model(demo, weights, image_dir, tmp_path):
     """MODEL.WEIGHTS naming a TorchScript export runs it, with the eager model's predictions."""
-    from solo.export import export_model
+    from solo.export import ExportError, export_model
 
     cfg = small_cfg(["MODEL.WEIGHTS", weights])
     # K0 above the candidate count (every cell is one here), so results equal eager inference.
@@ -321,6 +321,11 @@ def test_predictor_and_demo_run_an_exported_model(demo, weights, image_dir, tmp_
     out = tmp_path / "vis"
     written = run_demo(demo, path, "--input", str(image_dir), "--output", str(out))
     assert len(written) == 2 and all(cv2.imread(w) is not None for w in written)
+    # A setting the graph fixed was silently ignored (3 detections kept with a cap of 1).
+    with pytest.raises(ExportError, match="TEST.DETECTIONS_PER_IMAGE: exported 3, config 1"):
+        predictor_module.Predictor(
+            small_cfg(["MODEL.WEIGHTS", path, "TEST.DETECTIONS_PER_IMAGE", "1"])
+        )
 
 
 def test_class_names_come_from_the_option_the_json_or_a_single_warning(

@@ -175,6 +175,40 @@ def test_unknown_file_type_is_refused(tmp_path):
         ExportedModel(str(path))
 
 
+def test_config_that_differs_from_the_export_is_refused_naming_each_key(tmp_path):
+    """The graph fixes the model's settings: a Predictor config with another detection cap or
+    class count was silently ignored (100 detections with TEST.DETECTIONS_PER_IMAGE 7)."""
+    cfg = tiny_cfg("SOLOv2Head")
+    exported = ExportedModel(export_model(cfg, "onnx", str(tmp_path)))
+    same = tiny_cfg("SOLOv2Head", ["MODEL.WEIGHTS", "other.pth"])
+    exported.check_config(same)  # weights, device and test-time resizing may differ
+    changed = tiny_cfg(
+        "SOLOv2Head", ["TEST.DETECTIONS_PER_IMAGE", "7", "MODEL.SOLO.SCORE_THRESH", "0.2"]
+    )
+    with pytest.raises(ExportError) as error:
+        exported.check_config(changed)
+    message = str(error.value)
+    assert "TEST.DETECTIONS_PER_IMAGE: exported 100, config 7" in message
+    assert "MODEL.SOLO.SCORE_THRESH: exported 0.1, config 0.2" in message
+    assert "re-export" in message and "NUM_CLASSES" not in message
+    # Exported from a model object: the metadata's input format and class count are checked.
+    from_model = ExportedModel(export_model(build(cfg).eval(), "onnx", str(tmp_path / "m")))
+    from_model.check_config(cfg)
+    with pytest.raises(ExportError, match="MODEL.SOLO.NUM_CLASSES: exported"):
+        from_model.check_config(tiny_cfg("SOLOv2Head", ["MODEL.SOLO.NUM_CLASSES", "7"]))
+
+
+def test_exported_file_given_as_checkpoint_is_refused_with_the_way_to_run_it(tmp_path):
+    """torch.load failed on it with "Unsupported operand" (train_net.py --eval-only)."""
+    from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer
+
+    model = build(tiny_cfg("SOLOv2Head")).eval()
+    path = export_model(model, "onnx", str(tmp_path))
+    for strict in (True, False):
+        with pytest.raises(CheckpointMismatchError, match="is an exported model.*--run-eval"):
+            SOLOCheckpointer(model, strict=strict).load(path)
+
+
 @pytest.fixture(scope="module")
 def export_tool():
     return load_script("tools/export_model.py", "export_model_tool")

@@ -102,6 +102,20 @@ class SOLOCheckpointer(DetectionCheckpointer):
             )
         return super().load(path, checkpointables)
 
+    def _load_file(self, filename: str):
+        from .export import is_exported_model_file
+
+        # torch.load would fail on it with an unpickling error that names no cause.
+        if is_exported_model_file(filename):
+            raise CheckpointMismatchError(
+                f"'{filename}' is an exported model (tools/export_model.py), not a checkpoint: "
+                "it holds no weights to load into a model. Evaluate it with "
+                "tools/export_model.py --run-eval, or run it with solo.export.ExportedModel "
+                "(demo/demo.py and Predictor accept it as MODEL.WEIGHTS); train, fine-tune or "
+                "evaluate with train_net.py from the .pth checkpoint it was exported from."
+            )
+        return super()._load_file(filename)
+
     def resume_or_load(self, path: str, *, resume: bool = True):
         if self.strict and resume and not self.has_checkpoint():
             raise CheckpointMismatchError(

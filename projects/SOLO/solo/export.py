@@ -530,6 +530,43 @@ class ExportedModel:
         self.max_candidates = self.metadata["max_candidates"]
         self.min_blocks = self.metadata["min_blocks"]
 
+    def check_config(self, cfg) -> None:
+        """Refuse a config that describes another model than the exported one.
+
+        The graph fixes what ``MODEL.*`` (network, thresholds, NMS), ``INPUT.FORMAT`` and
+        ``TEST.DETECTIONS_PER_IMAGE`` said at export time: a config given next to the file (e.g.
+        to ``demo.predictor.Predictor``) that sets them otherwise would be silently ignored.
+        ``MODEL.WEIGHTS`` and ``MODEL.DEVICE`` may differ; test-time resizing (``INPUT.*_TEST``)
+        runs outside the graph and follows ``cfg``.
+
+        Raises:
+            ExportError: listing each differing key with its exported and configured value.
+        """
+        from detectron2.config import CfgNode
+
+        exported = self.metadata.get("config")
+        if not exported:  # exported from a model object: only the metadata's fields are known
+            known = {
+                "INPUT.FORMAT": self.input_format,
+                "MODEL.SOLO.NUM_CLASSES": self.metadata["num_classes"],
+            }
+        else:
+            known = _flat_inference_keys(CfgNode.load_cfg(exported))
+        configured = _flat_inference_keys(cfg)
+        diffs = [
+            f"{key}: exported {known[key]!r}, config {configured.get(key)!r}"
+            for key in sorted(known)
+            if configured.get(key) != known[key]
+        ]
+        if diffs:
+            raise ExportError(
+                f"{self.path} was exported with other settings than the config gives; the "
+                "exported graph fixes them, so the config's values would be ignored:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse the export's settings in the config, or re-export with "
+                "tools/export_model.py and the new ones."
+            )
+
     def _load_onnx(self) -> str:
         try:
             import onnxruntime as ort
@@ -601,6 +638,29 @@ class ExportedModel:
         result.scores = scores[:num_det].float()
         result.pred_classes = labels[:num_det].long()
         return {"instances": result}
+
+
+def _flat_inference_keys(cfg) -> Dict[str, object]:
+    """``MODEL.*`` (but ``WEIGHTS``, ``DEVICE``), ``INPUT.FORMAT`` and
+    ``TEST.DETECTIONS_PER_IMAGE`` of a config, flattened to ``{"MODEL.SOLO.NMS_PRE": 500, ...}``
+    with lists as tuples (a loaded YAML has lists where a merged config has tuples)."""
+
+    def plain(value):
+        return tuple(map(plain, value)) if isinstance(value, (list, tuple)) else value
+
+    def flat(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", plain(value)
+
+    keys = dict(flat(cfg.MODEL, "MODEL."))
+    keys.pop("MODEL.WEIGHTS", None)
+    keys.pop("MODEL.DEVICE", None)
+    keys["INPUT.FORMAT"] = cfg.INPUT.FORMAT
+    keys["TEST.DETECTIONS_PER_IMAGE"] = cfg.TEST.DETECTIONS_PER_IMAGE
+    return keys
 
 
 def paste_masks(
