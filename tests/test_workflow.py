@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from detectron2.engine import SimpleTrainer, default_argument_parser
+from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO_ROOT
 from conftest import SHAPES_CONFIG as CONFIG
 from conftest import SMALL_SHAPES_OPTS as SMALL
-from conftest import load_train_net, read_metrics, run_main, shapes_cache
-from solo.checkpoint import CheckpointMismatchError
+from conftest import load_train_net, read_metrics, run_main, shapes_cache, tiny_cfg
+from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer
 from solo.data.shapes import ensure_shapes_dataset, register_shapes_datasets
 from solo.engine import CPUAutocastTrainer
 from solo.run_checks import RunConfigError, check_run_config
@@ -91,6 +92,21 @@ def test_eval_only_resume_on_an_output_dir_without_checkpoint_is_refused(
     with pytest.raises(CheckpointMismatchError, match="has no checkpoint") as info:
         run_main(train_net, args)
     assert str(typo) in str(info.value) and "without --resume" in str(info.value)
+
+
+def test_checkpoint_with_layers_the_model_lacks_is_refused_for_prediction(tmp_path):
+    """A DCN checkpoint evaluated with a config without DCN loaded every other weight and
+    predicted without the learned offsets (a warning only); fine-tuning still loads it."""
+    dcn = ["MODEL.SOLO.TOWER_DCN", "DCNv2", "MODEL.SOLO.TOWER_DCN_LAYERS", "last"]
+    path = tmp_path / "dcn.pth"
+    torch.save({"model": build_model(tiny_cfg("SOLOv2Head", dcn)).state_dict()}, path)
+    plain = build_model(tiny_cfg("SOLOv2Head"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        SOLOCheckpointer(plain, strict=True).load(str(path))
+    message = str(info.value)
+    assert "Checkpoint keys the model does not have (4)" in message
+    assert "head.cate_tower.1.conv.conv_offset.weight" in message and "_DCN" in message
+    SOLOCheckpointer(plain).load(str(path))  # not strict: Detectron2's warning
 
 
 # ----------------------------------------------------------------------------------------------

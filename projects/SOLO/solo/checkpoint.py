@@ -9,7 +9,9 @@
 * Strict loading (``strict=True``, used for ``--eval-only``): Detectron2 only *warns* about
   parameters whose shapes differ (and skips them) and about parameters the checkpoint lacks, so
   evaluating e.g. an 80-class checkpoint with ``NUM_CLASSES 3`` silently runs a partly random
-  model. Strict mode raises :class:`CheckpointMismatchError` listing those keys instead, and
+  model; checkpoint keys the model lacks (e.g. the offsets of a DCN checkpoint in a model
+  built without DCN) are dropped. Strict mode raises :class:`CheckpointMismatchError` listing
+  those keys instead, and
   refuses to load nothing (an empty path, or ``resume=True`` on a ``save_dir`` without a
   checkpoint), which Detectron2 only logs before predicting with random weights.
   Fine-tuning from ``MODEL.WEIGHTS`` keeps Detectron2's warn-and-skip behaviour (``strict=False``).
@@ -127,7 +129,9 @@ class SOLOCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        if self.strict and (incompatible.incorrect_shapes or incompatible.missing_keys):
+        # Unexpected keys too: e.g. a DCN checkpoint (conv_offset layers) in a model built
+        # without DCN loads every other weight and predicts without the learned offsets.
+        if self.strict and any(incompatible):
             raise CheckpointMismatchError(_mismatch_report(incompatible))
         return incompatible
 
@@ -157,7 +161,7 @@ def _mismatch_report(incompatible) -> str:
         )
     parts.append(
         "Use the config the checkpoint was trained with (e.g. the same MODEL.SOLO.NUM_CLASSES, "
-        "HEAD_NAME, NUM_GRIDS, channels and backbone depth), or convert the checkpoint with "
+        "HEAD_NAME, NUM_GRIDS, channels, *_DCN and backbone depth), or convert the checkpoint with "
         "tools/convert_checkpoint.py."
     )
     return "\n  ".join(parts)
