@@ -2,22 +2,7 @@
 """Benchmark SOLO / Decoupled SOLO / SOLOv2 (inference, training, data loading), optionally
 against Detectron2's Mask R-CNN R50-FPN on the same machine, input and thread count.
 
-Examples (run from the repository root)::
-
-    # per-part inference latency at 800x1216 on 2 CPU threads, vs Mask R-CNN, JSON report
-    python tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference \\
-        --compare mask_rcnn --json bench.json
-    # training s/iter (2 images of 640x800, 50 random instances each) on a GPU
-    python tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task train \\
-        --input-size 640 800 --device cuda --compare mask_rcnn
-    # data loading (Detectron2's DataLoaderBenchmark) on the built-in shapes dataset
-    python tools/benchmark.py --config-file configs/Shapes/SOLOv2_R18.yaml --task data
-
-Models have random weights (nothing is downloaded), calibrated first so that post-processing
-does a trained model's work (tools/benchmark_calibration.py); each runs in a fresh ``spawn``
-process (its own peak memory) unless ``--in-process``. Times: ``torch.utils.benchmark.Timer``;
-SOLO's post-processing stages: its ``solo.postprocess.*`` profiler ranges; FLOPs: fvcore per
-part. The protocol is in README ("Benchmark"); the JSON report is :class:`Report` (times in ms
+Protocol and examples: README, "Benchmark". The JSON report is :class:`Report` (times in ms
 unless named ``_s``, memory in MB).
 """
 
@@ -37,12 +22,11 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.benchmark import Timer
 
 logger = logging.getLogger("benchmark")
@@ -57,11 +41,8 @@ TRAIN_LR = 0.0  # the step costs the same at any lr; random weights diverge at a
 
 
 def get_parser() -> argparse.ArgumentParser:
-    doc = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
-        description=doc[0],
-        epilog="\n\n".join(doc[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", required=True, help="SOLO config (configs/...)")
     parser.add_argument("--task", choices=("inference", "train", "data"), default="inference")
@@ -125,25 +106,17 @@ class Job:
     runtime: str = "pytorch"  # or an exported model's runtime (solo.export)
 
 
-@dataclass
-class Stats:
-    median: float
-    mean: float
-    min: float
-
-    @classmethod
-    def of(cls, seconds: Sequence[float], scale: float = 1000.0) -> "Stats":
-        """Of per-call seconds, in ms (``scale=1``: in s, to the microsecond)."""
-        values, digits = [s * scale for s in seconds], 3 if scale == 1000.0 else 6
-        return cls(*(round(f(values), digits) for f in (statistics.median, statistics.fmean, min)))
+def stats(seconds: Sequence[float], scale: float = 1000.0) -> dict:
+    """Median, mean and min of per-call seconds, in ms (``scale=1``: in s, to the microsecond)."""
+    values, digits = [s * scale for s in seconds], 3 if scale == 1000.0 else 6
+    funcs = {"median": statistics.median, "mean": statistics.fmean, "min": min}
+    return {k: round(f(values), digits) for k, f in funcs.items()}
 
 
 @dataclass
 class Report:
     """The JSON report; ``models[name]`` holds the model's description, ``memory_mb`` and the
-    task's figures (inference: ``latency_ms``, ``postprocess_stages_ms``, ``calibration``,
-    ``flops``; train: ``iter_s``, ``targets_ms``, ``losses``, ``event_scalars``; data:
-    ``dataset_s``, ``mapper_s``, ``loader_batch_s``, ``images_per_s``)."""
+    task's figures (see ``run_inference``, ``run_exported``, ``run_train``, ``run_data``)."""
 
     task: str
     config_file: str
@@ -162,11 +135,6 @@ class Report:
     models: Dict[str, dict]
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
-
-
-# ----------------------------------------------------------------------------------------------
-# Machine, timing and memory
-# ----------------------------------------------------------------------------------------------
 
 
 def machine_info(threads: int, device: str) -> dict:
@@ -188,9 +156,8 @@ def machine_info(threads: int, device: str) -> dict:
 
 
 def measure(fn: Callable, job: Job) -> List[float]:
-    """Seconds per call of ``fn``: ``job.warmup`` untimed calls (at least one, which also sizes
-    the measurement), then ``Timer.blocked_autorange`` for about ``job.repeats`` calls' worth of
-    time (Timer synchronises the GPU around its blocks)."""
+    """Seconds per call of ``fn``: ``job.warmup`` untimed calls (at least one, which sizes the
+    measurement), then ``Timer.blocked_autorange`` for about ``job.repeats`` calls' worth."""
     start = time.perf_counter()
     for _ in range(max(job.warmup, 1)):
         fn()
@@ -201,25 +168,20 @@ def measure(fn: Callable, job: Job) -> List[float]:
     return list(timer.blocked_autorange(min_run_time=per_call * job.repeats).times)
 
 
-def _proc_status_mb(key: str) -> Optional[float]:
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        return next((int(x.split()[1]) / 1024.0 for x in f if x.startswith(key + ":")), None)
-    return None
-
-
 class MemoryTracker:
     """Allocated CUDA memory or process RSS before the model exists, and the peak during the
-    measured phase (``torch.cuda.max_memory_allocated``; RSS: VmHWM, reset via clear_refs)."""
+    measured phase (``torch.cuda.max_memory_allocated``; RSS: Linux VmHWM, reset by clear_refs)."""
 
     def __init__(self, device: str):
-        self.cuda = device == "cuda"
-        self.before_model = self._current()
-        self.reset_ok = False
+        self.cuda, self.reset_ok = device == "cuda", False
+        self.before_model = self._mb("VmRSS", torch.cuda.memory_allocated)
 
-    def _current(self) -> float:
+    def _mb(self, status_key: str, cuda_bytes: Callable) -> float:
         if self.cuda:
-            return torch.cuda.memory_allocated() / 2**20
-        return _proc_status_mb("VmRSS") or 0.0
+            return cuda_bytes() / 2**20
+        with contextlib.suppress(OSError), open("/proc/self/status") as f:
+            return next((int(x.split()[1]) / 1024 for x in f if x.startswith(status_key)), 0.0)
+        return 0.0
 
     def start(self):
         if self.cuda:
@@ -232,12 +194,9 @@ class MemoryTracker:
             self.reset_ok = True
 
     def report(self) -> dict:
-        if self.cuda:
-            kind, peak = "cuda_max_allocated", torch.cuda.max_memory_allocated() / 2**20
-        else:
-            kind, peak = "rss", _proc_status_mb("VmHWM") or 0.0  # Linux: /proc
+        peak = self._mb("VmHWM", torch.cuda.max_memory_allocated)
         return {
-            "kind": kind,
+            "kind": "cuda_max_allocated" if self.cuda else "rss",
             "peak": round(peak, 1),
             "before_model": round(self.before_model, 1),
             "peak_minus_before_model": round(peak - self.before_model, 1),
@@ -246,8 +205,8 @@ class MemoryTracker:
 
 
 def conv_probe(input_size: Sequence[int], device: str, threads: int) -> dict:
-    """Dense conv throughput: a 3x3 conv 256 -> 256 at stride 4 of the input (1x256x200x304 at
-    800x1216) in fvcore GFLOP/s, from ``Timer.blocked_autorange`` over one second."""
+    """Dense conv throughput in fvcore GFLOP/s: a 3x3 conv 256 -> 256 at stride 4 of the input,
+    ``Timer.blocked_autorange`` over one second."""
     shape = (1, 256, max(input_size[0] // 4, 8), max(input_size[1] // 4, 8))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
@@ -265,11 +224,6 @@ def conv_probe(input_size: Sequence[int], device: str, threads: int) -> dict:
         "median_ms": round(m.median * 1000, 3),
         "gflops_per_s": round(gflops / m.median, 2),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Configs, models and inputs
-# ----------------------------------------------------------------------------------------------
 
 
 def build_cfg(job: Job):
@@ -295,7 +249,7 @@ def build_cfg(job: Job):
     return cfg
 
 
-def model_info(job: Job, cfg, model: Optional[nn.Module]) -> dict:
+def model_info(job: Job, cfg, model) -> dict:
     if job.model == "mask_rcnn":
         head = f"{cfg.MODEL.ROI_HEADS.NAME} (SCORE_THRESH_TEST 0)"
         config_file = f"detectron2 model zoo: {MASK_RCNN_CONFIG}"
@@ -344,39 +298,19 @@ def train_inputs(job: Job, num_classes: int) -> List[dict]:
     return batch
 
 
-# ----------------------------------------------------------------------------------------------
-# Inference
-# ----------------------------------------------------------------------------------------------
-
-
-class _FlatOutputs(nn.Module):
-    """``fn(*inputs)`` with its outputs flattened to tensors, for fvcore's tracer."""
-
-    def __init__(self, model: nn.Module, fn: Callable):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *inputs):
-        return tuple(_tensors(self.fn(*inputs)))
-
-
-def _tensors(value) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if hasattr(value, "__dataclass_fields__"):
-        value = [getattr(value, name) for name in value.__dataclass_fields__]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def count_gflops(model: nn.Module, fn: Callable, inputs: tuple) -> float:
-    """fvcore FLOPs of one part (the whole-model count is 0 with recent torch versions)."""
+def count_gflops(model, fn: Callable, inputs: tuple) -> float:
+    """fvcore GFLOPs of one part ``fn(*inputs)`` of ``model`` (the whole-model count is 0 with
+    recent torch); Detectron2's TracingAdapter flattens the outputs (SOLO's: a dataclass)."""
     from fvcore.nn import FlopCountAnalysis
 
-    analysis = FlopCountAnalysis(_FlatOutputs(model, fn), inputs)
+    from detectron2.export import TracingAdapter
+
+    def call(_, *args):
+        outputs = fn(*args)
+        return vars(outputs) if is_dataclass(outputs) else outputs
+
+    traced = TracingAdapter(model, inputs, call, allow_non_tensor=True)
+    analysis = FlopCountAnalysis(traced, traced.flattened_inputs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
     with warnings.catch_warnings(), torch.no_grad():
@@ -391,78 +325,69 @@ def inference_parts(job: Job, model, batched):
 
     images = model.preprocess_image(batched)
     features = model.backbone(images.tensor)
+    sizes = [(x["height"], x["width"]) for x in batched]
     if job.model == "mask_rcnn":
 
-        def head(*level_features):
-            feats = dict(zip(features, level_features))
-            proposals, _ = model.proposal_generator(images, feats, None)
-            return model.roi_heads(images, feats, proposals, None)[0]
+        def head(features):
+            proposals, _ = model.proposal_generator(images, features, None)
+            return model.roi_heads(images, features, proposals, None)[0]
 
-        head_inputs = tuple(features.values())
-        results = head(*head_inputs)
-        sizes = [(x["height"], x["width"]) for x in batched]
+        results = head(features)
 
         def postprocess():
             return [detector_postprocess(r, *s) for r, s in zip(results, sizes)]
 
     else:
-        head_inputs = tuple(features[f] for f in model.head_in_features)
 
-        def head(*level_features):
-            return model.head(list(level_features))
+        def head(features):
+            return model.head([features[f] for f in model.head_in_features])
 
-        outputs = head(*head_inputs)
-
-        padded = tuple(images.tensor.shape[-2:])
-        sizes = [(x["height"], x["width"]) for x in batched]
-
+        outputs, padded = head(features), tuple(images.tensor.shape[-2:])
         mask_probs = functools.partial(model.head.inference_mask_probs, outputs)
 
         def postprocess():
-            return model.postprocessor(
-                outputs.cate_logits, mask_probs, padded, images.image_sizes, sizes
-            )
+            cate_logits, image_sizes = outputs.cate_logits, images.image_sizes
+            return model.postprocessor(cate_logits, mask_probs, padded, image_sizes, sizes)
 
     parts = {
         "preprocess": lambda: model.preprocess_image(batched),
         "backbone": lambda: model.backbone(images.tensor),
-        "head": lambda: head(*head_inputs),
+        "head": lambda: head(features),
         "postprocess": postprocess,
         "total": lambda: model(batched),
     }
     return parts, lambda: {
         "backbone": count_gflops(model, model.backbone, (images.tensor,)),
-        "head": count_gflops(model, head, head_inputs),
+        "head": count_gflops(model, head, (features,)),
     }
 
 
 def postprocess_stages(postprocess: Callable, calls: int) -> Dict[str, float]:
-    """Host ms per post-processing call of each ``solo.postprocess.<stage>`` profiler range
-    (the post-processor synchronises with the GPU where it counts candidates)."""
+    """Host ms per call of each ``solo.postprocess.<stage>`` profiler range."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             postprocess()
     totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
-    names = [f"solo.postprocess.{s}" for s in POSTPROCESS_STAGES]
-    missing = [n for n in names if n not in totals]
+    names = {s: f"solo.postprocess.{s}" for s in POSTPROCESS_STAGES}
+    missing = [n for n in names.values() if n not in totals]
     if missing:
         raise RuntimeError(f"The post-processor recorded no profiler range {missing}.")
-    return {s: round(totals[n] / 1000 / calls, 3) for s, n in zip(POSTPROCESS_STAGES, names)}
+    return {s: round(totals[n] / 1000 / calls, 3) for s, n in names.items()}
 
 
-def flops_report(gflops: Dict[str, float], latency: Dict[str, Stats], rate: Optional[float]):
-    """GFLOPs per part, and with the conv probe's GFLOP/s ``rate`` the floor (FLOPs at that
-    throughput) and efficiency = floor / measured."""
+def flops_report(gflops: Dict[str, float], latency: Dict[str, dict], rate: Optional[float]):
+    """GFLOPs per part; with the conv probe's GFLOP/s ``rate``, the floor (those FLOPs at that
+    rate) and efficiency = floor / measured."""
     flops = {f"{k}_gflops": round(v, 3) for k, v in gflops.items()}
     flops["backbone_head_gflops"] = round(sum(gflops.values()), 3)
     if rate:
-        measured = latency["backbone"].median + latency["head"].median
+        measured = latency["backbone"]["median"] + latency["head"]["median"]
         flops["floor_ms"] = round(sum(gflops.values()) / rate * 1000, 3)
         flops["efficiency"] = round(flops["floor_ms"] / measured, 4)
         flops["per_part_efficiency"] = {
-            k: round(v / rate * 1000 / latency[k].median, 4) for k, v in gflops.items()
+            k: round(v / rate * 1000 / latency[k]["median"], 4) for k, v in gflops.items()
         }
     return flops
 
@@ -470,8 +395,8 @@ def flops_report(gflops: Dict[str, float], latency: Dict[str, Stats], rate: Opti
 def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     from benchmark_calibration import calibrate_mask_rcnn, calibrate_solo
 
-    batched = [{"image": make_image(*job.input_size, job.seed), "height": job.input_size[0]}]
-    batched[0]["width"] = job.input_size[1]
+    h, w = job.input_size
+    batched = [{"image": make_image(h, w, job.seed), "height": h, "width": w}]
     calibrate = calibrate_mask_rcnn if job.model == "mask_rcnn" else calibrate_solo
     calibration = calibrate(model, batched)
     if job.runtime != "pytorch":
@@ -479,23 +404,21 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     memory.start()
     with torch.no_grad():
         parts, part_gflops = inference_parts(job, model, batched)
-        seconds = {p: measure(parts[p], job) for p in INFERENCE_PARTS}
+        latency = {p: stats(measure(parts[p], job)) for p in INFERENCE_PARTS}
         stages = None
         if job.model != "mask_rcnn":
             stages = postprocess_stages(parts["postprocess"], job.repeats)
         memory_report = memory.report()
-    latency = {p: Stats.of(s) for p, s in seconds.items()}
-    sums = (
-        sum(getattr(latency[p], k) for p in INFERENCE_PARTS[:-1]) for k in ("median", "mean", "min")
-    )
-    latency["parts_sum"] = Stats(*(round(v, 3) for v in sums))
+    latency["parts_sum"] = {
+        k: round(sum(latency[p][k] for p in INFERENCE_PARTS[:-1]), 3) for k in latency["total"]
+    }
     try:  # the timings stand without FLOPs: a tracer failure is reported, not fatal
         flops = flops_report(part_gflops(), latency, job.conv_gflops_per_s)
     except Exception as e:  # noqa: B902
         logger.warning(f"{job.model}: fvcore could not count FLOPs ({type(e).__name__}: {e})")
         flops = {"error": f"{type(e).__name__}: {e}"}
     return {
-        "latency_ms": {k: asdict(v) for k, v in latency.items()},
+        "latency_ms": latency,
         "postprocess_stages_ms": stages,
         "calibration": calibration,
         "flops": flops,
@@ -504,17 +427,16 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
 
 
 def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTracker) -> dict:
-    """End-to-end latency of the calibrated model exported (``solo.export``) to ``job.runtime``:
-    the same weights and input as the eager run, called like the model."""
+    """End-to-end latency of the calibrated model exported (``solo.export``) to ``job.runtime``,
+    called like the model on the same input."""
     from solo.export import ExportedModel, export_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        fmt = EXPORT_FORMATS[job.runtime]
-        path = export_model(model, fmt, tmp, sample_image=batched[0]["image"])
+        path = export_model(model, EXPORT_FORMATS[job.runtime], tmp, batched[0]["image"])
         exported = ExportedModel(path, device=job.device, num_threads=job.threads)
         file_mb = round(os.path.getsize(path) / 2**20, 1)
     memory.start()
-    seconds = measure(lambda: exported(batched), job)
+    latency = {"total": stats(measure(lambda: exported(batched), job))}
     memory_report = memory.report()
     calibration = {
         **calibration,
@@ -525,44 +447,28 @@ def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTrac
     return {
         "runtime": job.runtime,
         "export_file_mb": file_mb,
-        "latency_ms": {"total": asdict(Stats.of(seconds))},
+        "latency_ms": latency,
         "calibration": calibration,
         "memory_mb": memory_report,
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and data loading
-# ----------------------------------------------------------------------------------------------
-
-
-def build_train_optimizer(cfg, model):
-    """The config's optimizer (ours: SOLVER.OPTIMIZER, as train_net.py) at lr 0."""
-    from detectron2.solver import build_optimizer
-
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.SOLVER.BASE_LR = TRAIN_LR
-    if "OPTIMIZER" in cfg.SOLVER:
-        from solo.solver import build_solo_optimizer
-
-        return build_solo_optimizer(cfg, model)
-    return build_optimizer(cfg, model)
-
-
 def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
+    from detectron2.solver import build_optimizer as build_default_optimizer
     from detectron2.utils.events import EventStorage
 
     from benchmark_calibration import zero_mask_rcnn_deltas
+    from solo.solver import build_solo_optimizer
     from solo.targets import gather_ground_truth
 
     ours = job.model != "mask_rcnn"
-    num_classes = cfg.MODEL.SOLO.NUM_CLASSES if ours else cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    batch = train_inputs(job, num_classes)
+    batch = train_inputs(job, (cfg.MODEL.SOLO if ours else cfg.MODEL.ROI_HEADS).NUM_CLASSES)
     if not ours:
         zero_mask_rcnn_deltas(model)  # proposals = anchors: the full 512 sampled ROIs per image
     model.train()
-    optimizer = build_train_optimizer(cfg, model)
+    cfg.SOLVER.BASE_LR = TRAIN_LR  # the config's optimizer (ours: SOLVER.OPTIMIZER, as train_net)
+    build_optimizer = build_solo_optimizer if "OPTIMIZER" in cfg.SOLVER else build_default_optimizer
+    optimizer = build_optimizer(cfg, model)
     losses = {}
 
     def step():
@@ -573,23 +479,19 @@ def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
         losses.update({k: v.detach() for k, v in values.items()})
         storage.step()
 
+    def assign_targets():
+        gt = [x["instances"] for x in batch]
+        return model.target_assigner(gather_ground_truth(gt, padded, model.device))
+
     memory.start()
     with EventStorage(0) as storage:
-        iter_s = measure(step, job)
+        iteration = stats(measure(step, job), scale=1.0)
         memory_report = memory.report()
         targets = None
         if ours:
             with torch.no_grad():
                 padded = tuple(model.preprocess_image(batch).tensor.shape[-2:])
-                gt = [x["instances"] for x in batch]
-                targets = Stats.of(
-                    measure(
-                        lambda: model.target_assigner(
-                            gather_ground_truth(gt, padded, model.device)
-                        ),
-                        job,
-                    )
-                )
+                targets = stats(measure(assign_targets, job))
         scalars = {  # e.g. Mask R-CNN's sampled foreground ROIs, SOLO's positive cells per level
             k: round(v, 3)
             for k, (v, _) in storage.latest().items()
@@ -598,11 +500,10 @@ def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     losses = {k: round(v.item(), 4) for k, v in losses.items()}
     if not all(math.isfinite(v) for v in losses.values()):
         logger.warning(f"{job.model}: non-finite losses {losses}; timings may be atypical.")
-    iteration = Stats.of(iter_s, scale=1.0)
     return {
-        "iter_s": asdict(iteration),
-        "targets_ms": asdict(targets) if targets else None,
-        "targets_share": round(targets.median / 1000 / iteration.median, 4) if targets else None,
+        "iter_s": iteration,
+        "targets_ms": targets,
+        "targets_share": round(targets["median"] / 1000 / iteration["median"], 4) if ours else None,
         "instances_per_image": job.instances_per_image,
         "lr": TRAIN_LR,
         "losses": losses,
@@ -636,16 +537,12 @@ def run_data(job: Job, cfg, memory: MemoryTracker) -> dict:
 
     from solo.data import SOLODatasetMapper
 
+    seconds = []  # per call, of each benchmark that DataLoaderBenchmark only logs
+
     class Recording(DataLoaderBenchmark):
-        """DataLoaderBenchmark keeps its measurements (it only logs them)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.seconds: List[List[float]] = []
-
-        def _benchmark(self, iterator, num_iter, warmup, msg=None):
-            avg, times = super()._benchmark(iterator, num_iter, warmup, msg)
-            self.seconds.append(times)
+        def _benchmark(self, *args, **kwargs):
+            avg, times = super()._benchmark(*args, **kwargs)
+            seconds.append(times)
             return avg, times
 
     datasets = dataset_for(cfg)
@@ -661,27 +558,24 @@ def run_data(job: Job, cfg, memory: MemoryTracker) -> dict:
     bench.benchmark_dataset(job.repeats, warmup=job.warmup)
     bench.benchmark_mapper(job.repeats, warmup=job.warmup)
     bench.benchmark_distributed(job.repeats, warmup=job.warmup)  # the loader, as in training
-    dataset_s, mapper_s, loader_s = bench.seconds
+    dataset_s, mapper_s, loader_s = seconds
     return {
         "dataset": datasets,
         "mapper": mapper_cls.__name__,
         "mask_format": cfg.INPUT.MASK_FORMAT,
         "num_workers": workers,
-        "dataset_s": asdict(Stats.of(dataset_s, scale=1.0)),
-        "mapper_s": asdict(Stats.of(mapper_s, scale=1.0)),
-        "loader_batch_s": asdict(Stats.of(loader_s, scale=1.0)),
+        "dataset_s": stats(dataset_s, scale=1.0),
+        "mapper_s": stats(mapper_s, scale=1.0),
+        "loader_batch_s": stats(loader_s, scale=1.0),
         # a loader with n workers delivers n batches per worker round
         "images_per_s": round(len(loader_s) * job.batch_size / sum(loader_s), 3),
         "memory_mb": memory.report(),
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# One model per process, and the report
-# ----------------------------------------------------------------------------------------------
-
-
 def setup_logging():
+    warnings.simplefilter("ignore", UserWarning)  # e.g. pkg_resources, meshgrid notices
+    warnings.simplefilter("ignore", FutureWarning)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     for name in ("fvcore", "detectron2"):
@@ -697,29 +591,16 @@ def run_job(job: Job) -> dict:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # e.g. pkg_resources, meshgrid notices
-            warnings.simplefilter("ignore", FutureWarning)
-            memory = MemoryTracker(job.device)
-            cfg = build_cfg(job)
-            if job.task == "data":
-                return {**model_info(job, cfg, None), **run_data(job, cfg, memory)}
-            torch.manual_seed(job.seed)
-            model = build_model(cfg).eval()  # random weights: nothing is loaded
-            run_task = run_inference if job.task == "inference" else run_train
-            return {**model_info(job, cfg, model), **run_task(job, cfg, model, memory)}
+        memory = MemoryTracker(job.device)
+        cfg = build_cfg(job)
+        if job.task == "data":
+            return {**model_info(job, cfg, None), **run_data(job, cfg, memory)}
+        torch.manual_seed(job.seed)
+        model = build_model(cfg).eval()  # random weights: nothing is loaded
+        run_task = run_inference if job.task == "inference" else run_train
+        return {**model_info(job, cfg, model), **run_task(job, cfg, model, memory)}
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def run_isolated(job: Job, in_process: bool) -> dict:
-    """``run_job(job)`` in a fresh ``spawn`` process (its own peak memory and CUDA context), or
-    here; a failure there is raised here with the child's traceback as its cause."""
-    if in_process:
-        return run_job(job)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(run_job, job).result()
 
 
 def flatten(tree: dict, prefix: str = "") -> Dict[str, float]:
@@ -733,22 +614,24 @@ def flatten(tree: dict, prefix: str = "") -> Dict[str, float]:
     return flat
 
 
-# The figure behind the top-level "ratio", and the rows of the printed table (fnmatch patterns).
-HEADLINE = {"inference": "latency_ms.total.median", "train": "iter_s.median"}
-HEADLINE["data"] = "loader_batch_s.median"  # same batches: the ratio of s per image
+def compute_ratios(ours: dict, other: Optional[dict]) -> Dict[str, float]:
+    """ours / other for every figure both have (< 1: ours is faster or smaller)."""
+    a, b = flatten(ours or {}), flatten(other or {})
+    return {k: round(a[k] / b[k], 4) for k in a if b.get(k)}
+
+
+# The figure behind the top-level "ratio" (data: the same batches, so s per image), and the rows
+# of the printed table (fnmatch patterns).
+HEADLINE = {
+    "inference": "latency_ms.total.median",
+    "train": "iter_s.median",
+    "data": "loader_batch_s.median",
+}
 TABLE = {
     "inference": ["latency_ms.*.median", "postprocess_stages_ms.*", "calibration.*_*", "flops.*"],
     "train": ["iter_s.*", "targets_ms.median", "targets_share"],
     "data": ["images_per_s", "*_s.median"],
 }
-
-
-def compute_ratios(ours: dict, other: Optional[dict]) -> Dict[str, float]:
-    """ours / Mask R-CNN for every figure both have (< 1: ours is faster or smaller)."""
-    if other is None:
-        return {}
-    a, b = flatten(ours), flatten(other)
-    return {k: round(a[k] / b[k], 4) for k in a if b.get(k)}
 
 
 def format_table(report: Report) -> str:
@@ -771,10 +654,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.task == "inference":
         probe = conv_probe(args.input_size, args.device, args.threads)
         logger.info(f"Conv probe: {probe['gflops_per_s']} GFLOP/s")
+    exported = f"ours_{args.runtime}" if args.runtime != "pytorch" else None
     models = {}
-    exported = f"ours_{args.runtime}"
-    names = ["ours"] + ([exported] if args.runtime != "pytorch" else [])
-    for name in names + ([args.compare] if args.compare else []):
+    for name in filter(None, ("ours", exported, args.compare)):
         logger.info(f"Measuring {name} ({args.task}) ...")
         job = Job(
             name, args.task, args.config_file, tuple(args.opts), args.device, args.threads,
@@ -782,15 +664,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
             args.runtime if name == exported else "pytorch",
         )  # fmt: skip
-        # Data loaders fork their workers; from a spawned process those abort at shutdown.
+        # A fresh spawn process per model: its own peak memory and CUDA context (a failure there
+        # is raised here). Not for data: loader workers forked from it abort at shutdown.
         try:
-            models[name] = run_isolated(job, args.in_process or args.task == "data")
+            if args.in_process or args.task == "data":
+                models[name] = run_job(job)
+            else:
+                spawn = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                    models[name] = pool.submit(run_job, job).result()
         except Exception as e:  # noqa: B902 - an export failure keeps the other figures
             if name != exported:
                 raise
             logger.error(f"{name} failed, reported in the JSON: {type(e).__name__}: {e}")
             models[name] = {"name": name, "runtime": args.runtime, "error": f"{e!r}"}
     ratios = compute_ratios(models["ours"], models.get("mask_rcnn"))
+    runtime_ratios = compute_ratios(models.get(exported), models["ours"])
     report = Report(
         task=args.task,
         config_file=args.config_file,
@@ -804,9 +693,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         conv_probe=probe,
         ratio=ratios.get(HEADLINE[args.task]),
         runtime=args.runtime,
-        runtime_ratio=compute_ratios(models.get(exported, {}), models["ours"]).get(
-            "latency_ms.total.median"
-        ),
+        runtime_ratio=runtime_ratios.get(HEADLINE["inference"]),
         ratios=ratios,
         models=models,
     )
