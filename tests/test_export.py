@@ -221,6 +221,12 @@ def test_export_tool_refuses_empty_and_missing_weights(export_tool, tmp_path):
         export_tool.main(common + ["MODEL.WEIGHTS", ""])
     with pytest.raises(SystemExit, match="no such file"):
         export_tool.main(common + ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
+    # The sample image's error blamed "the record's file_name or the dataset's image root".
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(SystemExit, match=r"--sample-image '.*missing.png': no such file"):
+        export_tool.main(
+            common + ["--sample-image", missing, "--allow-random-weights", "MODEL.WEIGHTS", ""]
+        )
 
 
 def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(export_tool, tmp_path):

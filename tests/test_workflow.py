@@ -170,6 +170,20 @@ def test_resume_applies_a_new_base_lr_weight_decay_and_momentum(train_net, train
     assert lrs[3] == pytest.approx(0.002 * trainer.scheduler._multiplier(3 / 5))
 
 
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_resume_whose_last_checkpoint_was_deleted_names_the_files_left(
+    train_net, trained_run, tmp_path, eval_only
+):
+    """fvcore failed with a bare "AssertionError: Checkpoint ... not found!"."""
+    out = copy_of(trained_run, tmp_path)
+    (out / "last_checkpoint").write_text("model_0000099.pth")
+    flags = ["--resume", "--eval-only"] if eval_only else ["--resume"]
+    args = argv(out, "SOLVER.MAX_ITER", "5", "DATASETS.TEST", f"('{VAL}',)", flags=flags)
+    with pytest.raises(CheckpointMismatchError, match="does not exist") as info:
+        run_main(train_net, args)
+    assert "model_0000099.pth" in str(info.value) and "['model_final.pth']" in str(info.value)
+
+
 def test_resume_with_an_unchanged_solver_changes_nothing(train_net, trained_run, tmp_path):
     out = copy_of(trained_run, tmp_path)
     saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)

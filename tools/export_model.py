@@ -108,6 +108,8 @@ def build_eager_model(cfg):
 def load_sample_image(path: str, cfg) -> torch.Tensor:
     """The image as the model sees it at test time: (3, H, W) uint8 in INPUT.FORMAT, resized as
     ``DefaultPredictor`` does (no resizing when INPUT.MIN_SIZE_TEST is 0)."""
+    if not PathManager.isfile(path):  # read_image's message is about dataset records
+        raise SystemExit(f"--sample-image {path!r}: no such file.")
     image = read_image(path, format=cfg.INPUT.FORMAT)
     if cfg.INPUT.MIN_SIZE_TEST:
         resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)

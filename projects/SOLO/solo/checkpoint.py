@@ -125,6 +125,17 @@ class SOLOCheckpointer(DetectionCheckpointer):
                 "file), so there is nothing to resume from. Fix OUTPUT_DIR, or pass "
                 "MODEL.WEIGHTS <checkpoint> without --resume."
             )
+        if resume and self.has_checkpoint() and self._is_local():
+            last = self.get_checkpoint_file()
+            if not os.path.isfile(last):  # fvcore would fail with a bare assertion
+                present = sorted(f for f in os.listdir(self.save_dir) if f.endswith(".pth"))
+                raise CheckpointMismatchError(
+                    f"--resume: '{os.path.join(self.save_dir, 'last_checkpoint')}' names "
+                    f"'{last}', which does not exist (deleted or moved?). Checkpoints in "
+                    f"OUTPUT_DIR: {present or 'none'}. Restore the file, or write the name of "
+                    "one of them into last_checkpoint, or pass MODEL.WEIGHTS <checkpoint> "
+                    "without --resume."
+                )
         return super().resume_or_load(path, resume=resume)
 
     def _load_model(self, checkpoint):
