@@ -109,6 +109,21 @@ def test_checkpoint_with_layers_the_model_lacks_is_refused_for_prediction(tmp_pa
     SOLOCheckpointer(plain).load(str(path))  # not strict: Detectron2's warning
 
 
+def test_fine_tuning_from_weights_of_which_nothing_fits_is_refused(
+    train_net, trained_run, tmp_path
+):
+    """Keys under another prefix: fvcore warned about every key and trained from scratch."""
+    state = torch.load(trained_run / "model_final.pth", weights_only=False)["model"]
+    path = tmp_path / "prefixed.pth"
+    torch.save({"model": {f"detector.{k}": v for k, v in state.items()}}, path)
+    args = argv(tmp_path / "out", "SOLVER.MAX_ITER", "1", "MODEL.WEIGHTS", str(path))
+    with pytest.raises(CheckpointMismatchError, match="nothing would be loaded") as info:
+        run_main(train_net, args)
+    assert "Checkpoint keys the model does not have" in str(info.value)
+    assert "detector.backbone." in str(info.value)
+    assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. --resume means what the user asked
 # ----------------------------------------------------------------------------------------------

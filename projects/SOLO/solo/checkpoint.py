@@ -140,6 +140,16 @@ class SOLOCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
+        not_loaded = set(incompatible.missing_keys) | {
+            k for k, _, _ in incompatible.incorrect_shapes
+        }
+        if not any(k not in not_loaded for k in self.model.state_dict()):
+            # Also when fine-tuning: e.g. an mmdetection file ('state_dict', not 'model') or keys
+            # under another prefix load nothing, and training would start from scratch.
+            raise CheckpointMismatchError(
+                "None of the checkpoint's parameters fit the model: nothing would be loaded.\n  "
+                + _mismatch_report(incompatible)
+            )
         # Unexpected keys too: e.g. a DCN checkpoint (conv_offset layers) in a model built
         # without DCN loads every other weight and predicts without the learned offsets.
         if self.strict and any(incompatible):
