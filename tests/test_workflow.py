@@ -122,6 +122,12 @@ def test_fine_tuning_from_weights_of_which_nothing_fits_is_refused(
     assert "Checkpoint keys the model does not have" in str(info.value)
     assert "detector.backbone." in str(info.value)
     assert not (tmp_path / "out" / "model_final.pth").exists()
+    # Weights under 'state_dict' (mmdetection, official SOLO): fvcore's "Unsupported type".
+    torch.save({"state_dict": state, "meta": {"epoch": 36}}, path)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"under \['state_dict'\].*convert_checkpoint"
+    ):
+        run_main(train_net, args)
 
 
 # ----------------------------------------------------------------------------------------------

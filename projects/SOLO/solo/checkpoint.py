@@ -116,7 +116,19 @@ class SOLOCheckpointer(DetectionCheckpointer):
                 "(demo/demo.py and Predictor accept it as MODEL.WEIGHTS); train, fine-tune or "
                 "evaluate with train_net.py from the .pth checkpoint it was exported from."
             )
-        return super()._load_file(filename)
+        loaded = super()._load_file(filename)
+        nested = [
+            k
+            for k, v in loaded.get("model", {}).items()
+            if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())
+        ]
+        if nested:  # fvcore: "Unsupported type found in checkpoint! state_dict: OrderedDict"
+            raise CheckpointMismatchError(
+                f"'{filename}' keeps its weights under {nested}, not under 'model' as Detectron2 "
+                "checkpoints do: it comes from another framework (e.g. mmdetection or the "
+                "official SOLO code). Convert it with tools/convert_checkpoint.py."
+            )
+        return loaded
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         if self.strict and resume and not self.has_checkpoint():
