@@ -16,10 +16,12 @@ from detectron2.engine import AMPTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import (
+from helpers import (
+    HEADS,
     REPO_ROOT,
     SHAPES_CONFIG,
     SMALL_SHAPES_OPTS,
+    force_candidates,
     load_train_net,
     random_batch,
     read_metrics,
@@ -27,11 +29,10 @@ from conftest import (
     shapes_cache,
     tiny_cfg,
 )
-from helpers import HEADS, force_candidates
-from solo.layers import DeformConvPack
-from solo.nms import mask_nms, matrix_nms, points_nms
+from solo.modeling.layers import DeformConvPack
+from solo.modeling.nms import mask_nms, matrix_nms, points_nms
+from solo.modeling.targets import gather_ground_truth
 from solo.solver import build_solo_optimizer
-from solo.targets import gather_ground_truth
 
 pytestmark = [
     pytest.mark.cuda,

@@ -5,7 +5,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from conftest import tiny_cfg
+from helpers import tiny_cfg
 from solo.solver import build_solo_optimizer
 
 

@@ -34,7 +34,12 @@ logger = logging.getLogger("benchmark")
 SCHEMA_VERSION = 2
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
-POSTPROCESS_STAGES = ("candidates", "mask_probs", "nms", "paste")  # solo.postprocess.<stage>
+POSTPROCESS_STAGES = (
+    "candidates",
+    "mask_probs",
+    "nms",
+    "paste",
+)  # solo.postprocess.<stage> profiler ranges
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 EXPORT_FORMATS = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # --runtime: file format
 TRAIN_LR = 0.0  # the step costs the same at any lr; random weights diverge at a useful one
@@ -393,7 +398,7 @@ def flops_report(gflops: Dict[str, float], latency: Dict[str, dict], rate: Optio
 
 
 def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
-    from benchmark_calibration import calibrate_mask_rcnn, calibrate_solo
+    from solo.utils.benchmark_calibration import calibrate_mask_rcnn, calibrate_solo
 
     h, w = job.input_size
     batched = [{"image": make_image(h, w, job.seed), "height": h, "width": w}]
@@ -457,9 +462,9 @@ def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     from detectron2.solver import build_optimizer as build_default_optimizer
     from detectron2.utils.events import EventStorage
 
-    from benchmark_calibration import zero_mask_rcnn_deltas
+    from solo.modeling.targets import gather_ground_truth
     from solo.solver import build_solo_optimizer
-    from solo.targets import gather_ground_truth
+    from solo.utils.benchmark_calibration import zero_mask_rcnn_deltas
 
     ours = job.model != "mask_rcnn"
     batch = train_inputs(job, (cfg.MODEL.SOLO if ours else cfg.MODEL.ROI_HEADS).NUM_CLASSES)

@@ -38,7 +38,7 @@ import sys
 from detectron2.config import get_cfg
 
 import solo
-from solo.convert import SOURCES, ConversionError, convert_checkpoint
+from solo.checkpoint.convert import SOURCES, ConversionError, convert_checkpoint
 
 logger = logging.getLogger("convert_checkpoint")
 

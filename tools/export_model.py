@@ -18,25 +18,18 @@ empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the
 
 import argparse
 import logging
-import os
 import sys
 import torch
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (os.path.join(_REPO, "projects", "SOLO"), _REPO):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
 
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils.file_io import PathManager  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-from solo import get_solo_cfg  # noqa: E402
-from solo.checkpoint import SOLOCheckpointer  # noqa: E402
-from solo.data import read_image  # noqa: E402
-from solo.export import export_model  # noqa: E402
-from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions  # noqa: E402
+from solo import get_solo_cfg
+from solo.checkpoint import SOLOCheckpointer
+from solo.data import read_image
+from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions, export_model
 
 logger = logging.getLogger("solo.export_model")
 
@@ -145,12 +138,12 @@ def verify(model, exported: ExportedModel, sample: torch.Tensor) -> bool:
 
 
 def run_eval(cfg, exported: ExportedModel):
-    """COCO evaluation of the exported model on DATASETS.TEST, through train_net's loaders and
+    """COCO evaluation of the exported model on DATASETS.TEST, through the trainer's loaders and
     evaluators (``inference_on_dataset`` calls it like the model)."""
     from detectron2.utils.logger import setup_logger as _setup
 
     from solo.data import register_builtin_datasets
-    from train_net import Trainer
+    from solo.engine.trainer import Trainer
 
     _setup(name="detectron2")
     register_builtin_datasets()

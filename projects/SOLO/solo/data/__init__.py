@@ -1,19 +1,12 @@
 """Datasets shipped with the project (the procedural ``shapes`` dataset), the dataset checks,
 the image reader and the SOLO mapper."""
 
-from .checks import (
-    DatasetError,
-    check_dataset_dicts,
-    check_num_classes,
-    check_record,
-    compress_rle,
-    drop_unusable,
-    load_dataset_dicts,
-    mask_areas,
-)
+from .build import drop_unusable, load_dataset_dicts
 from .dataset_mapper import SOLODatasetMapper
 from .image_io import ImageReadError, read_image, stretch_to_8bit
+from .masks import compress_rle, mask_areas
 from .shapes import ensure_shapes_dataset, register_shapes_datasets
+from .validation import DatasetError, check_dataset_dicts, check_num_classes, check_record
 
 
 def register_builtin_datasets():

@@ -19,8 +19,9 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from .checks import DatasetError, check_record, compress_rle, describe
 from .image_io import read_image
+from .masks import compress_rle
+from .validation import DatasetError, check_record, describe
 
 __all__ = ["SOLODatasetMapper"]
 

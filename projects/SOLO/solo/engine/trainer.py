@@ -1,0 +1,192 @@
+"""SOLO's trainer: Detectron2's ``DefaultTrainer`` overriding only what differs (data checks and
+mapper, atomic checkpoints, SOLO's evaluator and optimizer, CPU mixed precision and DDP, checked
+resumption), and :func:`setup`, the config and logging of one run (``train_net.py``)."""
+
+import logging
+import warnings
+from contextlib import contextmanager
+
+import detectron2.utils.comm as comm
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import defaults as engine_defaults
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import SOLOCheckpointer
+from ..config import get_solo_cfg
+from ..data import SOLODatasetMapper, load_dataset_dicts, register_builtin_datasets
+from ..evaluation import build_solo_evaluator
+from ..solver import build_solo_optimizer
+from .checks import check_run_config, check_weights_file
+from .hooks import WriteAfterEvaluation
+from .resume import compare_resumed_solver, describe_changes
+from .train_loop import trainer_for_cpu_amp
+
+__all__ = ["Trainer", "cpu_ddp_without_device_ids", "setup"]
+
+logger = logging.getLogger("detectron2")
+
+
+@contextmanager
+def cpu_ddp_without_device_ids():
+    """The one adapter around Detectron2: ``DefaultTrainer.__init__`` wraps the model with
+    ``create_ddp_model``, which always passes ``device_ids=[local_rank]``, and DDP rejects
+    ``device_ids`` for a CPU model. Detectron2 has no hook there, so while the trainer is built,
+    ``detectron2.engine.defaults.create_ddp_model`` passes ``device_ids=None`` for CPU models."""
+    create = engine_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return create(model, **kwargs)
+
+    engine_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        engine_defaults.create_ddp_model = create
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with SOLO's data checks and mapper, atomic checkpoints, COCO evaluation,
+    CPU mixed precision and DDP, checked resumption, and every evaluation written."""
+
+    def __init__(self, cfg):
+        # Before the (possibly long) model and dataset construction; MODEL.WEIGHTS is checked
+        # in resume_or_load, which knows whether it is used.
+        check_run_config(cfg, train=True, world_size=comm.get_world_size(), uses_weights=False)
+        with cpu_ddp_without_device_ids(), warnings.catch_warnings():
+            if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+                # The CUDA AMPTrainer built here is replaced below; its GradScaler would warn.
+                warnings.filterwarnings("ignore", ".*GradScaler", category=UserWarning)
+                warnings.filterwarnings("ignore", ".*GradScaler", category=FutureWarning)
+            super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # Detectron2 built its CUDA-only AMPTrainer
+            self._trainer = trainer_for_cpu_amp(self._trainer)
+
+    def resume_or_load(self, resume=True):
+        resuming = resume and self.checkpointer.has_checkpoint()
+        if not resuming:
+            check_weights_file(self.cfg)
+            if resume:
+                logger.warning(
+                    f"--resume: no checkpoint in OUTPUT_DIR '{self.cfg.OUTPUT_DIR}'; starting at "
+                    f"iteration 0 from MODEL.WEIGHTS '{self.cfg.MODEL.WEIGHTS}'."
+                )
+        super().resume_or_load(resume=resume)
+
+    def load_state_dict(self, state_dict):
+        """Restore the trainer state of a checkpoint (``--resume``) after comparing its solver
+        with the config's (:func:`solo.engine.resume.compare_resumed_solver`): an incompatible one
+        stops here, before any iteration; changed learning rates, weight decays and momentum
+        are applied, with a warning."""
+        checkpoint = self.checkpointer.get_checkpoint_file()
+        new_groups = self.optimizer.state_dict()["param_groups"]
+        changes = compare_resumed_solver(
+            state_dict["_trainer"]["optimizer"]["param_groups"],
+            new_groups,
+            state_dict["iteration"],
+            self.max_iter,
+            checkpoint,
+        )
+        super().load_state_dict(state_dict)
+        if state_dict["iteration"] + 1 == self.max_iter:
+            logger.warning(
+                f"--resume: '{checkpoint}' completed SOLVER.MAX_ITER={self.max_iter} "
+                "iterations: nothing left to train, only the final evaluation runs."
+            )
+        groups, base_lrs = self.optimizer.param_groups, self.scheduler.base_lrs
+        for index, key, _, new in changes:
+            groups[index][key] = new
+            if key == "initial_lr":  # what the LR scheduler multiplies
+                base_lrs[index] = new
+        if changes:
+            logger.warning(f"--resume: applying the config's solver: {describe_changes(changes)}")
+        # The first resumed iteration follows the config's schedule too (its MAX_ITER and STEPS
+        # may differ from the checkpoint's), not the learning rate saved with the optimizer.
+        for group, lr in zip(groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+
+    def build_writers(self):
+        self._writers = super().build_writers()
+        return self._writers
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates a plain DetectionCheckpointer right before building the
+        # hooks; swap it for the atomic one here, so that PeriodicCheckpointer (built below),
+        # resume_or_load and the final save all use it.
+        old = self.checkpointer
+        self.checkpointer = SOLOCheckpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
+        ret = super().build_hooks()
+        if comm.is_main_process() and self.cfg.TEST.EVAL_PERIOD > 0:
+            ret.append(WriteAfterEvaluation(self._writers, self.cfg.TEST.EVAL_PERIOD))
+        return ret
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_solo_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        names = list(cfg.DATASETS.TRAIN)
+        dataset = load_dataset_dicts(
+            names,
+            num_classes=cfg.MODEL.SOLO.NUM_CLASSES,
+            check_annotations=True,
+            use_masks=cfg.MODEL.MASK_ON,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        mapper = SOLODatasetMapper(cfg, is_train=True)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        proposals = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            proposals = [
+                cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]
+            ]
+        dataset = load_dataset_dicts(
+            [dataset_name],
+            num_classes=cfg.MODEL.SOLO.NUM_CLASSES,
+            filter_empty=False,
+            proposal_files=proposals,
+        )
+        mapper = SOLODatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
+        return build_detection_test_loader(
+            dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_solo_evaluator(cfg, dataset_name, output_folder)
+
+
+# Loggers a run writes to log.txt; the handlers that setup() adds to them belong to that run.
+RUN_LOGGERS = ("detectron2", "fvcore", "solo")
+_run_handlers = []
+
+
+def setup(args):
+    cfg = get_solo_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    # A second run in the same process (notebook, sweep) must not also log into the first run's
+    # log.txt: drop the previous run's handlers, and let Detectron2's cached setup_logger add
+    # this run's.
+    for name, handler in _run_handlers:
+        logging.getLogger(name).removeHandler(handler)
+    setup_logger.cache_clear()
+    before = {name: list(logging.getLogger(name).handlers) for name in RUN_LOGGERS}
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="solo")
+    _run_handlers[:] = [
+        (name, handler)
+        for name in RUN_LOGGERS
+        for handler in logging.getLogger(name).handlers
+        if handler not in before[name]
+    ]
+    register_builtin_datasets()
+    return cfg

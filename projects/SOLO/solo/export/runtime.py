@@ -1,0 +1,261 @@
+"""Running exported files: :class:`ExportedModel`, called like the eager model."""
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Tuple
+import torch
+
+from detectron2.structures import Boxes, Instances
+
+from ..modeling.layers import resize
+from ..modeling.postprocess import masks_to_boxes
+from .formats import EXPORT_FORMATS, METADATA_KEY, ExportError
+
+logger = logging.getLogger(__name__)
+
+
+def pad_image(
+    image: torch.Tensor, pixel_mean: torch.Tensor, size_divisibility: int, min_blocks: int = 2
+):
+    """(3, H, W) image -> (1, 3, Hp, Wp) float32, bottom/right padded with the pixel mean to a
+    multiple of ``size_divisibility`` and at least ``min_blocks`` times it (2 in
+    ``SOLO.preprocess_image``)."""
+    h, w = image.shape[-2:]
+    d = size_divisibility
+    hp, wp = max(-(-h // d) * d, min_blocks * d), max(-(-w // d) * d, min_blocks * d)
+    padded = pixel_mean.to(torch.float32).reshape(1, 3, 1, 1).expand(1, 3, hp, wp).clone()
+    padded[0, :, :h, :w] = image
+    return padded
+
+
+class ExportedModel:
+    """An exported SOLO model called exactly like the eager one (see the module docstring).
+
+    Args:
+        path: a file written by :func:`export_model`: ``.onnx`` runs in ONNX Runtime (CPU, or
+            CUDA when ``device`` is "cuda"), ``.ts`` in TorchScript, ``.pt2`` as a
+            ``torch.export`` program.
+        device: "cpu" or "cuda"; outputs are on this device.
+        num_threads: intra-op threads of ONNX Runtime (default: ``torch.get_num_threads()``).
+
+    Raises:
+        ExportError: unknown suffix, a file without SOLO export metadata, or ONNX Runtime not
+            installed.
+
+    Images are processed one at a time (the graph has batch 1). Attribute
+    ``last_num_candidates`` holds the candidate counts of the last call.
+    """
+
+    def __init__(self, path: str, device: str = "cpu", num_threads: Optional[int] = None):
+        suffix = os.path.splitext(path)[1]
+        runtimes = {v: k for k, v in EXPORT_FORMATS.items()}
+        if suffix not in runtimes:
+            raise ExportError(
+                f"{path}: unknown exported model type {suffix!r}; expected one of "
+                f"{sorted(runtimes)} (written by tools/export_model.py)."
+            )
+        if not os.path.isfile(path):
+            raise ExportError(f"{path}: no such file.")
+        self.path = path
+        self.format = runtimes[suffix]
+        self.device = torch.device(device)
+        self.num_threads = num_threads or torch.get_num_threads()
+        self.last_num_candidates: List[int] = []
+        loaders = {"onnx": self._load_onnx, "torchscript": self._load_ts, "pt2": self._load_pt2}
+        meta = loaders[self.format]()
+        if not meta:
+            raise ExportError(
+                f"{path} has no SOLO export metadata ({METADATA_KEY}): export it with "
+                "tools/export_model.py."
+            )
+        self.metadata = json.loads(meta)
+        self.input_format = self.metadata["input_format"]
+        self.pixel_mean = torch.tensor(self.metadata["pixel_mean"])
+        self.size_divisibility = self.metadata["size_divisibility"]
+        self.mask_thresh = self.metadata["mask_thresh"]
+        self.max_candidates = self.metadata["max_candidates"]
+        self.min_blocks = self.metadata["min_blocks"]
+
+    def check_config(self, cfg) -> None:
+        """Refuse a config that describes another model than the exported one.
+
+        The graph fixes what ``MODEL.*`` (network, thresholds, NMS), ``INPUT.FORMAT`` and
+        ``TEST.DETECTIONS_PER_IMAGE`` said at export time: a config given next to the file (e.g.
+        to ``demo.predictor.Predictor``) that sets them otherwise would be silently ignored.
+        ``MODEL.WEIGHTS`` and ``MODEL.DEVICE`` may differ; test-time resizing (``INPUT.*_TEST``)
+        runs outside the graph and follows ``cfg``.
+
+        Raises:
+            ExportError: listing each differing key with its exported and configured value.
+        """
+        from detectron2.config import CfgNode
+
+        exported = self.metadata.get("config")
+        if not exported:  # exported from a model object: only the metadata's fields are known
+            known = {
+                "INPUT.FORMAT": self.input_format,
+                "MODEL.SOLO.NUM_CLASSES": self.metadata["num_classes"],
+            }
+        else:
+            known = _flat_inference_keys(CfgNode.load_cfg(exported))
+        configured = _flat_inference_keys(cfg)
+        diffs = [
+            f"{key}: exported {known[key]!r}, config {configured.get(key)!r}"
+            for key in sorted(known)
+            if configured.get(key) != known[key]
+        ]
+        if diffs:
+            raise ExportError(
+                f"{self.path} was exported with other settings than the config gives; the "
+                "exported graph fixes them, so the config's values would be ignored:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse the export's settings in the config, or re-export with "
+                "tools/export_model.py and the new ones."
+            )
+
+    def _load_onnx(self) -> str:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ExportError(
+                f'Running {self.path} needs onnxruntime: pip install -e .[export] "numpy<2"'
+            ) from e
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.num_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(self.path, options, providers=providers)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        return meta.get(METADATA_KEY, "")
+
+    def _load_ts(self) -> str:
+        extra = {METADATA_KEY: ""}
+        self.module = torch.jit.load(self.path, map_location=self.device, _extra_files=extra)
+        return extra[METADATA_KEY]
+
+    def _load_pt2(self) -> str:
+        import torchvision  # noqa: F401  (registers torchvision::deform_conv2d for DCN models)
+
+        extra = {METADATA_KEY: ""}
+        program = torch.export.load(self.path, extra_files=extra)
+        self.module = program.module().to(self.device)
+        return extra[METADATA_KEY]
+
+    def run_graph(self, padded: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The graph's raw outputs (see :func:`fixed_size_postprocess`) for a padded image."""
+        if self.format == "onnx":
+            outputs = self.session.run(None, {"image": padded.cpu().numpy()})
+            return tuple(torch.from_numpy(o).to(self.device) for o in outputs)
+        with torch.no_grad():
+            return tuple(self.module(padded.to(self.device)))
+
+    def __call__(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        self.last_num_candidates = []
+        return [self._single_image(x, i) for i, x in enumerate(batched_inputs)]
+
+    def _single_image(self, inputs, index):
+        image = inputs.get("image") if isinstance(inputs, dict) else None
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(
+                f"batched_inputs[{index}]['image'] must be a (3, H, W) tensor in "
+                f"INPUT.FORMAT={self.input_format!r}, got {shape}."
+            )
+        h, w = image.shape[-2:]
+        output_size = (int(inputs.get("height", h)), int(inputs.get("width", w)))
+        padded = pad_image(image.float(), self.pixel_mean, self.size_divisibility, self.min_blocks)
+        scores, labels, masks, num_det, num_cand = self.run_graph(padded)
+        num_det, num_cand = int(num_det), int(num_cand)
+        self.last_num_candidates.append(num_cand)
+        if num_cand > self.max_candidates:
+            logger.warning(
+                f"{num_cand} candidates above MODEL.SOLO.SCORE_THRESH, more than the "
+                f"{self.max_candidates} (K0) the exported model considers: only the best "
+                "category scores were kept, results may differ from the eager model. Re-export "
+                "with a larger --max-candidates."
+            )
+        result = Instances(output_size)
+        result.pred_masks, result.pred_boxes = paste_masks(
+            masks[:num_det], tuple(padded.shape[-2:]), (h, w), output_size, self.mask_thresh
+        )
+        result.scores = scores[:num_det].float()
+        result.pred_classes = labels[:num_det].long()
+        return {"instances": result}
+
+
+def _flat_inference_keys(cfg) -> Dict[str, object]:
+    """``MODEL.*`` (but ``WEIGHTS``, ``DEVICE``), ``INPUT.FORMAT`` and
+    ``TEST.DETECTIONS_PER_IMAGE`` of a config, flattened to ``{"MODEL.SOLO.NMS_PRE": 500, ...}``
+    with lists as tuples (a loaded YAML has lists where a merged config has tuples)."""
+
+    def plain(value):
+        return tuple(map(plain, value)) if isinstance(value, (list, tuple)) else value
+
+    def flat(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", plain(value)
+
+    keys = dict(flat(cfg.MODEL, "MODEL."))
+    keys.pop("MODEL.WEIGHTS", None)
+    keys.pop("MODEL.DEVICE", None)
+    keys["INPUT.FORMAT"] = cfg.INPUT.FORMAT
+    keys["TEST.DETECTIONS_PER_IMAGE"] = cfg.TEST.DETECTIONS_PER_IMAGE
+    return keys
+
+
+def paste_masks(
+    probs: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    mask_thresh: float,
+    chunk_size: int = 4,
+):
+    """Stride-4 soft masks (K, h, w) -> bool masks (K, *output_size) and their boxes, as the eager
+    post-processor: upsample to the padded input, crop to the image, resize, binarise."""
+    h, w = image_size
+    out = torch.zeros((len(probs), *output_size), dtype=torch.bool, device=probs.device)
+    boxes = [torch.zeros((0, 4), device=probs.device)]
+    for start in range(0, len(probs), chunk_size):
+        part = resize(probs[start : start + chunk_size][None], padded_size)[:, :, :h, :w]
+        if (h, w) != tuple(output_size):
+            part = resize(part, output_size)
+        torch.gt(part[0], mask_thresh, out=out[start : start + chunk_size])
+        boxes.append(masks_to_boxes(out[start : start + chunk_size]).tensor)
+    return out, Boxes(torch.cat(boxes))
+
+
+def compare_predictions(
+    expected: Instances, actual: Instances, score_atol: float = 1e-3, mask_tol: float = 1e-3
+) -> List[str]:
+    """Differences between eager and exported predictions of one image (empty list: same).
+
+    Same number of instances and classes in the same order, scores within ``score_atol``, and
+    each mask differing in at most ``mask_tol`` of the image's pixels (at least 4): float
+    rounding moves a few pixels whose upsampled probability is within ~1e-6 of MASK_THRESH.
+    """
+    if len(expected) != len(actual):
+        return [f"{len(actual)} instances instead of {len(expected)}"]
+    problems = []
+    if len(expected) == 0:
+        return problems
+    if not torch.equal(expected.pred_classes.cpu(), actual.pred_classes.cpu()):
+        problems.append("different classes")
+    score_diff = (expected.scores.cpu() - actual.scores.cpu()).abs().max().item()
+    if score_diff > score_atol:
+        problems.append(f"scores differ by up to {score_diff:.2g} (tolerance {score_atol})")
+    masks_e, masks_a = expected.pred_masks.cpu(), actual.pred_masks.cpu()
+    if masks_e.shape != masks_a.shape:
+        return problems + [f"mask shape {tuple(masks_a.shape)} instead of {tuple(masks_e.shape)}"]
+    pixel_diff = (masks_e != masks_a).flatten(1).sum(dim=1).max().item()
+    allowed = max(4, int(mask_tol * masks_e[0].numel()))
+    if pixel_diff > allowed:
+        problems.append(f"a mask differs in {pixel_diff} pixels (tolerance {allowed})")
+    return problems

@@ -1,0 +1,1 @@
+"""Helpers of the benchmark and the GPU check (calibration of candidate counts, ...)."""

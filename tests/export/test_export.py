@@ -1,0 +1,333 @@
+"""Exported models (ONNX Runtime, TorchScript, torch.export .pt2) against eager inference, CPU."""
+
+import copy
+import logging
+import cv2
+import pytest
+import torch
+
+from detectron2.utils.visualizer import Visualizer
+
+from helpers import HEADS, REPO_ROOT, build, force_candidates, load_script, shapes_cache, tiny_cfg
+from solo.export import (
+    ExportedModel,
+    ExportError,
+    SOLOExportModule,
+    compare_predictions,
+    export_model,
+    pad_image,
+)
+from solo.modeling.nms import points_nms
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
+
+# Sample (export) size, then two other input sizes with their requested output sizes.
+SAMPLE_SIZE = (97, 133)
+OTHER_SIZES = [((160, 96), (160, 96)), ((64, 200), (128, 400))]
+# K0 above the ~600 candidates a forced tiny model has, so that the export is exact.
+LARGE_K0 = 1500
+
+
+def forced_model(head_name, opts=()):
+    model = build(tiny_cfg(head_name, opts))
+    force_candidates(model)
+    return model.eval()
+
+
+def image(size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
+
+
+def eager(model, inputs):
+    with torch.no_grad():
+        return [r["instances"] for r in model(inputs)]
+
+
+def assert_same_predictions(expected, actual):
+    assert len(expected) > 0, "nothing to compare: the test model predicts no instance"
+    assert compare_predictions(expected, actual) == []
+
+
+@pytest.mark.parametrize("head_name", HEADS)
+def test_fixed_size_postprocess_equals_eager_postprocessor(head_name):
+    """The in-graph post-processing as plain PyTorch: same instances as SOLOPostProcessor."""
+    model = forced_model(head_name)
+    module = SOLOExportModule(model, LARGE_K0).eval()
+    img = image(SAMPLE_SIZE, seed=1)
+    (expected,) = eager(model, [{"image": img}])
+    padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
+    with torch.no_grad():
+        scores, labels, masks, num_det, num_cand = module(padded)
+    n = int(num_det)
+    assert n == len(expected) > 0 and int(num_cand) <= LARGE_K0
+    assert torch.equal(labels[:n], expected.pred_classes)
+    torch.testing.assert_close(scores[:n], expected.scores, atol=1e-5, rtol=0)
+    # Rows past num_detections are padding.
+    assert (scores[n:] == -1).all()
+
+
+def test_more_candidates_than_k0_keeps_the_best_category_scores():
+    """With K0 < candidates, the result is eager inference restricted to the K0 best (cell,
+    class) category scores, i.e. with SCORE_THRESH raised to the (K0 + 1)-th score."""
+    k0 = 40
+    model = forced_model("SOLOv2Head")
+    module = SOLOExportModule(model, k0).eval()
+    img = image(SAMPLE_SIZE, seed=2)
+    padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
+    with torch.no_grad():
+        scores, labels, masks, num_det, num_cand = module(padded)
+        features = model.backbone((padded - module.pixel_mean) / module.pixel_std)
+        outputs = model.head([features[f] for f in model.head_in_features])
+    pair_scores = torch.cat([points_nms(x.sigmoid()).flatten() for x in outputs.cate_logits])
+    ranked = pair_scores.sort(descending=True).values
+    assert int(num_cand) == (pair_scores > model.postprocessor.score_thresh).sum() > k0
+    restricted = copy.deepcopy(model)
+    restricted.postprocessor.score_thresh = ranked[k0].item()
+    (expected,) = eager(restricted, [{"image": img}])
+    n = int(num_det)
+    assert n == len(expected) > 0
+    assert torch.equal(labels[:n], expected.pred_classes)
+    torch.testing.assert_close(scores[:n], expected.scores, atol=1e-5, rtol=0)
+    # And it is not the unrestricted result (the test would otherwise prove nothing).
+    (unrestricted,) = eager(model, [{"image": img}])
+    assert compare_predictions(unrestricted, expected) != []
+
+
+def test_greedy_mask_nms_is_refused_with_the_key_to_change(tmp_path):
+    model = build(tiny_cfg("SOLOv2Head", ["MODEL.SOLO.NMS_TYPE", "mask"])).eval()
+    with pytest.raises(ExportError, match="NMS_TYPE matrix"):
+        export_model(model, "torchscript", str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("head_name", HEADS)
+def test_exported_model_matches_eager_at_other_input_sizes(head_name, fmt, tmp_path):
+    model = forced_model(head_name)
+    path = export_model(
+        model, fmt, str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
+    )
+    exported = ExportedModel(path)
+    for seed, (size, (out_h, out_w)) in enumerate(OTHER_SIZES):
+        inputs = [{"image": image(size, seed + 10), "height": out_h, "width": out_w}]
+        (expected,) = eager(model, inputs)
+        (actual,) = [r["instances"] for r in exported(inputs)]
+        assert actual.image_size == (out_h, out_w)
+        assert actual.pred_masks.dtype == torch.bool and actual.pred_classes.dtype == torch.int64
+        assert_same_predictions(expected, actual)
+        torch.testing.assert_close(
+            actual.pred_boxes.tensor, expected.pred_boxes.tensor, atol=2, rtol=0
+        )
+
+
+def test_image_without_candidates_gives_typed_empty_instances(tmp_path):
+    # Untrained weights: category scores near the 0.01 prior, none above SCORE_THRESH.
+    model = build(tiny_cfg("SOLOv2Head")).eval()
+    exported = ExportedModel(export_model(model, "onnx", str(tmp_path)))
+    img = image((70, 90), seed=3)
+    (expected,) = eager(model, [{"image": img}])
+    (actual,) = [r["instances"] for r in exported([{"image": img}])]
+    assert len(expected) == len(actual) == 0 and exported.last_num_candidates == [0]
+    assert actual.pred_masks.shape == (0, 70, 90) and actual.pred_masks.dtype == torch.bool
+    assert actual.scores.dtype == torch.float32 and actual.pred_classes.dtype == torch.int64
+    assert actual.pred_boxes.tensor.shape == (0, 4)
+
+
+def test_runtime_warns_when_candidates_exceed_k0(tmp_path, caplog):
+    model = forced_model("DecoupledSOLOLightHead")
+    exported = ExportedModel(export_model(model, "onnx", str(tmp_path), max_candidates=30))
+    logger = logging.getLogger("solo.export")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="solo.export"):
+            exported([{"image": image(SAMPLE_SIZE, 4)}])
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert exported.last_num_candidates[0] > 30
+    assert f"{exported.last_num_candidates[0]} candidates" in caplog.text
+    assert "--max-candidates" in caplog.text
+
+
+def test_deformable_model_exports_to_pt2_and_is_refused_by_onnx(tmp_path):
+    opts = ["MODEL.SOLO.TOWER_DCN", "DCNv2", "MODEL.SOLO.TOWER_DCN_LAYERS", "last"]
+    model = forced_model("SOLOv2Head", opts)
+    with torch.no_grad():  # non-zero offsets, so the deformable path matters
+        for name, p in model.head.named_parameters():
+            if "conv_offset" in name:
+                p.normal_(std=0.05)
+    with pytest.raises(ExportError, match="--format pt2"):
+        export_model(model, "onnx", str(tmp_path))
+    path = export_model(
+        model, "pt2", str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
+    )
+    exported = ExportedModel(path)
+    size, (out_h, out_w) = OTHER_SIZES[0]
+    inputs = [{"image": image(size, 5), "height": out_h, "width": out_w}]
+    (expected,) = eager(model, inputs)
+    assert_same_predictions(expected, exported(inputs)[0]["instances"])
+
+
+def test_unknown_file_type_is_refused(tmp_path):
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"")
+    with pytest.raises(ExportError, match="unknown exported model type '.pth'"):
+        ExportedModel(str(path))
+
+
+def test_config_that_differs_from_the_export_is_refused_naming_each_key(tmp_path):
+    """The graph fixes the model's settings: a Predictor config with another detection cap or
+    class count was silently ignored (100 detections with TEST.DETECTIONS_PER_IMAGE 7)."""
+    cfg = tiny_cfg("SOLOv2Head")
+    exported = ExportedModel(export_model(cfg, "onnx", str(tmp_path)))
+    same = tiny_cfg("SOLOv2Head", ["MODEL.WEIGHTS", "other.pth"])
+    exported.check_config(same)  # weights, device and test-time resizing may differ
+    changed = tiny_cfg(
+        "SOLOv2Head", ["TEST.DETECTIONS_PER_IMAGE", "7", "MODEL.SOLO.SCORE_THRESH", "0.2"]
+    )
+    with pytest.raises(ExportError) as error:
+        exported.check_config(changed)
+    message = str(error.value)
+    assert "TEST.DETECTIONS_PER_IMAGE: exported 100, config 7" in message
+    assert "MODEL.SOLO.SCORE_THRESH: exported 0.1, config 0.2" in message
+    assert "re-export" in message and "NUM_CLASSES" not in message
+    # Exported from a model object: the metadata's input format and class count are checked.
+    from_model = ExportedModel(export_model(build(cfg).eval(), "onnx", str(tmp_path / "m")))
+    from_model.check_config(cfg)
+    with pytest.raises(ExportError, match="MODEL.SOLO.NUM_CLASSES: exported"):
+        from_model.check_config(tiny_cfg("SOLOv2Head", ["MODEL.SOLO.NUM_CLASSES", "7"]))
+
+
+def test_exported_file_given_as_checkpoint_is_refused_with_the_way_to_run_it(tmp_path):
+    """torch.load failed on it with "Unsupported operand" (train_net.py --eval-only)."""
+    from solo.checkpoint import CheckpointMismatchError, SOLOCheckpointer
+
+    model = build(tiny_cfg("SOLOv2Head")).eval()
+    path = export_model(model, "onnx", str(tmp_path))
+    for strict in (True, False):
+        with pytest.raises(CheckpointMismatchError, match="is an exported model.*--run-eval"):
+            SOLOCheckpointer(model, strict=strict).load(path)
+
+
+@pytest.fixture(scope="module")
+def export_tool():
+    return load_script("tools/export_model.py", "export_model_tool")
+
+
+def test_export_tool_refuses_empty_and_missing_weights(export_tool, tmp_path):
+    config = str(REPO_ROOT / "configs/SOLOv2/Light_448_R18_3x.yaml")
+    common = ["--config-file", config, "--output", str(tmp_path)]
+    with pytest.raises(SystemExit, match="MODEL.WEIGHTS is empty"):
+        export_tool.main(common + ["MODEL.WEIGHTS", ""])
+    with pytest.raises(SystemExit, match="no such file"):
+        export_tool.main(common + ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
+    # The sample image's error blamed "the record's file_name or the dataset's image root".
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(SystemExit, match=r"--sample-image '.*missing.png': no such file"):
+        export_tool.main(
+            common + ["--sample-image", missing, "--allow-random-weights", "MODEL.WEIGHTS", ""]
+        )
+
+
+def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(export_tool, tmp_path):
+    cfg = tiny_cfg("SOLOv2Head")
+    model = forced_model("SOLOv2Head")
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.dump())
+    sample = tmp_path / "sample.png"
+    cv2.imwrite(str(sample), image(SAMPLE_SIZE, 7).permute(1, 2, 0).numpy())
+    common = [
+        "--config-file",
+        str(config),
+        "--format",
+        "torchscript",
+        "--sample-image",
+        str(sample),
+    ]
+    argv = common + ["--output", str(tmp_path / "out"), "--verify", "--max-candidates", "1500"]
+    # INPUT.MIN_SIZE_TEST 0: the sample is not resized (--verify then runs at 97x133 and two
+    # other sizes, small enough for a unit test).
+    argv += ["INPUT.MIN_SIZE_TEST", "0"]
+    assert export_tool.main(argv + ["MODEL.WEIGHTS", str(weights)]) == 0
+    assert (tmp_path / "out" / "model.ts").is_file()
+    # The same checkpoint for a model with more classes: strict loading names the mismatch.
+    with pytest.raises(RuntimeError, match="does not fit"):
+        export_tool.main(argv + ["MODEL.WEIGHTS", str(weights), "MODEL.SOLO.NUM_CLASSES", "7"])
+
+
+def pseudo_ground_truth(dicts, model, per_image):
+    """The shapes images annotated with the eager model's own best ``per_image`` predictions:
+    its AP is then high, and any difference of the exported predictions lowers it."""
+    from pycocotools import mask as mask_util
+
+    from detectron2.data.detection_utils import read_image
+    from detectron2.structures import BoxMode
+
+    annotated = []
+    for d in dicts:
+        img = torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy())
+        (pred,) = eager(model, [{"image": img}])
+        pred = pred[:per_image]
+        rles = mask_util.encode(
+            pred.pred_masks.permute(1, 2, 0).numpy().astype("uint8").copy(order="F")
+        )
+        annotations = [
+            dict(
+                bbox=box.tolist(),
+                bbox_mode=BoxMode.XYXY_ABS,
+                category_id=int(label),
+                segmentation={"size": rle["size"], "counts": rle["counts"].decode()},
+                iscrowd=0,
+            )
+            for box, label, rle in zip(pred.pred_boxes.tensor, pred.pred_classes, rles)
+        ]
+        annotated.append(
+            {
+                **{k: d[k] for k in ("file_name", "height", "width", "image_id")},
+                "annotations": annotations,
+            }
+        )
+    return annotated
+
+
+def test_exported_shapes_model_coco_ap_equals_eager(tmp_path):
+    """inference_on_dataset, COCOEvaluator and Visualizer run on an ExportedModel unchanged and
+    give the eager model's COCO AP."""
+    from detectron2.data import (
+        DatasetCatalog,
+        DatasetMapper,
+        MetadataCatalog,
+        build_detection_test_loader,
+    )
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+    from solo import get_solo_cfg
+    from solo.data.shapes import register_shapes_datasets
+
+    split, name = "shapes_val_export", "shapes_val_export_pseudo_gt"
+    cfg = get_solo_cfg(str(REPO_ROOT / "configs/Shapes/SOLOv2_R18.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SOLO.HEAD_CHANNELS", "64"])
+    model = build(cfg)
+    force_candidates(model)
+    model.eval()
+    with shapes_cache(tmp_path / "shapes") as root:
+        register_shapes_datasets(str(root), splits={split: dict(num_images=3, seed=11)})
+        dicts = pseudo_ground_truth(DatasetCatalog.get(split), model, per_image=15)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
+    try:
+        loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, is_train=False))
+        exported = ExportedModel(export_model(model, "onnx", str(tmp_path), max_candidates=4000))
+        results = {}
+        for key, predictor in (("eager", model), ("exported", exported)):
+            evaluator = COCOEvaluator(name, tasks=("segm",), output_dir=str(tmp_path / key))
+            results[key] = inference_on_dataset(predictor, loader, evaluator)["segm"]
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert results["eager"]["AP"] > 20
+    assert results["exported"] == pytest.approx(results["eager"], abs=1e-6)
+    instances = exported([{"image": image((128, 160), 6)}])[0]["instances"]
+    canvas = Visualizer(image((128, 160), 6).permute(1, 2, 0).numpy())
+    assert canvas.draw_instance_predictions(instances).get_image().shape == (128, 160, 3)

@@ -1,0 +1,341 @@
+"""tools/benchmark.py and its calibration (tools/benchmark_calibration.py), on tiny CPU inputs.
+
+The reports are checked for what they claim (calibrated post-processing, stage times read from
+the post-processor's profiler ranges, ratios); the spawned-process path runs the tool as a
+script; tools/gpu_check.py must refuse to run without CUDA.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
+from helpers import REPO_ROOT, load_script, tiny_cfg
+from solo.modeling.nms import points_nms
+
+TINY_CONFIG = "configs/Shapes/SOLOv2_R18.yaml"  # R-18 GN, small head: fast on CPU
+HEADS = ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "SOLOv2Head"]
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return load_script("tools/benchmark_calibration.py", "benchmark_calibration")
+
+
+@pytest.fixture(scope="module")
+def benchmark(calibration):
+    """The tool, importing its calibration module as it does when run as a script."""
+    sys.modules["benchmark_calibration"] = calibration
+    try:
+        yield load_script("tools/benchmark.py", "benchmark")
+    finally:
+        sys.modules.pop("benchmark_calibration")
+
+
+@pytest.fixture
+def small_mask_rcnn(benchmark, monkeypatch):
+    """Mask R-CNN's ROI heads cost the same at any input size (1000 proposals, 100 masks);
+    fewer of both keep the test fast without changing what is reported."""
+    build_cfg = benchmark.build_cfg
+
+    def build_small_cfg(job):
+        cfg = build_cfg(job)
+        if job.model == "mask_rcnn":
+            cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+            cfg.TEST.DETECTIONS_PER_IMAGE = 5
+        return cfg
+
+    monkeypatch.setattr(benchmark, "build_cfg", build_small_cfg)
+
+
+def run(benchmark, tmp_path, *args):
+    out = tmp_path / "bench.json"
+    common = ["--config-file", str(REPO_ROOT / TINY_CONFIG), "--input-size", "96", "128"]
+    common += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--in-process"]
+    returned = benchmark.main([*common, "--json", str(out), *args])
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned))
+    assert report["schema_version"] == benchmark.SCHEMA_VERSION and report["input_size"] == [
+        96,
+        128,
+    ]
+    machine = report["machine"]
+    assert machine["threads"] == 1 and machine["device"] == "cpu" and machine["cpu_model"]
+    for model in report["models"].values():
+        if "error" in model:
+            continue
+        memory = model["memory_mb"]
+        assert memory["kind"] == "rss" and memory["peak"] > 0
+        assert memory["peak_minus_before_model"] == pytest.approx(
+            memory["peak"] - memory["before_model"], abs=0.2
+        )
+    return report
+
+
+def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
+    benchmark, small_mask_rcnn, tmp_path, capsys
+):
+    report = run(benchmark, tmp_path, "--task", "inference", "--compare", "mask_rcnn")
+    assert "ours / mask_rcnn" in capsys.readouterr().out
+    assert set(report["models"]) == {"ours", "mask_rcnn"}
+    assert report["conv_probe"]["gflops_per_s"] > 0
+    for model in report["models"].values():
+        latency = model["latency_ms"]
+        assert set(latency) == {*benchmark.INFERENCE_PARTS, "parts_sum"}
+        assert all(0 < latency[p]["min"] <= latency[p]["median"] for p in latency)
+        assert model["calibration"]["calibrated"] and model["calibration"]["instances_out"] > 0
+        flops = model["flops"]
+        assert flops["backbone_gflops"] > 0 and flops["head_gflops"] > 0
+        assert flops["floor_ms"] > 0 and flops["efficiency"] > 0
+    ours, other = report["models"]["ours"], report["models"]["mask_rcnn"]
+    # Stage times come from the post-processor's profiler ranges: all four, inside the part.
+    stages = ours["postprocess_stages_ms"]
+    assert set(stages) == set(benchmark.POSTPROCESS_STAGES) and all(v > 0 for v in stages.values())
+    assert sum(stages.values()) < 3 * ours["latency_ms"]["postprocess"]["median"]
+    nms_pre = ours["calibration"]["nms_pre"]
+    assert nms_pre * 0.9 <= ours["calibration"]["candidates_before_nms"] <= nms_pre
+    assert other["calibration"]["score_thresh_test"] == 0.0
+    assert other["postprocess_stages_ms"] is None
+    expected = ours["latency_ms"]["total"]["median"] / other["latency_ms"]["total"]["median"]
+    assert report["ratio"] == pytest.approx(expected, rel=1e-3)
+    assert report["ratios"]["latency_ms.total.median"] == report["ratio"]
+    assert report["ratios"]["memory_mb.peak"] == pytest.approx(
+        ours["memory_mb"]["peak"] / other["memory_mb"]["peak"], rel=1e-3
+    )
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_exported_runtime_is_timed_next_to_eager_with_the_same_instances(
+    benchmark, tmp_path, runtime
+):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", runtime)
+    assert set(report["models"]) == {"ours", f"ours_{runtime}"} and report["runtime"] == runtime
+    eager, exported = report["models"]["ours"], report["models"][f"ours_{runtime}"]
+    assert exported["runtime"] == runtime and exported["export_file_mb"] > 0
+    # The exported graph sees the same calibrated weights: the same number of instances out.
+    assert exported["calibration"]["instances_out"] == eager["calibration"]["instances_out"] > 0
+    assert exported["calibration"]["candidates"] <= exported["calibration"]["max_candidates"]
+    expected = exported["latency_ms"]["total"]["median"] / eager["latency_ms"]["total"]["median"]
+    assert report["runtime_ratio"] == pytest.approx(expected, rel=1e-3)
+    assert report["ratio"] is None
+
+
+def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path, monkeypatch):
+    def failing_tracer(*args):
+        raise RuntimeError("tracer failed")
+
+    monkeypatch.setattr(benchmark, "count_gflops", failing_tracer)
+    report = run(benchmark, tmp_path, "--task", "inference")
+    ours = report["models"]["ours"]
+    assert ours["flops"] == {"error": "RuntimeError: tracer failed"}
+    assert ours["latency_ms"]["total"]["median"] > 0
+
+
+def test_a_failed_export_is_reported_and_keeps_the_eager_figures(benchmark, tmp_path, monkeypatch):
+    def failing_export(*args):
+        raise ValueError("cannot export this model")
+
+    monkeypatch.setattr(benchmark, "run_exported", failing_export)
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "torchscript")
+    assert "cannot export this model" in report["models"]["ours_torchscript"]["error"]
+    assert report["runtime_ratio"] is None
+    assert report["models"]["ours"]["latency_ms"]["total"]["median"] > 0
+
+
+def test_runtime_other_than_pytorch_is_refused_outside_inference(benchmark):
+    with pytest.raises(SystemExit, match="times inference only"):
+        benchmark.main(
+            ["--config-file", TINY_CONFIG, "--task", "train", "--runtime", "onnxruntime"]
+        )
+
+
+def test_train_report_times_the_step_and_the_target_assignment(benchmark, tmp_path):
+    report = run(
+        benchmark, tmp_path, "--task", "train", "--batch-size", "1", "--instances-per-image", "5"
+    )
+    assert report["ratio"] is None and set(report["models"]) == {"ours"}
+    ours = report["models"]["ours"]
+    assert ours["iter_s"]["median"] > 0 and ours["targets_ms"]["median"] > 0
+    assert 0 < ours["targets_share"] < 1
+    assert set(ours["losses"]) == {"loss_cate", "loss_mask"}
+    assert all(math.isfinite(v) for v in ours["losses"].values())
+    assert any(k.startswith("solo/num_pos") for k in ours["event_scalars"])
+
+
+def test_train_inputs_are_random_shapes_with_tight_boxes(benchmark):
+    job = benchmark.Job("ours", "train", "", (), "cpu", 1, (64, 96), 2, 1, 0, 7, 0, None)
+    batch = benchmark.train_inputs(job, num_classes=3)
+    assert [tuple(x["image"].shape) for x in batch] == [(3, 64, 96)] * 2
+    for x in batch:
+        inst = x["instances"]
+        masks = inst.gt_masks.tensor
+        assert len(inst) == 7 and masks.flatten(1).sum(1).min() > 0
+        assert inst.gt_classes.min() >= 0 and inst.gt_classes.max() < 3
+        ys, xs = torch.nonzero(masks[0], as_tuple=True)
+        box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert inst.gt_boxes.tensor[0].tolist() == [float(v) for v in box]
+    assert not torch.equal(
+        batch[0]["instances"].gt_masks.tensor, batch[1]["instances"].gt_masks.tensor
+    )
+
+
+def test_data_report_uses_detectron2_data_loader_benchmark(benchmark, tmp_path, monkeypatch):
+    from detectron2.data import DatasetCatalog
+
+    from solo.data import register_shapes_datasets
+
+    name = "shapes_benchmark_smoke"
+    register_shapes_datasets(
+        root=str(tmp_path / "shapes"), splits={name: {"num_images": 4, "seed": 0}}
+    )
+    monkeypatch.setattr(benchmark, "dataset_for", lambda cfg: [name])
+    try:
+        report = run(benchmark, tmp_path, "--task", "data", "--batch-size", "2", "--repeats", "2")
+    finally:
+        DatasetCatalog.remove(name)
+    ours = report["models"]["ours"]
+    assert ours["dataset"] == [name] and ours["mapper"] == "SOLODatasetMapper"
+    assert ours["images_per_s"] > 0
+    for key in ("dataset_s", "mapper_s", "loader_batch_s"):
+        assert 0 < ours[key]["min"] <= ours[key]["median"]
+    # Mapping (read, augment, masks) costs more than handing out a record.
+    assert ours["mapper_s"]["median"] > ours["dataset_s"]["median"]
+
+
+def test_mask_rcnn_data_loading_uses_our_input_pipeline(benchmark):
+    """Same resizing, augmentation, mask format and workers: the loaders differ only by mapper."""
+    config = str(REPO_ROOT / TINY_CONFIG)
+    job = benchmark.Job("mask_rcnn", "data", config, (), "cpu", 1, (64, 96), 2, 1, 0, 5, 0, None)
+    ours = benchmark.build_cfg(benchmark.replace(job, model="ours"))
+    cfg = benchmark.build_cfg(job)
+    assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    assert cfg.INPUT == ours.INPUT and cfg.DATALOADER == ours.DATALOADER
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (128,) and cfg.INPUT.MASK_FORMAT == "bitmask"
+
+
+def test_command_line_measures_in_a_spawned_process(tmp_path):
+    """The default path: the tool as a script, each model measured in a fresh process."""
+    out = tmp_path / "bench.json"
+    args = ["--config-file", TINY_CONFIG, "--task", "train", "--input-size", "64", "96"]
+    args += ["--batch-size", "1", "--instances-per-image", "3", "--repeats", "1", "--warmup", "0"]
+    subprocess.run(
+        [sys.executable, "tools/benchmark.py", *args, "--json", str(out)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    report = json.loads(out.read_text())
+    assert report["machine"]["threads"] == 2 and report["models"]["ours"]["iter_s"]["min"] > 0
+
+
+def test_device_cuda_without_cuda_is_refused_with_the_reason(benchmark, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        benchmark.main(["--config-file", TINY_CONFIG, "--device", "cuda"])
+
+
+def test_gpu_check_without_cuda_says_so_and_fails(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--output", str(tmp_path / "gpu.json")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "no CUDA device" in result.stderr
+    assert not (tmp_path / "gpu.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration
+# ------------------------------------------------------------------------------------------------
+
+
+def test_point_nms_survivors_are_the_cells_point_nms_keeps(calibration):
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn((1, 4, s, s), generator=gen) * 3 for s in (8, 5)]
+    survivors = calibration.point_nms_survivors(logits)
+    kept = sum((points_nms(x.sigmoid()) > 0).flatten(2).sum(2)[0] for x in logits)
+    assert survivors.isfinite().sum(1).tolist() == kept.tolist()
+    values = survivors.masked_fill(~survivors.isfinite(), -1e9)
+    assert torch.equal(values, values.sort(dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("target", [7, 40, 1000])
+def test_class_calibration_spreads_the_target_over_the_classes_within_the_score_range(
+    calibration, target
+):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn((6, 50), generator=gen, dtype=torch.float64).sort(1, descending=True).values
+    z[2, 30:] = -math.inf  # fewer survivors in one class
+    bias = torch.randn(6, generator=gen)
+    survivors = z + bias.double()[:, None]
+    scales, biases = calibration.class_calibration(survivors, bias, 0.1, target)
+    scores = torch.sigmoid(z * scales[:, None] + biases[:, None])
+    above = (scores > 0.1).sum(1)
+    available = z.isfinite().sum(1)
+    fair = torch.tensor([target // 6 + (c < target % 6) for c in range(6)])
+    assert torch.equal(above, torch.minimum(fair, available))
+    assert scores.max() <= calibration.CATE_SCORE_MAX + 1e-9
+
+
+def mask_coverage(model, image):
+    """Fraction of the image above 0.5 for every mask of level 0, at stride 4."""
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        outputs = model.head([features[f] for f in model.head_in_features])
+        cells = torch.arange(model.head.num_grids[0] ** 2)
+        levels = torch.zeros_like(cells)
+        size = tuple(s // 4 for s in images.tensor.shape[-2:])
+        probs = model.head.inference_mask_probs(outputs, 0, levels, cells, size)
+    return (probs > 0.5).flatten(1).float().mean(1)
+
+
+@pytest.mark.parametrize("head_name", ["SOLOHead", "DecoupledSOLOHead"])
+def test_calibrated_v1_and_decoupled_masks_cover_the_configured_fraction(
+    calibration, benchmark, head_name
+):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(head_name)).eval()
+    image = benchmark.make_image(96, 128, seed=0)
+    before = mask_coverage(model, image)
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        outputs = model.head([features[f] for f in model.head_in_features])
+        assert calibration.calibrate_masks(model.head, outputs.mask_outputs)
+    after = mask_coverage(model, image)
+    # Random weights: masks near 0.5 everywhere, either (almost) empty or (almost) full.
+    assert ((before - calibration.MASK_COVERAGE).abs() > 0.1).float().mean() > 0.5
+    assert after.median() == pytest.approx(calibration.MASK_COVERAGE, abs=0.1)
+
+
+@pytest.mark.parametrize("head_name", HEADS)
+def test_calibrated_model_sends_nms_pre_candidates_to_nms(calibration, benchmark, head_name):
+    cfg = tiny_cfg(head_name, opts=["MODEL.SOLO.NMS_PRE", 60])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    batched = [{"image": benchmark.make_image(128, 160, seed=0)}]
+    with torch.no_grad():
+        before, _ = calibration.count_candidates(model, batched)
+    result = calibration.calibrate_solo(model, batched)
+    assert before < 0.5 * 60  # random weights: few confident cells
+    assert result["candidates_before_nms"] == min(result["candidates"], 60) >= 0.95 * 60
+    assert result["instances_out"] > 10
+    with torch.no_grad():
+        (out,) = model(batched)
+    scores = out["instances"].scores
+    assert len(scores) == result["instances_out"] and scores.max() <= calibration.CATE_SCORE_MAX
+    assert len(out["instances"].pred_classes.unique()) > 1  # spread over the classes
