@@ -346,7 +346,7 @@ def test_half_precision_maskness_of_a_mask_over_65504_pixels_is_finite():
 def test_masks_to_boxes_matches_detectron2_bitmasks_including_empty_masks():
     from detectron2.structures import BitMasks
 
-    from solo.modeling.postprocess import masks_to_boxes
+    from solo.modeling.paste import masks_to_boxes
 
     rng = np.random.default_rng(3)
     masks = torch.from_numpy(rng.random((12, 17, 23)) > 0.97)

@@ -45,7 +45,8 @@ data-dependent number of steps and is refused.
 
 from .formats import EXPORT_FORMATS, ExportError, is_exported_model_file
 from .module import SOLOExportModule, fixed_size_postprocess
-from .runtime import ExportedModel, compare_predictions, pad_image, paste_masks
+from ..modeling.paste import paste_masks
+from .runtime import ExportedModel, compare_predictions, pad_image
 from .writers import export_model
 
 __all__ = [

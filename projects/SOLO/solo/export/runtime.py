@@ -6,10 +6,9 @@ import os
 from typing import Dict, List, Optional, Tuple
 import torch
 
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 
-from ..modeling.layers import resize
-from ..modeling.postprocess import masks_to_boxes
+from ..modeling.paste import paste_masks
 from .formats import EXPORT_FORMATS, METADATA_KEY, ExportError
 
 logger = logging.getLogger(__name__)
@@ -208,28 +207,6 @@ def _flat_inference_keys(cfg) -> Dict[str, object]:
     keys["INPUT.FORMAT"] = cfg.INPUT.FORMAT
     keys["TEST.DETECTIONS_PER_IMAGE"] = cfg.TEST.DETECTIONS_PER_IMAGE
     return keys
-
-
-def paste_masks(
-    probs: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    mask_thresh: float,
-    chunk_size: int = 4,
-):
-    """Stride-4 soft masks (K, h, w) -> bool masks (K, *output_size) and their boxes, as the eager
-    post-processor: upsample to the padded input, crop to the image, resize, binarise."""
-    h, w = image_size
-    out = torch.zeros((len(probs), *output_size), dtype=torch.bool, device=probs.device)
-    boxes = [torch.zeros((0, 4), device=probs.device)]
-    for start in range(0, len(probs), chunk_size):
-        part = resize(probs[start : start + chunk_size][None], padded_size)[:, :, :h, :w]
-        if (h, w) != tuple(output_size):
-            part = resize(part, output_size)
-        torch.gt(part[0], mask_thresh, out=out[start : start + chunk_size])
-        boxes.append(masks_to_boxes(out[start : start + chunk_size]).tensor)
-    return out, Boxes(torch.cat(boxes))
 
 
 def compare_predictions(

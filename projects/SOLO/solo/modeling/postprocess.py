@@ -34,8 +34,8 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
-from .layers import resize
 from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, points_nms
+from .paste import paste_masks
 
 NMS_TYPES = ("matrix", "mask")
 
@@ -226,37 +226,9 @@ class SOLOPostProcessor:
         return result, num_candidates
 
     def _paste_masks(self, probs, padded_size, image_size, output_size):
-        """Stride-4 soft masks -> padded input -> crop to the image -> output size -> bool masks,
-        and their tight boxes (computed per chunk, while the chunk is in cache)."""
-        h, w = image_size
-        out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
-        boxes = []
-        # Small chunks: the full-resolution float masks exist for a few instances at a time, and
-        # a chunk (~16 MB at 800x1216) stays below glibc's mmap threshold, so its memory is
-        # reused from chunk to chunk instead of being page-faulted in afresh each time.
-        step = self.paste_chunk_size
-        for start in range(0, len(probs), step):
-            part = resize(probs[start : start + step][None], padded_size)[:, :, :h, :w]
-            if (h, w) != tuple(output_size):
-                part = resize(part, output_size)
-            torch.gt(part[0], self.mask_thresh, out=out[start : start + step])
-            boxes.append(masks_to_boxes(out[start : start + step]).tensor)
-        return out, Boxes(torch.cat(boxes))
-
-
-def masks_to_boxes(masks: torch.Tensor) -> Boxes:
-    """Tight XYXY boxes of (N, H, W) bool masks (x2, y2 exclusive, as ``BitMasks``), vectorised;
-    empty masks get an all-zero box."""
-    n, h, w = masks.shape
-    # amax over a uint8 view is several times faster than any() on bool on CPU.
-    as_bytes = masks.view(torch.uint8)
-    cols, rows = as_bytes.amax(dim=1) > 0, as_bytes.amax(dim=2) > 0  # (N, W), (N, H)
-    x1 = cols.float().argmax(dim=1)
-    x2 = w - cols.flip(1).float().argmax(dim=1)
-    y1 = rows.float().argmax(dim=1)
-    y2 = h - rows.flip(1).float().argmax(dim=1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return Boxes(boxes * cols.any(dim=1, keepdim=True))
+        return paste_masks(
+            probs, padded_size, image_size, output_size, self.mask_thresh, self.paste_chunk_size
+        )
 
 
 def _concat(parts):
