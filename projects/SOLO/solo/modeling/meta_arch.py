@@ -217,18 +217,25 @@ class SOLO(nn.Module):
                 [canvases[i].image_sizes[0] for i in indices],
             )
             features = self.backbone(group.tensor)
-            outputs = self.head([features[f] for f in self.head_in_features])
             output_sizes = [
                 (batched_inputs[i].get("height", h), batched_inputs[i].get("width", w))
                 for i, (h, w) in zip(indices, group.image_sizes)
             ]
-            instances = self.postprocessor(
-                outputs.cate_logits,
-                functools.partial(self.head.inference_mask_probs, outputs),
-                padded_size,
-                group.image_sizes,
-                output_sizes,
-            )
-            for i, r in zip(indices, instances):
-                results[i] = {"instances": r}
+            for i, r in zip(indices, self.predict_from_features(features, group, output_sizes)):
+                results[i] = r
         return results
+
+    def predict_from_features(
+        self, features: Dict[str, torch.Tensor], images: ImageList, output_sizes
+    ) -> List[dict]:
+        """Per image ``{"instances": Instances}`` from the backbone ``features`` of ``images``
+        (padded to one canvas); subclasses add outputs of the same features (PanopticSOLOv2)."""
+        outputs = self.head([features[f] for f in self.head_in_features])
+        instances = self.postprocessor(
+            outputs.cate_logits,
+            functools.partial(self.head.inference_mask_probs, outputs),
+            tuple(images.tensor.shape[-2:]),
+            images.image_sizes,
+            output_sizes,
+        )
+        return [{"instances": r} for r in instances]
