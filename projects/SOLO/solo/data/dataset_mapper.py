@@ -93,9 +93,11 @@ class SOLODatasetMapper(DatasetMapper):
         )
         utils.check_image_size(dataset_dict, image)  # records height/width when missing
 
-        aug_input = T.AugInput(image)
+        aug_input = T.AugInput(image, sem_seg=self._read_sem_seg(dataset_dict))
         transforms = self.augmentations(aug_input)
         image = aug_input.image
+        if aug_input.sem_seg is not None:  # resized and flipped with the image and the masks
+            dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype("long"))
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.proposal_topk is not None:
             utils.transform_proposals(
@@ -113,6 +115,11 @@ class SOLODatasetMapper(DatasetMapper):
         dataset_dict["instances"] = self._complete_instances(dataset_dict)
         self._check_classes(dataset_dict)
         return dataset_dict
+
+    def _read_sem_seg(self, dataset_dict: dict) -> Optional[np.ndarray]:
+        """(H, W) semantic labels to transform with the image, or None. Instance-only SOLO reads
+        none; :class:`solo.data.panoptic_mapper.PanopticDatasetMapper` reads them."""
+        return None
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
         """``DatasetMapper._transform_annotations`` (Detectron2's hook for it), except that an
