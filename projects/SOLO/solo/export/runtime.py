@@ -10,8 +10,19 @@ from detectron2.structures import Instances
 
 from ..modeling.paste import paste_masks
 from .formats import EXPORT_FORMATS, METADATA_KEY, ExportError
+from .openvino import OPENVINO_PRECISIONS, openvino_session
 
 logger = logging.getLogger(__name__)
+
+
+#: Export format -> the runtimes that run it, the default first.
+RUNTIMES = {
+    "onnx": ("onnxruntime", "openvino"),
+    "torchscript": ("torchscript",),
+    "pt2": ("torch.export",),
+}
+#: ``ExportedModel(precision=...)`` values (OpenVINO's; the other runtimes accept "f32" only).
+PRECISIONS = tuple(OPENVINO_PRECISIONS)
 
 
 def pad_image(
@@ -36,17 +47,30 @@ class ExportedModel:
             CUDA when ``device`` is "cuda"), ``.ts`` in TorchScript, ``.pt2`` as a
             ``torch.export`` program.
         device: "cpu" or "cuda"; outputs are on this device.
-        num_threads: intra-op threads of ONNX Runtime (default: ``torch.get_num_threads()``).
+        num_threads: intra-op threads of ONNX Runtime or OpenVINO (default:
+            ``torch.get_num_threads()``).
+        runtime: None (by suffix: ``.onnx`` -> "onnxruntime", ``.ts`` -> "torchscript",
+            ``.pt2`` -> "torch.export"), or "openvino" for an ``.onnx`` file on CPU
+            (:mod:`solo.export.openvino`).
+        precision: OpenVINO's inference precision, "f32" (exact), "bf16" or "f16" (opt-in,
+            where the CPU has it); other runtimes run the file's own precision ("f32" only).
 
     Raises:
-        ExportError: unknown suffix, a file without SOLO export metadata, or ONNX Runtime not
-            installed.
+        ExportError: unknown suffix, a file without SOLO export metadata, a runtime that cannot
+            run the file, or ONNX Runtime / OpenVINO not installed.
 
     Images are processed one at a time (the graph has batch 1). Attribute
     ``last_num_candidates`` holds the candidate counts of the last call.
     """
 
-    def __init__(self, path: str, device: str = "cpu", num_threads: Optional[int] = None):
+    def __init__(
+        self,
+        path: str,
+        device: str = "cpu",
+        num_threads: Optional[int] = None,
+        runtime: Optional[str] = None,
+        precision: str = "f32",
+    ):
         suffix = os.path.splitext(path)[1]
         runtimes = {v: k for k, v in EXPORT_FORMATS.items()}
         if suffix not in runtimes:
@@ -61,8 +85,25 @@ class ExportedModel:
         self.device = torch.device(device)
         self.num_threads = num_threads or torch.get_num_threads()
         self.last_num_candidates: List[int] = []
+        self.runtime = runtime or RUNTIMES[self.format][0]
+        if self.runtime not in RUNTIMES[self.format]:
+            raise ExportError(
+                f"{path}: runtime {self.runtime!r} cannot run a {self.format} file; expected one "
+                f"of {list(RUNTIMES[self.format])}."
+            )
+        if self.runtime == "openvino" and self.device.type != "cpu":
+            raise ExportError(f"runtime 'openvino' runs on the CPU, not device {device!r}.")
+        if precision != "f32" and self.runtime != "openvino":
+            raise ExportError(
+                f"precision {precision!r} is OpenVINO's (runtime='openvino'); {self.runtime} "
+                "runs the file's own precision: export with --precision fp16 or --quantize int8."
+            )
+        self.precision = precision
         loaders = {"onnx": self._load_onnx, "torchscript": self._load_ts, "pt2": self._load_pt2}
-        meta = loaders[self.format]()
+        if self.runtime == "openvino":
+            self._openvino_run, meta = openvino_session(path, self.num_threads, precision)
+        else:
+            meta = loaders[self.format]()
         if not meta:
             raise ExportError(
                 f"{path} has no SOLO export metadata ({METADATA_KEY}): export it with "
@@ -146,6 +187,9 @@ class ExportedModel:
 
     def run_graph(self, padded: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The graph's raw outputs (see :func:`fixed_size_postprocess`) for a padded image."""
+        if self.runtime == "openvino":
+            outputs = self._openvino_run(padded.cpu().numpy())
+            return tuple(torch.from_numpy(o) for o in outputs)
         if self.format == "onnx":
             outputs = self.session.run(None, {"image": padded.cpu().numpy()})
             return tuple(torch.from_numpy(o).to(self.device) for o in outputs)

@@ -1,0 +1,97 @@
+"""Exported ONNX files run by OpenVINO (``ExportedModel(runtime="openvino")``) against eager
+inference, CPU."""
+
+import pytest
+import torch
+
+from helpers import HEADS, build, force_candidates, tiny_cfg
+from solo.export import ExportedModel, ExportError, compare_predictions, export_model
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
+openvino = pytest.importorskip(
+    "openvino", reason="openvino is not installed (pip install -e .[export])"
+)
+
+# Export size, then two other input sizes with their requested output sizes.
+SIZES = [((97, 133), (97, 133)), ((160, 96), (160, 96)), ((64, 200), (128, 400))]
+# K0 above the ~600 candidates a forced tiny model has, so that the export is exact.
+LARGE_K0 = 1500
+
+
+def forced_model(head_name):
+    model = build(tiny_cfg(head_name))
+    force_candidates(model)
+    return model.eval()
+
+
+def image(size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
+
+
+def cpu_has(capability):
+    return capability in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.mark.parametrize("head_name", HEADS)
+def test_openvino_f32_equals_eager_at_three_sizes(head_name, tmp_path):
+    model = forced_model(head_name)
+    path = export_model(
+        model, "onnx", str(tmp_path), sample_image=image(SIZES[0][0], 0), max_candidates=LARGE_K0
+    )
+    exported = ExportedModel(path, runtime="openvino")
+    assert exported.runtime == "openvino" and exported.precision == "f32"
+    for seed, (size, (out_h, out_w)) in enumerate(SIZES):
+        inputs = [{"image": image(size, seed + 20), "height": out_h, "width": out_w}]
+        with torch.no_grad():
+            (expected,) = [r["instances"] for r in model(inputs)]
+        (actual,) = [r["instances"] for r in exported(inputs)]
+        assert len(expected) > 0, "nothing to compare: the test model predicts no instance"
+        assert actual.image_size == (out_h, out_w)
+        assert actual.pred_masks.dtype == torch.bool and actual.pred_classes.dtype == torch.int64
+        # Same instances and classes in order, scores within 1e-3, masks up to boundary pixels.
+        assert compare_predictions(expected, actual, score_atol=1e-3) == []
+        assert exported.last_num_candidates[0] <= LARGE_K0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "f16"])
+def test_openvino_reduced_precision_runs_where_the_cpu_has_it(precision, tmp_path):
+    """bf16/f16 are opt-in: on a CPU with the capability they run (same number of outputs,
+    scores close to f32's); without it they are refused naming the capability."""
+    model = forced_model("SOLOv2Head")
+    path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
+    capability = {"bf16": "BF16", "f16": "FP16"}[precision]
+    if not cpu_has(capability):
+        with pytest.raises(ExportError, match=f"needs a CPU with {capability} support"):
+            ExportedModel(path, runtime="openvino", precision=precision)
+        return
+    inputs = [{"image": image((97, 133), 3)}]
+    reduced = ExportedModel(path, runtime="openvino", precision=precision)(inputs)[0]["instances"]
+    full = ExportedModel(path, runtime="openvino")(inputs)[0]["instances"]
+    assert len(full) > 0 and len(reduced) > 0
+    # bf16 keeps 8 mantissa bits: scores move by about 1e-2, not more than a few times that.
+    top = min(len(full), len(reduced), 5)
+    assert (reduced.scores[:top] - full.scores[:top]).abs().max() < 0.1
+
+
+def test_openvino_runtime_and_precision_errors_name_the_fix(tmp_path):
+    model = build(tiny_cfg("SOLOv2Head")).eval()
+    onnx_path = export_model(model, "onnx", str(tmp_path / "onnx"))
+    ts_path = export_model(model, "torchscript", str(tmp_path / "ts"))
+    with pytest.raises(ExportError, match="runtime 'openvino' cannot run a torchscript file"):
+        ExportedModel(ts_path, runtime="openvino")
+    with pytest.raises(ExportError, match="Unknown OpenVINO precision 'int4'"):
+        ExportedModel(onnx_path, runtime="openvino", precision="int4")
+    with pytest.raises(ExportError, match="precision 'bf16' is OpenVINO's"):
+        ExportedModel(onnx_path, precision="bf16")
+    with pytest.raises(ExportError, match="runs on the CPU"):
+        ExportedModel(onnx_path, runtime="openvino", device="cuda")
+
+
+def test_missing_openvino_names_the_extra_to_install(tmp_path, monkeypatch):
+    import sys
+
+    path = export_model(build(tiny_cfg("SOLOv2Head")).eval(), "onnx", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(ExportError, match=r"openvino package of the 'export' extra.*pip install"):
+        ExportedModel(path, runtime="openvino")
