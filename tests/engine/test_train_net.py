@@ -9,6 +9,7 @@ import torch
 
 from detectron2.engine import default_argument_parser
 
+import solo.engine.trainer as solo_engine_trainer
 from helpers import REPO_ROOT
 from helpers import SHAPES_CONFIG as CONFIG
 from helpers import SMALL_SHAPES_OPTS as SMALL
@@ -74,8 +75,8 @@ def test_model_device_falls_back_to_cpu_without_cuda(train_net, monkeypatch, cud
     CUDA it keeps cuda; a MODEL.DEVICE given on the command line is always kept."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     config = str(REPO_ROOT / CONFIG)
-    assert train_net.get_solo_cfg(config, []).MODEL.DEVICE == ("cuda" if cuda else "cpu")
-    assert train_net.get_solo_cfg(config, ["MODEL.DEVICE", "cuda"]).MODEL.DEVICE == "cuda"
+    assert solo_engine_trainer.get_solo_cfg(config, []).MODEL.DEVICE == ("cuda" if cuda else "cpu")
+    assert solo_engine_trainer.get_solo_cfg(config, ["MODEL.DEVICE", "cuda"]).MODEL.DEVICE == "cuda"
 
 
 def test_amp_on_cpu_trains_in_bfloat16_where_native_else_float32(
