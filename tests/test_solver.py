@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
 
-from helpers import tiny_cfg
+from helpers import CONFIG_DIR, solo_cfg, tiny_cfg
+from solo.modeling.backbone import FrozenStatsBatchNorm2d
 from solo.solver import build_solo_optimizer
 
 
@@ -158,3 +160,134 @@ def test_unknown_optimizer_is_rejected_with_the_choices():
     model, cfg = _model_and_cfg(["SOLVER.OPTIMIZER", "RMSprop"])
     with pytest.raises(ValueError, match=r"SOLVER.OPTIMIZER='RMSprop'.*SGD.*ADAMW"):
         build_solo_optimizer(cfg, model)
+
+
+# The official solver settings, one row per config: WXinlong/SOLO's mmdetection files (SGD lr
+# 0.01, momentum 0.9, weight decay 1e-4 on every parameter, 8 GPUs x 2 images, grad_clip
+# max_norm=35 on all gradients together, linear warm-up over 500 iterations from warmup_ratio,
+# epoch steps) and AdelaiDet's Detectron2 files (Detectron2's optimizer defaults: no clipping, no
+# weight decay on norm layers). An epoch is 7,330 iterations of 16 images (117,266 COCO images).
+EPOCH = 7330
+
+
+def _mmdet(file, epochs, steps, warmup_ratio):
+    return dict(
+        source=f"WXinlong/SOLO configs/{file}", BASE_LR=0.01, MOMENTUM=0.9, WEIGHT_DECAY=1e-4,
+        WEIGHT_DECAY_NORM=1e-4, IMS_PER_BATCH=16, MAX_ITER=epochs * EPOCH,
+        STEPS=tuple(s * EPOCH for s in steps), WARMUP_ITERS=500, WARMUP_FACTOR=warmup_ratio,
+        CLIP=("full_model", 35.0, 2.0),
+    )  # fmt: skip
+
+
+def _adelaidet(file, max_iter, steps):
+    return dict(
+        source=f"aim-uofa/AdelaiDet configs/SOLOv2/{file}", BASE_LR=0.01, MOMENTUM=0.9,
+        WEIGHT_DECAY=1e-4, WEIGHT_DECAY_NORM=0.0, IMS_PER_BATCH=16, MAX_ITER=max_iter,
+        STEPS=steps, WARMUP_ITERS=1000, WARMUP_FACTOR=0.01, CLIP=None,
+    )  # fmt: skip
+
+
+OFFICIAL_SOLVERS = {
+    "SOLO/R50_1x.yaml": _mmdet("solo/solo_r50_fpn_8gpu_1x.py", 12, (9, 11), 1 / 3),
+    "SOLO/R50_3x.yaml": _mmdet("solo/solo_r50_fpn_8gpu_3x.py", 36, (27, 33), 1 / 3),
+    "SOLO/R101_3x.yaml": _mmdet("solo/solo_r101_fpn_8gpu_3x.py", 36, (27, 33), 1 / 3),
+    "DecoupledSOLO/R50_1x.yaml": _mmdet(
+        "solo/decoupled_solo_r50_fpn_8gpu_1x.py", 12, (9, 11), 1 / 3
+    ),
+    "DecoupledSOLO/R50_3x.yaml": _mmdet(
+        "solo/decoupled_solo_r50_fpn_8gpu_3x.py", 36, (27, 33), 1 / 3
+    ),
+    "DecoupledSOLO/R101_3x.yaml": _mmdet(
+        "solo/decoupled_solo_r101_fpn_8gpu_3x.py", 36, (27, 33), 1 / 3
+    ),
+    "DecoupledSOLO/Light_R50_3x.yaml": _mmdet(
+        "solo/decoupled_solo_light_r50_fpn_8gpu_3x.py", 36, (27, 33), 1 / 3
+    ),
+    "DecoupledSOLO/Light_DCN_R50_3x.yaml": _mmdet(
+        "solo/decoupled_solo_light_dcn_r50_fpn_8gpu_3x.py", 36, (27, 33), 1 / 3
+    ),
+    "SOLOv2/R50_1x.yaml": _mmdet("solov2/solov2_r50_fpn_8gpu_1x.py", 12, (9, 11), 0.01),
+    "SOLOv2/R50_3x.yaml": _mmdet("solov2/solov2_r50_fpn_8gpu_3x.py", 36, (27, 33), 0.01),
+    "SOLOv2/R101_3x.yaml": _mmdet("solov2/solov2_r101_fpn_8gpu_3x.py", 36, (27, 33), 0.01),
+    "SOLOv2/R101_DCN_3x.yaml": _mmdet("solov2/solov2_r101_dcn_fpn_8gpu_3x.py", 36, (27, 33), 0.01),
+    "SOLOv2/X101_DCN_3x.yaml": _mmdet("solov2/solov2_x101_dcn_fpn_8gpu_3x.py", 36, (27, 33), 0.01),
+    "SOLOv2/Light_448_R18_3x.yaml": _mmdet(
+        "solov2/solov2_light_448_r18_fpn_8gpu_3x.py", 36, (27, 33), 0.01
+    ),
+    "SOLOv2/Light_448_R34_3x.yaml": _mmdet(
+        "solov2/solov2_light_448_r34_fpn_8gpu_3x.py", 36, (27, 33), 0.01
+    ),
+    "SOLOv2/Light_448_R50_3x.yaml": _mmdet(
+        "solov2/solov2_light_448_r50_fpn_8gpu_3x.py", 36, (27, 33), 0.01
+    ),
+    "SOLOv2/Light_512_DCN_R50_3x.yaml": _mmdet(
+        "solov2/solov2_light_512_dcn_r50_fpn_8gpu_3x.py", 36, (27, 33), 0.01
+    ),
+    "SOLOv2/AdelaiDet_R50_3x.yaml": _adelaidet("R50_3x.yaml", 270000, (210000, 250000)),
+    "SOLOv2/AdelaiDet_R101_3x.yaml": _adelaidet("R101_3x.yaml", 270000, (210000, 250000)),
+}
+
+
+def test_every_coco_config_has_a_row_in_the_official_solver_table():
+    families = ("SOLO", "DecoupledSOLO", "SOLOv2")
+    ours = {
+        f"{family}/{path.name}"
+        for family in families
+        for path in (CONFIG_DIR / family).glob("*.yaml")
+        if not path.name.startswith("Base-")
+    }
+    assert ours == set(OFFICIAL_SOLVERS)
+
+
+@pytest.mark.parametrize("config_file", sorted(OFFICIAL_SOLVERS))
+def test_config_solver_keys_equal_the_official_config(config_file):
+    official = OFFICIAL_SOLVERS[config_file]
+    solver = solo_cfg(config_file).SOLVER
+    assert solver.OPTIMIZER == "SGD" and solver.WARMUP_METHOD == "linear"
+    assert solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and solver.GAMMA == 0.1
+    assert solver.BIAS_LR_FACTOR == 1.0 and solver.WEIGHT_DECAY_BIAS in (None, solver.WEIGHT_DECAY)
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "IMS_PER_BATCH"):
+        assert solver[key] == pytest.approx(official[key]), (key, official["source"])
+    for key in ("MAX_ITER", "WARMUP_ITERS"):
+        assert solver[key] == official[key], (key, official["source"])
+    assert tuple(solver.STEPS) == official["STEPS"], official["source"]
+    assert solver.WARMUP_FACTOR == pytest.approx(official["WARMUP_FACTOR"]), official["source"]
+    clip = solver.CLIP_GRADIENTS
+    ours = (clip.CLIP_TYPE, clip.CLIP_VALUE, clip.NORM_TYPE) if clip.ENABLED else None
+    assert ours == official["CLIP"], official["source"]
+
+
+def test_solov2_learning_rate_at_iteration_zero_is_one_hundredth_of_base_lr():
+    # mmcv's linear warm-up: lr = base * (1 - (1 - i / warmup_iters) * (1 - warmup_ratio)).
+    cfg = solo_cfg("SOLOv2/R50_3x.yaml")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.SOLVER.BASE_LR)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(501):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for i in (0, 1, 250, 499, 500):
+        official = 0.01 * (1 - (1 - min(i, 500) / 500) * (1 - 0.01))
+        assert lrs[i] == pytest.approx(official, rel=1e-6), i
+
+
+def test_trainable_affine_norm_parameters_get_weight_decay_norm_like_batchnorm():
+    opts = ["SOLVER.WEIGHT_DECAY", "0.001", "SOLVER.WEIGHT_DECAY_NORM", "0.0"]
+    model, cfg = _model_and_cfg(opts)
+    optimizer = build_solo_optimizer(cfg, model)
+    default = optimizer.defaults["weight_decay"]
+    decay = {p: g.get("weight_decay", default) for g in optimizer.param_groups for p in g["params"]}
+    norms = [m for m in model.modules() if isinstance(m, FrozenStatsBatchNorm2d)]
+    assert norms  # Base-SOLO's official ResNet norm
+    assert all(decay[p] == 0.0 for m in norms for p in m.parameters())
+    conv = model.backbone.bottom_up.res3[0].conv1
+    assert decay[conv.weight] == pytest.approx(0.001)
+    assert len(decay) == sum(p.requires_grad for p in model.parameters())  # each once
+    # The official recipe: every parameter decayed alike.
+    model, cfg = _model_and_cfg([])
+    optimizer = build_solo_optimizer(cfg, model)
+    default = optimizer.defaults["weight_decay"]
+    decays = {g.get("weight_decay", default) for g in optimizer.param_groups}
+    assert decays == {1e-4}

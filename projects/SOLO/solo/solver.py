@@ -11,8 +11,13 @@ iterations (the CPU-sized shapes configs); the COCO configs keep the official SG
 
 import torch
 
-from detectron2.solver import build_optimizer
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
+
+from .modeling.backbone import FrozenStatsBatchNorm2d
 
 OPTIMIZERS = ("SGD", "ADAMW")
 CLIP_TYPES = ("full_model", "norm", "value")
@@ -29,20 +34,14 @@ def build_solo_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         raise ValueError(
             f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip.CLIP_TYPE!r} is not one of {CLIP_TYPES}."
         )
+    params = optimizer_param_groups(cfg, model)
     if name == "SGD":
-        # Detectron2's own SGD; clipping is added below, where "full_model" is known.
-        unclipped = cfg.clone()
-        unclipped.defrost()
-        unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
-        optimizer = build_optimizer(unclipped, model)
+        # Detectron2's build_optimizer SGD; clipping is added below, where "full_model" is known.
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=True,
+        )  # fmt: skip
     else:
-        params = get_default_optimizer_params(
-            model,
-            base_lr=cfg.SOLVER.BASE_LR,
-            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        )
         on_fused_devices = all(
             p.device.type in ("cpu", "cuda") for group in params for p in group["params"]
         )
@@ -55,6 +54,39 @@ def build_solo_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         type(optimizer), clip.CLIP_VALUE, clip.NORM_TYPE
     )
     return optimizer
+
+
+def optimizer_param_groups(cfg, model: torch.nn.Module) -> list:
+    """Detectron2's parameter groups (``get_default_optimizer_params`` with ``BASE_LR``,
+    ``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``), in which the trainable
+    gamma/beta of :class:`FrozenStatsBatchNorm2d` count as norm parameters, as BatchNorm's do
+    (Detectron2 lists the norm types it knows; this one is ours)."""
+    solver = cfg.SOLVER
+    groups = get_default_optimizer_params(
+        model,
+        base_lr=solver.BASE_LR,
+        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+        bias_lr_factor=solver.BIAS_LR_FACTOR,
+        weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
+    )
+    norm_params = {
+        p: name
+        for module in model.modules()
+        if isinstance(module, FrozenStatsBatchNorm2d)
+        for name, p in module.named_parameters(recurse=False)
+    }
+    if not norm_params:
+        return groups
+    regrouped = []
+    for group in groups:
+        others = [p for p in group["params"] if p not in norm_params]
+        regrouped += [{**group, "params": others}] if others else []
+        for p in (p for p in group["params"] if p in norm_params):
+            # Detectron2's order: the norm's decay, then the "bias" override if there is one.
+            bias_decay = solver.WEIGHT_DECAY_BIAS if norm_params[p] == "bias" else None
+            decay = solver.WEIGHT_DECAY_NORM if bias_decay is None else bias_decay
+            regrouped.append({**group, "params": [p], "weight_decay": decay})
+    return reduce_param_groups(regrouped)
 
 
 def _with_full_model_clipping(optimizer_class, max_norm: float, norm_type: float):

@@ -7,6 +7,10 @@ change: deformable stages (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``) use torchvisio
 alike, with detectron2's parameter names. Convolutions followed by a ``FrozenBatchNorm2d`` fold
 that fixed affine map into their weights whenever no gradient is needed (inference, frozen
 stages), which saves one pass over every activation map; parameters and checkpoints are unchanged.
+
+``MODEL.RESNETS.NORM: "FrozenBNTrainableAffine"`` is the official ResNet's norm (mmdetection's BN
+with ``norm_eval=True``, ``requires_grad=True``): statistics fixed, gamma/beta trained (and
+weight-decayed) in the stages that ``MODEL.BACKBONE.FREEZE_AT`` leaves trainable.
 """
 
 import torch
@@ -21,6 +25,53 @@ from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
 
 from .layers import DeformConv
 
+# MODEL.RESNETS.NORM value of the official ResNets: see FrozenStatsBatchNorm2d.
+TRAINABLE_AFFINE_NORM = "FrozenBNTrainableAffine"
+
+
+class FrozenStatsBatchNorm2d(FrozenBatchNorm2d):
+    """Detectron2's ``FrozenBatchNorm2d`` whose ``weight`` (gamma) and ``bias`` (beta) are
+    trainable ``nn.Parameter`` s; ``running_mean``/``running_var`` stay fixed buffers, in
+    training and inference alike.
+
+    This is mmdetection's ``BN`` with ``norm_eval=True`` and ``requires_grad=True``, the norm of
+    the official SOLO ResNets. Same state-dict keys as ``FrozenBatchNorm2d``, so checkpoints
+    load into either. The optimizer (``solo.solver``) treats the parameters as norm parameters
+    (``SOLVER.WEIGHT_DECAY_NORM``).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps)
+        weight, bias = self.weight, self.bias
+        del self.weight, self.bias  # buffers in FrozenBatchNorm2d
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    @classmethod
+    def from_frozen(cls, frozen: FrozenBatchNorm2d) -> "FrozenStatsBatchNorm2d":
+        """A copy of ``frozen`` (values, eps, device, dtype) with trainable affine."""
+        norm = cls(frozen.num_features, frozen.eps).to(frozen.running_mean)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(norm, name).copy_(getattr(frozen, name))
+        return norm
+
+    def __repr__(self):
+        return f"FrozenStatsBatchNorm2d(num_features={self.num_features}, eps={self.eps})"
+
+
+def make_frozen_norm_affine_trainable(module: nn.Module) -> nn.Module:
+    """Give, in place, every ``FrozenBatchNorm2d`` that follows a trainable convolution (the
+    stages ``MODEL.BACKBONE.FREEZE_AT`` leaves trainable) trainable affine parameters
+    (:class:`FrozenStatsBatchNorm2d`); frozen stages keep ``FrozenBatchNorm2d``. Returns
+    ``module``."""
+    for child in module.modules():
+        norm = getattr(child, "norm", None)
+        weight = getattr(child, "weight", None)
+        if type(norm) is FrozenBatchNorm2d and weight is not None and weight.requires_grad:
+            child.norm = FrozenStatsBatchNorm2d.from_frozen(norm)
+    return module
+
 
 class FoldedFrozenBNConv2d(Conv2d):
     """Detectron2's ``Conv2d`` that, when its norm is a ``FrozenBatchNorm2d`` and nothing needs a
@@ -31,10 +82,12 @@ class FoldedFrozenBNConv2d(Conv2d):
     """
 
     def forward(self, x):
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if needs_grad or not isinstance(self.norm, FrozenBatchNorm2d):
-            return super().forward(x)
         norm = self.norm
+        if not isinstance(norm, FrozenBatchNorm2d):
+            return super().forward(x)
+        trainable = self.weight.requires_grad or norm.weight.requires_grad  # FrozenStatsBatchNorm2d
+        if torch.is_grad_enabled() and (x.requires_grad or trainable):
+            return super().forward(x)
         weight, bias = fuse_conv_bn_weights(
             self.weight, self.bias, norm.running_mean, norm.running_var, norm.eps,
             norm.weight, norm.bias,
@@ -93,11 +146,19 @@ def fold_frozen_batchnorm_convs(module: nn.Module) -> nn.Module:
 
 @BACKBONE_REGISTRY.register()
 def build_solo_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """Detectron2's ResNet-FPN backbone built without deformable stages, then
-    :func:`make_stages_deformable` and :func:`fold_frozen_batchnorm_convs` on the ResNet."""
+    """Detectron2's ResNet-FPN backbone built without deformable stages (and with ``FrozenBN``
+    for ``MODEL.RESNETS.NORM: "FrozenBNTrainableAffine"``), then :func:`make_stages_deformable`,
+    :func:`make_frozen_norm_affine_trainable` (that norm only) and
+    :func:`fold_frozen_batchnorm_convs` on the ResNet."""
     plain = cfg.clone()
     plain.defrost()
     plain.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False] * 4
+    trainable_affine = cfg.MODEL.RESNETS.NORM == TRAINABLE_AFFINE_NORM
+    if trainable_affine:
+        plain.MODEL.RESNETS.NORM = "FrozenBN"
     backbone = build_resnet_fpn_backbone(plain, input_shape)
-    fold_frozen_batchnorm_convs(make_stages_deformable(backbone.bottom_up, cfg))
+    resnet = make_stages_deformable(backbone.bottom_up, cfg)
+    if trainable_affine:
+        make_frozen_norm_affine_trainable(resnet)
+    fold_frozen_batchnorm_convs(resnet)
     return backbone
