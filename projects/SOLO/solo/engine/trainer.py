@@ -14,7 +14,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import SOLOCheckpointer
 from ..config import get_solo_cfg
-from ..data import SOLODatasetMapper, load_dataset_dicts, register_builtin_datasets
+from ..data import load_dataset_dicts, register_builtin_datasets
+from ..data.panoptic_mapper import build_solo_dataset_mapper, check_dataset_tasks
 from ..evaluation import build_solo_evaluator
 from ..solver import build_solo_optimizer
 from .checks import check_run_config, check_weights_file
@@ -139,7 +140,8 @@ class Trainer(DefaultTrainer):
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        mapper = SOLODatasetMapper(cfg, is_train=True)
+        check_dataset_tasks(cfg, names, "TRAIN", dataset)
+        mapper = build_solo_dataset_mapper(cfg, is_train=True)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
@@ -155,7 +157,8 @@ class Trainer(DefaultTrainer):
             filter_empty=False,
             proposal_files=proposals,
         )
-        mapper = SOLODatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
+        check_dataset_tasks(cfg, [dataset_name], "TEST")
+        mapper = build_solo_dataset_mapper(cfg, is_train=False, dataset_name=dataset_name)
         return build_detection_test_loader(
             dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
         )

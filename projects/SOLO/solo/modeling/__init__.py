@@ -4,13 +4,16 @@ post-processing. Importing it registers ``SOLO``, the heads and the SOLO backbon
 from . import backbone  # noqa: F401  (registers build_solo_resnet_fpn_backbone)
 from .heads import SOLO_HEAD_REGISTRY, build_solo_head
 from .meta_arch import SOLO
+from .panoptic import PanopticSOLOv2, SOLOv2SemSegHead
 from .paste import masks_to_boxes, paste_masks
 from .postprocess import SOLOPostProcessor
 
 __all__ = [
+    "PanopticSOLOv2",
     "SOLO",
     "SOLO_HEAD_REGISTRY",
     "SOLOPostProcessor",
+    "SOLOv2SemSegHead",
     "build_solo_head",
     "masks_to_boxes",
     "paste_masks",
