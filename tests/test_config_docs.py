@@ -12,14 +12,14 @@ import inspect
 import os
 import re
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 
 from solo.config import add_solo_config
 
 DOC_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "configs.md")
 BEGIN = "<!-- BEGIN key table: generated from projects/SOLO/solo/config.py by tests/test_config_docs.py -->"  # noqa: E501
 END = "<!-- END key table -->"
-_ASSIGNMENT = re.compile(r"^(_C|cfg\.SOLVER)\.([A-Z0-9_]+)\s*=")
+_ASSIGNMENT = re.compile(r"^(_C|cfg)\.([A-Z0-9_.]+)\s*=\s*(.*)$")
 
 
 def config_key_groups(source=None):
@@ -27,7 +27,8 @@ def config_key_groups(source=None):
 
     A key's meaning is the comment block directly above its assignment; keys assigned right
     after another key, without a comment of their own, share that key's row (e.g. the focal-loss
-    parameters). Keys are ``MODEL.SOLO`` names or ``SOLVER.*`` for the solver keys added there.
+    parameters). A new node (``= CN()``) passes its comment on to the first key below it. Keys
+    are ``MODEL.SOLO`` names without the prefix (``_C.X``) or full names (``cfg.SOLVER.X``).
     """
     groups, comment, previous_was_key = [], [], False
     source = inspect.getsource(add_solo_config) if source is None else source
@@ -37,8 +38,10 @@ def config_key_groups(source=None):
         if text.startswith("#"):
             comment.append(text.lstrip("#").strip())
             previous_was_key = False
+        elif match and match.group(3) == "CN()":
+            continue
         elif match:
-            key = match.group(2) if match.group(1) == "_C" else f"SOLVER.{match.group(2)}"
+            key = match.group(2)
             if comment or not previous_was_key:
                 groups.append(([key], " ".join(comment)))
             else:
@@ -49,9 +52,15 @@ def config_key_groups(source=None):
     return groups
 
 
+def full_name(key):
+    """``MODEL.SOLO.X`` for a ``MODEL.SOLO`` key listed as ``X``; other keys are full already."""
+    return key if "." in key else f"MODEL.SOLO.{key}"
+
+
 def _default(cfg, key):
-    node = cfg.SOLVER if key.startswith("SOLVER.") else cfg.MODEL.SOLO
-    value = node[key.split(".")[-1]]
+    value = cfg
+    for part in full_name(key).split("."):
+        value = value[part]
     if isinstance(value, str):
         return f'"{value}"'
     return str(list(value) if isinstance(value, tuple) else value)
@@ -84,13 +93,21 @@ def test_docs_configs_table_equals_the_comments_in_config_py():
     )
 
 
-def test_every_model_solo_key_has_a_commented_row():
+def _leaf_keys(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, CfgNode):
+            yield from _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_every_key_add_solo_config_adds_has_a_commented_row():
     cfg = get_cfg()
+    before = set(_leaf_keys(cfg))
     add_solo_config(cfg)
     groups = config_key_groups()
-    listed = [key for keys, _ in groups for key in keys]
-    assert sorted(k for k in listed if not k.startswith("SOLVER.")) == sorted(cfg.MODEL.SOLO)
-    assert "SOLVER.OPTIMIZER" in listed
+    listed = sorted(full_name(key) for keys, _ in groups for key in keys)
+    assert listed == sorted(set(_leaf_keys(cfg)) - before)
     assert all(meaning for _, meaning in groups), [keys for keys, m in groups if not m]
 
 
@@ -105,11 +122,15 @@ def test_parser_joins_uncommented_keys_to_the_row_above_and_resets_at_blank_line
     x = 4
     # Solver key.
     cfg.SOLVER.D = "SGD"
+    # A new node; its comment goes to its first key.
+    cfg.MODEL.NEW = CN()
+    cfg.MODEL.NEW.E = []
     """
     assert config_key_groups(source) == [
         (["A", "B"], "Heading. Meaning of A."),
         (["C"], ""),
         (["SOLVER.D"], "Solver key."),
+        (["MODEL.NEW.E"], "A new node; its comment goes to its first key."),
     ]
 
 
