@@ -3,6 +3,7 @@
 #   make test   - run the test suite (sets up first when .venv is missing)
 #   make lint   - flake8, isort and black checks (make format applies isort and black)
 #   make demo   - train on the built-in shapes dataset on CPU, evaluate, draw predictions
+#   make demo-panoptic - the same for Panoptic SOLOv2 (shapes over sky/water/ground; PQ)
 # Bring your own detectron2: `make setup SKIP_DETECTRON2=1` (see README, "Installation").
 
 PYTHON_VERSION ?= 3.10.13
@@ -12,7 +13,7 @@ PIP := $(PY) -m pip
 SKIP_DETECTRON2 ?= 0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint format benchmark gpu-check clean
+.PHONY: setup test demo demo-panoptic lint format benchmark gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml requirements.txt
 	$(PIP) install -q -r requirements.txt
 	@if [ "$(SKIP_DETECTRON2)" != "1" ]; then $(PIP) install -q "sal-detectron2==0.7.2"; \
 	  else echo "SKIP_DETECTRON2=1: using the detectron2 already importable by $(PY)"; fi
-	$(PIP) install -q --no-build-isolation -e ".[export]" "numpy<2"
+	$(PIP) install -q --no-build-isolation -e ".[export,panoptic]" "numpy<2"
 	$(PY) -c "import detectron2, solo; print('detectron2', detectron2.__version__, '| solo ready')"
 	@touch $(STAMP)
 
@@ -39,6 +40,17 @@ demo: setup
 	$(PY) demo/demo.py --config-file $(DEMO_CONFIG) --input "$(SHAPES_ROOT)/val/00000*.png" \
 	  --output $(DEMO_OUTPUT)/vis --opts MODEL.WEIGHTS $(DEMO_OUTPUT)/model_final.pth
 	@echo "Predictions drawn in $(DEMO_OUTPUT)/vis; metrics in $(DEMO_OUTPUT)/log.txt"
+
+# Panoptic SOLOv2 on the panoptic shapes dataset (things over sky/water/ground): trains, evaluates
+# PQ, PQ^Th, PQ^St (COCOPanopticEvaluator), mIoU and instance AP, draws stuff and things.
+PANOPTIC_CONFIG := configs/Shapes/PanopticSOLOv2_R18.yaml
+PANOPTIC_OUTPUT := output/shapes/PanopticSOLOv2_R18
+
+demo-panoptic: setup
+	$(PY) train_net.py --config-file $(PANOPTIC_CONFIG) OUTPUT_DIR $(PANOPTIC_OUTPUT)
+	$(PY) demo/demo.py --config-file $(PANOPTIC_CONFIG) --input "$(SHAPES_ROOT)/val_panoptic/00000*.png" \
+	  --output $(PANOPTIC_OUTPUT)/vis --opts MODEL.WEIGHTS $(PANOPTIC_OUTPUT)/model_final.pth
+	@echo "Panoptic results drawn in $(PANOPTIC_OUTPUT)/vis; PQ and AP in $(PANOPTIC_OUTPUT)/log.txt"
 
 benchmark: setup
 	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn

@@ -50,14 +50,28 @@ class VisualizationDemo:
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
         self.predictor = Predictor(cfg)
+        #: A panoptic model's (PanopticSOLOv2) ``panoptic_seg`` of the last predicted image,
+        #: which :meth:`draw` draws instead of the instances; None for instance models.
+        self.panoptic_seg = None
 
     def predict(self, image: np.ndarray) -> Instances:
         """Instances of a BGR image, on the CPU, filtered by the confidence threshold."""
-        instances = self.predictor(image)["instances"].to(torch.device("cpu"))
+        output = self.predictor(image)
+        self.panoptic_seg = output.get("panoptic_seg")
+        instances = output["instances"].to(torch.device("cpu"))
         return filter_by_score(instances, self.confidence_threshold)
 
     def draw(self, image: np.ndarray, instances: Instances) -> np.ndarray:
-        """Draw (CPU) instances on a BGR image; returns a new BGR image of the same size."""
+        """Draw (CPU) instances on a BGR image; returns a new BGR image of the same size. After
+        a panoptic model's prediction: its stuff and things (``panoptic_seg``, things merged by
+        MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH), as Detectron2's demo draws them."""
+        if self.panoptic_seg is not None:
+            ids, segments = self.panoptic_seg
+            visualizer = Visualizer(
+                image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode
+            )
+            drawn = visualizer.draw_panoptic_seg(ids.to(torch.device("cpu")), segments)
+            return np.ascontiguousarray(drawn.get_image()[:, :, ::-1])
         if nothing_to_draw(instances):
             return image.copy()
         # Visualizer works in RGB.
