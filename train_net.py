@@ -7,7 +7,12 @@
 
 This is Detectron2's own ``tools/train_net.py`` with the SOLO config and a COCO evaluator; it
 also runs on machines without CUDA (``MODEL.DEVICE`` falls back to ``cpu``, DDP over gloo).
+``--dist-url`` defaults to ``auto`` (a free port); COCO-format datasets are named with
+``DATASETS.COCO_FORMAT`` (solo.data.register).
 """
+
+import solo  # noqa: F401  isort: skip  (first: it hides known start-up warnings, solo.utils.cli)
+import torch
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, launch
@@ -16,6 +21,7 @@ from detectron2.evaluation import verify_results
 from solo.checkpoint import SOLOCheckpointer
 from solo.engine.checks import check_run_config
 from solo.engine.trainer import Trainer, setup
+from solo.utils.cli import check_processes, parse_args, use_free_port_by_default
 
 
 def main(args):
@@ -32,6 +38,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
@@ -41,9 +49,18 @@ def main(args):
     return trainer.train()
 
 
+def parse_command_line(argv=None):
+    """Detectron2's arguments; ``KEY VALUE`` overrides after the flags (or after ``--opts``),
+    ``--dist-url auto`` (a free port) unless given."""
+    parser = default_argument_parser()
+    use_free_port_by_default(parser)
+    return parse_args(parser, argv)
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = parse_command_line()
     print("Command Line Args:", args)
+    check_processes(args.num_gpus, args.num_machines, args.dist_url, torch.cuda.is_available())
     launch(
         main,
         args.num_gpus,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
+from solo.utils.cli import add_opts_argument, parse_args
+
 logger = logging.getLogger("benchmark")
 
 SCHEMA_VERSION = 2
@@ -68,9 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
         default="pytorch",
         help="inference: also time ours exported to this runtime (solo.export), next to eager",
     )
-    parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE pairs for the SOLO config"
-    )
+    add_opts_argument(parser)  # KEY VALUE pairs for the SOLO config, after the flags
     return parser
 
 
@@ -87,8 +87,6 @@ def check_args(args: argparse.Namespace):
         )
     if args.runtime != "pytorch" and args.task != "inference":
         raise SystemExit(f"--runtime {args.runtime} times inference only; use --task inference.")
-    if len(args.opts) % 2:
-        raise SystemExit(f"--opts needs KEY VALUE pairs, got {args.opts}.")
 
 
 @dataclass(frozen=True)
@@ -652,7 +650,7 @@ def format_table(report: Report) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = get_parser().parse_args(argv)
+    args = parse_args(get_parser(), argv)
     check_args(args)
     setup_logging()
     probe = None

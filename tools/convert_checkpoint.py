@@ -11,10 +11,10 @@ Examples (run from the repository root)::
     python tools/convert_checkpoint.py --source mmdet --config configs/SOLOv2/R50_3x.yaml \\
         solov2_r50_fpn_3x_coco_20220512_125856-fed092d4.pth checkpoints/mmdet_SOLOv2_R50_3x.pth
 
-    # AdelaiDet SOLOv2 (MSRA-style ResNet: stride in the 1x1 conv)
-    python tools/convert_checkpoint.py --source adelaidet --config configs/SOLOv2/R50_3x.yaml \\
-        SOLOv2_R50_3x.pth checkpoints/AdelaiDet_SOLOv2_R50_3x.pth \\
-        --opts MODEL.RESNETS.STRIDE_IN_1X1 True
+    # AdelaiDet SOLOv2: its own config (MSRA ResNet, BGR input, std 1), nothing else to set
+    python tools/convert_checkpoint.py --source adelaidet \\
+        --config configs/SOLOv2/AdelaiDet_R50_3x.yaml \\
+        SOLOv2_R50_3x.pth checkpoints/AdelaiDet_SOLOv2_R50_3x.pth
 
     # torchvision ImageNet backbone -> the .pkl the configs' MODEL.WEIGHTS point to
     python tools/convert_checkpoint.py --source torchvision --config configs/SOLO/R50_1x.yaml \\
@@ -24,13 +24,15 @@ Examples (run from the repository root)::
     python tools/convert_checkpoint.py --source solo --config configs/SOLOv2/R50_3x.yaml \\
         model_ddp.pth checkpoints/model.pth
 
-Use the result with ``MODEL.WEIGHTS DST`` and the same config (and ``--opts``). The tool builds
+Use the result with ``MODEL.WEIGHTS DST`` and the same config (and the same ``KEY VALUE``
+overrides, written after SRC DST). The tool builds
 the config's model and refuses to write a checkpoint that does not fit it exactly. Wrappers are
 found for every source: ``state_dict`` / ``model`` nesting, ``module.`` / ``model.`` /
 ``_orig_mod.`` key prefixes, and EMA copies (``state_dict_ema``, ``ema_state``, ``model_ema`` are
 used instead of the raw weights; mmengine's ``state_dict`` already holds the EMA weights).
 """
 
+import solo  # noqa: F401  isort: skip  (first: it hides known start-up warnings, solo.utils.cli)
 import argparse
 import logging
 import sys
@@ -39,6 +41,7 @@ from detectron2.config import get_cfg
 
 import solo
 from solo.checkpoint.convert import SOURCES, ConversionError, convert_checkpoint
+from solo.utils.cli import add_opts_argument, parse_args
 
 logger = logging.getLogger("convert_checkpoint")
 
@@ -64,13 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("src", metavar="SRC", help="checkpoint to convert")
     parser.add_argument("dst", metavar="DST", help="output (.pth; .pkl for --source torchvision)")
-    parser.add_argument(
-        "--opts",
-        nargs="+",
-        default=[],
-        metavar="KEY VALUE",
-        help="config overrides, after everything else",
-    )
+    add_opts_argument(parser)
     return parser
 
 
@@ -81,14 +78,14 @@ def setup_cfg(config_file: str, opts):
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
     except (OSError, KeyError, ValueError, AssertionError) as e:
-        raise ConversionError(f"Cannot use config {config_file} with --opts {opts}: {e}") from e
+        raise ConversionError(f"Cannot use config {config_file} with overrides {opts}: {e}") from e
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    args = parse_args(get_parser(), argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -96,7 +93,7 @@ def main(argv=None) -> int:
     try:
         cfg = setup_cfg(args.config, args.opts) if args.config else None
         if cfg is None and args.opts:
-            raise ConversionError("--opts needs --config.")
+            raise ConversionError(f"config overrides {args.opts} need --config.")
         convert_checkpoint(args.src, args.dst, args.source, cfg, trust_pickle=args.trust_pickle)
     except ConversionError as e:
         logger.error("%s", e)

@@ -16,6 +16,7 @@ exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must fit the config
 empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the tool out).
 """
 
+import solo  # noqa: F401  isort: skip  (first: it hides known start-up warnings, solo.utils.cli)
 import argparse
 import logging
 import sys
@@ -30,6 +31,7 @@ from solo import get_solo_cfg
 from solo.checkpoint import SOLOCheckpointer
 from solo.data import read_image
 from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions, export_model
+from solo.utils.cli import add_opts_argument, parse_args
 
 logger = logging.getLogger("solo.export_model")
 
@@ -65,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export even though MODEL.WEIGHTS is empty (randomly initialised model)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_opts_argument(parser)
     return parser
 
 
@@ -151,7 +153,7 @@ def run_eval(cfg, exported: ExportedModel):
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    args = parse_args(get_parser(), argv)
     setup_logger(name="solo")
     cfg = setup_cfg(args)
     check_weights(cfg, args.allow_random_weights)

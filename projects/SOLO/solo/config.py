@@ -91,6 +91,10 @@ def add_solo_config(cfg):
     # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"
 
+    # COCO-format datasets to register before a run, in every process (solo.data.register):
+    # [[name, json_file, image_root], ...]; name them in DATASETS.TRAIN / DATASETS.TEST.
+    cfg.DATASETS.COCO_FORMAT = []
+
     # Removed keys: a YAML file or command line still setting one fails at merge time, naming
     # what to do. Instances kept per image are Detectron2's TEST.DETECTIONS_PER_IMAGE (default
     # 100, the official max_per_img).

@@ -5,6 +5,7 @@ from .build import drop_unusable, load_dataset_dicts
 from .dataset_mapper import SOLODatasetMapper
 from .image_io import ImageReadError, read_image, stretch_to_8bit
 from .masks import compress_rle, mask_areas
+from .register import register_coco_format_datasets, register_datasets
 from .panoptic_shapes import ensure_panoptic_shapes_dataset, register_panoptic_shapes_datasets
 from .shapes import ensure_shapes_dataset, register_shapes_datasets
 from .validation import DatasetError, check_dataset_dicts, check_num_classes, check_record
@@ -33,6 +34,8 @@ __all__ = [
     "read_image",
     "stretch_to_8bit",
     "register_builtin_datasets",
+    "register_coco_format_datasets",
+    "register_datasets",
     "register_panoptic_shapes_datasets",
     "register_shapes_datasets",
 ]

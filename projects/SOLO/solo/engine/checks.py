@@ -12,8 +12,10 @@ key, its value and what to write instead, before the model is built:
 import difflib
 import logging
 import os
+import re
 from typing import Tuple
 import torch
+import torchvision
 
 from detectron2.data import DatasetCatalog
 
@@ -70,8 +72,10 @@ def _not_registered(key: str, name: str, world_size: int) -> RunConfigError:
         )
     else:
         parts.append(
-            "Register it (e.g. register_coco_instances) before calling main() or building the "
-            "trainer, or fix the name."
+            "For a COCO-format JSON and image folder, name them on the command line (or in the "
+            f"YAML file): DATASETS.COCO_FORMAT \"[['{name}', 'path/to/{name}.json', "
+            "'path/to/images']]\". From Python, register it (e.g. register_coco_instances) "
+            "before calling main() or building the trainer; or fix the name."
         )
     parts.append(f"Registered datasets: {registered}")
     return RunConfigError(" ".join(parts))
@@ -163,7 +167,25 @@ def check_weights_file(cfg) -> None:
     """A local ``MODEL.WEIGHTS`` must exist (Detectron2 asserts it after building everything)."""
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
-        raise RunConfigError(f"MODEL.WEIGHTS '{weights}' does not exist.")
+        raise RunConfigError(f"MODEL.WEIGHTS '{weights}' does not exist.{_how_to_make(weights)}")
+
+
+def _how_to_make(weights: str) -> str:
+    """How to produce a missing ImageNet backbone file that the COCO configs name
+    (``checkpoints/torchvision-R-50.pkl``, ``checkpoints/X-101-64x4d.pkl``)."""
+    match = re.fullmatch(r"(?:.*/)?(?:torchvision-R-(\d+)|X-101-64x4d)\.pkl", weights)
+    if not match:
+        return ""
+    model = f"resnet{match.group(1)}" if match.group(1) else "resnext101_64x4d"
+    try:
+        url = torchvision.models.get_model_weights(model).IMAGENET1K_V1.url
+    except (ValueError, AttributeError):  # a depth torchvision does not publish
+        return ""
+    return (
+        f" It is torchvision's ImageNet {model}, converted: download {url} and run "
+        f"python tools/convert_checkpoint.py --source torchvision {url.rsplit('/', 1)[1]} "
+        f"{weights}"
+    )
 
 
 def check_run_config(cfg, *, train: bool, world_size: int = 1, uses_weights: bool = True) -> None:

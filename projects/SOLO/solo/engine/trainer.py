@@ -14,7 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import SOLOCheckpointer
 from ..config import get_solo_cfg
-from ..data import load_dataset_dicts, register_builtin_datasets
+from ..data import load_dataset_dicts, register_datasets
 from ..data.panoptic_mapper import build_solo_dataset_mapper, check_dataset_tasks
 from ..evaluation import build_solo_evaluator
 from ..solver import build_solo_optimizer
@@ -191,5 +191,5 @@ def setup(args):
         for handler in logging.getLogger(name).handlers
         if handler not in before[name]
     ]
-    register_builtin_datasets()
+    register_datasets(cfg)  # here, so that every --num-gpus worker registers them too
     return cfg

@@ -1,0 +1,80 @@
+"""DATASETS.COCO_FORMAT: COCO-format datasets named in the config are registered in every
+process that reads it (train_net's setup, the demo, the export tool); bad entries are named."""
+
+import pytest
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from helpers import SHAPES_CONFIG, SMALL_SHAPES_OPTS, load_train_net, read_metrics
+from solo.data import register_builtin_datasets, register_coco_format_datasets
+from solo.data.shapes import SHAPES_CATEGORIES, ShapesSplit, generate_shapes_split
+
+
+@pytest.fixture(scope="module")
+def coco_folder(tmp_path_factory):
+    """A COCO-format folder as a user has one: annotations/instances_mine.json + mine/*.png."""
+    root = tmp_path_factory.mktemp("custom")
+    json_file = generate_shapes_split(
+        str(root), ShapesSplit("mine", 4, seed=5, image_size=(64, 80))
+    )
+    return json_file, str(root / "mine")
+
+
+def test_entries_are_registered_once_and_loadable(coco_folder):
+    json_file, images = coco_folder
+    assert register_coco_format_datasets([["reg_a", json_file, images]]) == ["reg_a"]
+    # A second setup() in the same process is harmless.
+    assert register_coco_format_datasets([("reg_a", json_file, images)]) == ["reg_a"]
+    records = DatasetCatalog.get("reg_a")
+    assert len(records) == 4 and records[0]["file_name"].startswith(images)
+    expected = [c["name"] for c in sorted(SHAPES_CATEGORIES, key=lambda c: c["id"])]
+    assert MetadataCatalog.get("reg_a").thing_classes == expected
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (["reg_b", "missing.json", "."], "JSON file 'missing.json' does not exist"),
+        (["reg_b", "{json}", "no/such/dir"], "image folder 'no/such/dir' does not exist"),
+        (["reg_b", "{json}"], "not a [name, json_file, image_root] triple"),
+        ("reg_b={json}:{images}", "not a [name, json_file, image_root] triple"),
+        (["shapes_val", "{json}", "{images}"], "'shapes_val' is already registered"),
+    ],
+)
+def test_bad_entries_are_named_with_the_fix(coco_folder, entry, message):
+    json_file, images = coco_folder
+    register_builtin_datasets()  # shapes_val: a name taken by another dataset
+    if isinstance(entry, str):
+        entry = entry.format(json=json_file, images=images)
+    else:
+        entry = [e.format(json=json_file, images=images) for e in entry]
+    with pytest.raises(ValueError, match="DATASETS.COCO_FORMAT") as info:
+        register_coco_format_datasets([entry])
+    assert message in str(info.value)
+    assert "reg_b" not in DatasetCatalog.list()
+
+
+def test_one_command_trains_and_evaluates_a_coco_format_folder(coco_folder, tmp_path):
+    """The README recipe: JSON + image folder on the command line, no Python wrapper."""
+    json_file, images = coco_folder
+    train_net = load_train_net()
+    argv = ["--config-file", SHAPES_CONFIG, *SMALL_SHAPES_OPTS,
+            "DATASETS.COCO_FORMAT", f"[['cmd_train', '{json_file}', '{images}'], "
+            f"['cmd_val', '{json_file}', '{images}']]",
+            "DATASETS.TRAIN", "('cmd_train',)", "DATASETS.TEST", "('cmd_val',)",
+            "MODEL.SOLO.NUM_CLASSES", "3", "SOLVER.MAX_ITER", "2",
+            "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
+    args = train_net.parse_command_line(argv)
+    assert args.dist_url == "auto"
+    train_net.main(args)  # trains, then evaluates on cmd_val (DefaultTrainer's final test)
+    assert any("segm/AP" in record for record in read_metrics(str(tmp_path / "out")))
+    # The saved config names the datasets: --eval-only with it alone registers them again.
+    for name in ("cmd_train", "cmd_val"):
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    saved = str(tmp_path / "out" / "config.yaml")
+    weights = str(tmp_path / "out" / "model_final.pth")
+    args = train_net.parse_command_line(
+        ["--config-file", saved, "--eval-only", "MODEL.WEIGHTS", weights]
+    )
+    assert set(train_net.main(args)) == {"bbox", "segm"}  # one dataset: its results
