@@ -11,7 +11,8 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
-from helpers import build, random_batch, tiny_cfg, train_step
+from helpers import build, random_batch, solo_cfg, tiny_cfg, train_step
+from solo.data.panoptic_mapper import check_dataset_tasks
 from solo.modeling.panoptic import panoptic_outputs, semantic_loss
 
 
@@ -188,3 +189,15 @@ def test_inference_of_an_image_equals_its_inference_in_a_batch():
 def test_semantic_head_config_errors_name_the_key(key, value, match):
     with pytest.raises(ValueError, match=match):
         build(panoptic_cfg([key, value]))
+
+
+@pytest.mark.parametrize("config", ["Panoptic/SOLOv2_R50_3x.yaml", "Panoptic/SOLOv2_R101_3x.yaml"])
+def test_coco_panoptic_configs_fit_detectron2_coco_panoptic_separated(config):
+    cfg = solo_cfg(config)
+    assert cfg.MODEL.META_ARCHITECTURE == "PanopticSOLOv2"
+    for key in ("TRAIN", "TEST"):  # 54 semantic classes, evaluator_type coco_panoptic_seg
+        check_dataset_tasks(cfg, cfg.DATASETS[key], key)
+    if "R50" in config:
+        model = build(cfg)
+        assert model.sem_seg_head.predictor.out_channels == 54
+        assert model.sem_seg_head.loss_weight == 0.5
