@@ -128,8 +128,9 @@ def check_dataset_tasks(
             )
         if not panoptic and is_panoptic_dataset(name):
             raise DatasetError(
-                f"DATASETS.{key} names '{name}', a panoptic dataset (evaluator_type "
-                f"'coco_panoptic_seg'), but MODEL.META_ARCHITECTURE={arch!r} predicts instances "
+                f"DATASETS.{key} names '{name}', a dataset with stuff annotations (evaluator_type "
+                f"{MetadataCatalog.get(name).get('evaluator_type')!r}), but "
+                f"MODEL.META_ARCHITECTURE={arch!r} predicts instances "
                 "only: its stuff annotations would be ignored and its panoptic evaluation has "
                 "no 'panoptic_seg' to read. Use MODEL.META_ARCHITECTURE 'PanopticSOLOv2' "
                 "(configs/Panoptic/, configs/Shapes/PanopticSOLOv2_R18.yaml), or the instance "
