@@ -5,11 +5,14 @@ paper symbol is given where the paper names the quantity. Variants (Decoupled SO
 DCN) change only a few keys in their YAML files.
 """
 
+import torch
+
 from detectron2.config import CfgNode as CN
 
 
 def add_solo_config(cfg):
     """Add the ``MODEL.SOLO`` keys (and the SOLO input/solver defaults) to a Detectron2 config."""
+    use_cpu_without_cuda(cfg)
     cfg.MODEL.SOLO = CN()
     _C = cfg.MODEL.SOLO
 
@@ -114,6 +117,14 @@ def add_solo_config(cfg):
     for old_key, (new_key, note) in removed.items():
         if not cfg.key_is_renamed(old_key):
             cfg.register_renamed_key(old_key, new_key, note)
+
+
+def use_cpu_without_cuda(cfg):
+    """Detectron2's default ``MODEL.DEVICE`` is "cuda": on a machine without CUDA, set "cpu", so
+    that ``get_cfg()`` + ``add_solo_config()`` + ``merge_from_file()`` runs anywhere (a device set
+    later by a config file or override still wins)."""
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
 
 
 def get_solo_cfg(config_file=None, opts=()):
