@@ -10,6 +10,8 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+import cv2
+import pycocotools.mask as mask_util
 import torch
 
 from detectron2.config import get_cfg
@@ -283,3 +285,97 @@ def random_outputs(kind, seed, batch=2, cate_mean=-3.0):
         np.put_along_axis(k, pick[:, None], rng.uniform(0.8, 1.2, (batch, 1, s, s)), axis=1)
         kernels.append(torch.from_numpy(k.astype(np.float32)))
     return HeadOutputs(cate, (kernels, features))
+
+
+# Shapes images written in other datasets' formats, for their evaluators.
+def _shapes_split(root, num_images, seed, image_size):
+    from solo.data.shapes import ShapesSplit, generate_shapes_split
+
+    spec = ShapesSplit("val", num_images=num_images, seed=seed, image_size=image_size)
+    with open(generate_shapes_split(str(root), spec)) as f:
+        coco = json.load(f)
+    masks = {}  # image id -> [(category id, bool mask)]
+    for ann in coco["annotations"]:
+        mask = mask_util.decode(ann["segmentation"]).astype(bool)
+        masks.setdefault(ann["image_id"], []).append((ann["category_id"], mask))
+    return coco, masks
+
+
+def write_shapes_as_lvis(root, num_images=4, seed=0, image_size=(128, 160)):
+    """A shapes split as an LVIS v1 file: polygon masks (``load_lvis_json`` accepts only
+    polygons), ``coco_url`` naming ``<root>/val/<file>``, every absent category verified absent
+    (``neg_category_ids``), and the three classes rare, common and frequent. Returns
+    ``(json_path, image_root)`` for ``load_lvis_json``."""
+    coco, masks = _shapes_split(root, num_images, seed, image_size)
+    categories = [
+        {**c, "synonyms": [c["name"]], "frequency": f, "image_count": 1}
+        for c, f in zip(coco["categories"], "rcf")
+    ]
+    annotations = []
+    for image in coco["images"]:
+        image["coco_url"] = f"http://example.org/val/{image['file_name']}"
+        present = {category for category, _ in masks.get(image["id"], [])}
+        image["neg_category_ids"] = [c["id"] for c in categories if c["id"] not in present]
+        image["not_exhaustive_category_ids"] = []
+        for category, mask in masks.get(image["id"], []):
+            contours = cv2.findContours(
+                mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+            )[-2]
+            polygons = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+            rle = mask_util.merge(mask_util.frPyObjects(polygons, *mask.shape))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": category,
+                    "segmentation": polygons,
+                    "area": float(mask_util.area(rle)),
+                    "bbox": mask_util.toBbox(rle).tolist(),
+                }
+            )
+    path = Path(root) / "lvis_v1_val.json"
+    lvis = {"images": coco["images"], "annotations": annotations, "categories": categories}
+    path.write_text(json.dumps(lvis))
+    return str(path), str(root) + os.sep
+
+
+#: Cityscapes label of each shapes category; the background is "road" (evaluated, not void).
+SHAPES_AS_CITYSCAPES = {1: "car", 2: "person", 3: "truck"}
+
+
+def write_shapes_as_cityscapes(root, num_images=3, seed=0, image_size=(256, 320)):
+    """A shapes split in Cityscapes' layout: ``leftImg8bit/val/shapes/*_leftImg8bit.png`` and
+    ``gtFine/val/shapes/*_gtFine_{instanceIds,labelIds}.png`` (instance pixel = label id * 1000 +
+    index) plus a ``*_gtFine_polygons.json`` with the polygons. Returns ``(image_dir, gt_dir)``
+    for ``load_cityscapes_instances``."""
+    from cityscapesscripts.helpers.labels import name2label
+
+    coco, masks = _shapes_split(Path(root) / "shapes", num_images, seed, image_size)
+    image_dir, gt_dir = Path(root) / "leftImg8bit" / "val", Path(root) / "gtFine" / "val"
+    (image_dir / "shapes").mkdir(parents=True)
+    (gt_dir / "shapes").mkdir(parents=True)
+    for image in coco["images"]:
+        stem = f"shapes_000000_{image['id']:06d}"
+        source = Path(root) / "shapes" / "val" / image["file_name"]
+        os.replace(source, image_dir / "shapes" / f"{stem}_leftImg8bit.png")
+        road = name2label["road"].id
+        instance_ids = np.full(image_size, road, dtype=np.uint16)
+        objects = []
+        for index, (category, mask) in enumerate(masks.get(image["id"], [])):
+            label = name2label[SHAPES_AS_CITYSCAPES[category]]
+            instance_ids[mask] = label.id * 1000 + index
+            contour = max(
+                cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[
+                    -2
+                ],
+                key=len,
+            )
+            objects.append({"label": label.name, "polygon": contour.reshape(-1, 2).tolist()})
+        cv2.imwrite(str(gt_dir / "shapes" / f"{stem}_gtFine_instanceIds.png"), instance_ids)
+        label_ids = np.where(instance_ids >= 1000, instance_ids // 1000, instance_ids)
+        cv2.imwrite(
+            str(gt_dir / "shapes" / f"{stem}_gtFine_labelIds.png"), label_ids.astype(np.uint8)
+        )
+        polygons = {"imgHeight": image_size[0], "imgWidth": image_size[1], "objects": objects}
+        (gt_dir / "shapes" / f"{stem}_gtFine_polygons.json").write_text(json.dumps(polygons))
+    return str(image_dir), str(gt_dir)

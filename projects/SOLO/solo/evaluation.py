@@ -1,8 +1,24 @@
-"""COCO evaluation of SOLO models: Detectron2's ``COCOEvaluator`` that sees every detection.
+"""Evaluation of SOLO models by each dataset's own rules, chosen from its ``evaluator_type``.
 
-    build_solo_evaluator(cfg, dataset_name, output_folder=None) -> SOLOCOCOEvaluator
+    build_solo_evaluator(cfg, dataset_name, output_folder=None) -> DatasetEvaluator
 
-What it adds to ``COCOEvaluator`` (bbox and segm AP):
+As Detectron2's ``tools/train_net.py``, the metadata's ``evaluator_type`` picks the evaluator
+(:data:`EVALUATORS`; a dataset registered without one is evaluated as COCO, converted by
+``convert_to_coco_json``):
+
+* ``"coco"``: :class:`SOLOCOCOEvaluator` (bbox and segm AP);
+* ``"lvis"``: Detectron2's ``LVISEvaluator`` (``pip install lvis``): LVIS's federated AP with
+  AP_r/AP_c/AP_f, ``TEST.DETECTIONS_PER_IMAGE`` detections per image (LVIS's protocol and
+  ``configs/LVIS`` use 300), LVIS's 1-based category ids restored from the model's 0-based ones
+  (the COCO evaluator would compare them as they are and score a perfect model 0 AP);
+* ``"coco_panoptic_seg"`` (Detectron2's ``coco_2017_*_panoptic_separated``, the built-in
+  ``shapes_*_panoptic_separated``): ``COCOPanopticEvaluator`` (PQ, PQ^Th, PQ^St; ``pip install
+  panopticapi-lite``), ``SemSegEvaluator`` (mIoU) and :class:`SOLOCOCOEvaluator` (things);
+* ``"cityscapes_instance"``: Detectron2's ``CityscapesInstanceEvaluator``
+  (``pip install cityscapesscripts``): the official Cityscapes mask AP and AP50;
+* any other type is refused, naming it and how to pass an evaluator.
+
+What :class:`SOLOCOCOEvaluator` adds to ``COCOEvaluator``:
 
 * COCO's ``maxDets`` is ``TEST.DETECTIONS_PER_IMAGE`` (COCO's default 100 would ignore the
   detections after the 100th of an image: 150 perfect ones would score 66.3 AP, not 100);
@@ -21,42 +37,203 @@ What it adds to ``COCOEvaluator`` (bbox and segm AP):
 """
 
 import copy
+import importlib.util
+import json
 import logging
 import math
 import numpy as np
 import os
+from contextlib import contextmanager
 import pycocotools.mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import convert_to_coco_json
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils.file_io import PathManager
 
-from .data import compress_rle, ensure_shapes_dataset, mask_areas
+from .data import compress_rle, ensure_panoptic_shapes_dataset, mask_areas
 
-__all__ = ["SOLOCOCOEvaluator", "build_solo_evaluator", "complete_coco_annotations"]
+__all__ = [
+    "EVALUATORS",
+    "SOLOCOCOEvaluator",
+    "build_solo_evaluator",
+    "complete_coco_annotations",
+]
 
 logger = logging.getLogger(__name__)
 
+#: Detections per image of LVIS's protocol (``LVISEval``'s ``max_dets``, Detectron2's LVIS configs).
+LVIS_DETECTIONS_PER_IMAGE = 300
 
-def build_solo_evaluator(cfg, dataset_name: str, output_folder=None) -> "SOLOCOCOEvaluator":
-    """The evaluator ``train_net.Trainer.build_evaluator`` returns.
+
+def build_solo_evaluator(cfg, dataset_name: str, output_folder=None) -> DatasetEvaluator:
+    """The evaluator ``Trainer.build_evaluator`` returns: :data:`EVALUATORS` entry of the
+    dataset's ``evaluator_type`` (``"coco"`` when the metadata has none).
 
     Args:
-        cfg: the SOLO config (reads ``TEST.DETECTIONS_PER_IMAGE`` and ``OUTPUT_DIR``).
-        dataset_name: a registered dataset with instance annotations.
+        cfg: the SOLO config (reads ``TEST.DETECTIONS_PER_IMAGE``).
+        dataset_name: a registered dataset with instance annotations; a built-in shapes split
+            must be generated first (``solo.data.ensure_shapes_dataset``, which the trainer
+            calls).
         output_folder: where predictions and converted ground truth go; default
             ``OUTPUT_DIR/inference``.
+
+    Raises:
+        ValueError: an ``evaluator_type`` without an entry (naming it and how to pass an
+            evaluator), or ground truth the chosen evaluator cannot score.
+        ImportError: the evaluator's package (``lvis``, ``cityscapesscripts``) is missing,
+            naming the pip command.
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-    # COCOEvaluator reads the annotation file directly: make sure a built-in dataset exists.
-    ensure_shapes_dataset(dataset_name)
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    build = EVALUATORS.get(evaluator_type)
+    if build is None:
+        raise ValueError(
+            f"Dataset '{dataset_name}' has evaluator_type {evaluator_type!r}, for which SOLO has "
+            f"no evaluator (it evaluates {sorted(EVALUATORS)}). Pass one yourself: "
+            "Trainer.test(cfg, model, evaluators=[...]) or a Trainer subclass overriding "
+            "build_evaluator; or add an entry to solo.evaluation.EVALUATORS, "
+            "{type: build(cfg, dataset_name, output_folder) -> DatasetEvaluator}."
+        )
+    return build(cfg, dataset_name, output_folder)
+
+
+def _coco(cfg, dataset_name: str, output_folder: str) -> "SOLOCOCOEvaluator":
     return SOLOCOCOEvaluator(
         dataset_name,
         tasks=("bbox", "segm"),
         output_dir=output_folder,
         max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
     )
+
+
+def _lvis(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
+    _require("lvis", "lvis", dataset_name)
+    from detectron2.evaluation import LVISEvaluator
+
+    max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
+    if max_dets < LVIS_DETECTIONS_PER_IMAGE:
+        logger.warning(
+            f"Dataset '{dataset_name}' is evaluated by LVIS's protocol, which scores "
+            f"{LVIS_DETECTIONS_PER_IMAGE} detections per image; TEST.DETECTIONS_PER_IMAGE="
+            f"{max_dets} gives fewer, and a lower AP than published LVIS results. Set "
+            f"TEST.DETECTIONS_PER_IMAGE {LVIS_DETECTIONS_PER_IMAGE} (configs/LVIS do)."
+        )
+    _check_lvis_category_ids(dataset_name)
+
+    class SOLOLVISEvaluator(LVISEvaluator):
+        """``LVISEvaluator`` whose evaluation runs with the ``np.float`` alias that ``lvis``
+        0.5.3 (its last release) uses and NumPy 1.24 removed."""
+
+        def evaluate(self):
+            with numpy_float_alias_for_lvis():
+                return super().evaluate()
+
+    return SOLOLVISEvaluator(
+        dataset_name,
+        tasks=("bbox", "segm"),
+        output_dir=output_folder,
+        max_dets_per_image=max_dets,
+    )
+
+
+@contextmanager
+def numpy_float_alias_for_lvis():
+    """``np.float = float`` while it lasts, when NumPy lacks it (``lvis.LVISEval.accumulate``
+    casts with ``np.float``: "module 'numpy' has no attribute 'float'" on NumPy >= 1.24)."""
+    if hasattr(np, "float"):
+        yield
+        return
+    np.float = float
+    try:
+        yield
+    finally:
+        del np.float
+
+
+def _cityscapes_instance(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
+    _require("cityscapesscripts", "cityscapes", dataset_name)
+    from detectron2.evaluation import CityscapesInstanceEvaluator
+
+    from cityscapesscripts.helpers.labels import name2label
+
+    metadata = MetadataCatalog.get(dataset_name)
+    # CityscapesInstanceEvaluator writes each prediction under its class's Cityscapes label id,
+    # found by name: an unknown name would fail in the middle of inference.
+    unknown = [name for name in metadata.get("thing_classes", []) if name not in name2label]
+    if unknown or metadata.get("gt_dir") is None:
+        raise ValueError(
+            f"Dataset '{dataset_name}' (evaluator_type 'cityscapes_instance') needs metadata "
+            "'gt_dir' (the gtFine folder with *_gtFine_instanceIds.png) and thing_classes that "
+            f"are Cityscapes label names; gt_dir={metadata.get('gt_dir')!r}, unknown class "
+            f"names {unknown}. Register it as Detectron2's builtin Cityscapes datasets do "
+            "(load_cityscapes_instances, evaluator_type='cityscapes_instance', gt_dir=...)."
+        )
+    return CityscapesInstanceEvaluator(dataset_name)
+
+
+#: evaluator_type (dataset metadata) -> ``build(cfg, dataset_name, output_folder)``; one entry per
+#: kind of ground truth SOLO's instances can be scored against.
+def _coco_panoptic(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
+    """As Detectron2's train_net.py for ``coco_panoptic_seg``: PQ (``COCOPanopticEvaluator``),
+    mIoU (``SemSegEvaluator``) and instance AP of the things (:class:`SOLOCOCOEvaluator`)."""
+    if importlib.util.find_spec("panopticapi") is None:
+        raise ImportError(
+            f"Evaluating panoptic dataset '{dataset_name}' needs panopticapi: "
+            'pip install "numpy<2" panopticapi-lite   (or pip install -e ".[panoptic]" "numpy<2").'
+        )
+    from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+
+    ensure_panoptic_shapes_dataset(dataset_name)  # the evaluators read its files directly
+    return DatasetEvaluators(
+        [
+            COCOPanopticEvaluator(dataset_name, output_folder),
+            SemSegEvaluator(dataset_name, output_dir=output_folder),
+            _coco(cfg, dataset_name, output_folder),
+        ]
+    )
+
+
+EVALUATORS = {
+    "coco": _coco,
+    "coco_panoptic_seg": _coco_panoptic,
+    "lvis": _lvis,
+    "cityscapes_instance": _cityscapes_instance,
+}
+
+
+def _require(module: str, extra: str, dataset_name: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"Evaluating dataset '{dataset_name}' needs the '{module}' package: "
+            f'pip install "numpy<2" {module}   (or pip install -e ".[{extra}]" "numpy<2").'
+        )
+
+
+def _check_lvis_category_ids(dataset_name: str) -> None:
+    """LVIS category ids must come back as they went in: Detectron2's ``load_lvis_json`` maps id
+    ``k`` to class ``k - 1`` and ``LVISEvaluator`` adds 1 back, unless the metadata maps ids
+    (``thing_dataset_id_to_contiguous_id``, which both then use). Ids that are not ``1..N`` have
+    no such inverse: predictions would land on wrong categories and score near 0 AP."""
+    metadata = MetadataCatalog.get(dataset_name)
+    if metadata.get("thing_dataset_id_to_contiguous_id") is not None:
+        return
+    json_file = metadata.get("json_file")
+    if json_file is None:
+        raise ValueError(
+            f"Dataset '{dataset_name}' (evaluator_type 'lvis') has no metadata 'json_file': "
+            "LVISEvaluator reads the ground truth from it (register_lvis_instances sets it)."
+        )
+    with PathManager.open(json_file) as f:
+        ids = sorted(c["id"] for c in json.load(f).get("categories", []))
+    if ids != list(range(1, len(ids) + 1)):
+        raise ValueError(
+            f"LVIS ground truth '{json_file}' of dataset '{dataset_name}': category ids "
+            f"{ids[:5]}{'...' if len(ids) > 5 else ''} are not 1..{len(ids)}, which "
+            "load_lvis_json and LVISEvaluator assume (class = id - 1). Renumber the categories "
+            "1..N in the file (images' neg_category_ids and not_exhaustive_category_ids too)."
+        )
 
 
 class SOLOCOCOEvaluator(COCOEvaluator):

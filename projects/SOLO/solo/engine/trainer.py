@@ -3,20 +3,29 @@ mapper, atomic checkpoints, SOLO's evaluator and optimizer, CPU mixed precision 
 resumption), and :func:`setup`, the config and logging of one run (``train_net.py``)."""
 
 import logging
+import os
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import defaults as engine_defaults
+from detectron2.engine import hooks
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import SOLOCheckpointer
 from ..config import get_solo_cfg
-from ..data import load_dataset_dicts, register_datasets
+from ..data import (
+    ensure_panoptic_shapes_dataset,
+    ensure_shapes_dataset,
+    load_dataset_dicts,
+    register_datasets,
+)
 from ..data.panoptic_mapper import build_solo_dataset_mapper, check_dataset_tasks
 from ..evaluation import build_solo_evaluator
+from ..modeling import SOLOWithTTA
 from ..solver import build_solo_optimizer
 from .checks import check_run_config, check_weights_file
 from .hooks import WriteAfterEvaluation
@@ -121,6 +130,11 @@ class Trainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:
+            # After the plain final evaluation, before the writer, which then records it.
+            evaluation = max(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            tta = hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
+            ret.insert(evaluation + 1, tta)
         if comm.is_main_process() and self.cfg.TEST.EVAL_PERIOD > 0:
             ret.append(WriteAfterEvaluation(self._writers, self.cfg.TEST.EVAL_PERIOD))
         return ret
@@ -164,7 +178,28 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (``TEST.AUG``, :class:`SOLOWithTTA`) as
+        Detectron2's ``train_net.py`` does for R-CNN: results under ``<metric group>_TTA``,
+        predictions in ``OUTPUT_DIR/inference_TTA``."""
+        aug = cfg.TEST.AUG
+        logger.info(
+            f"Running inference with test-time augmentation: short sides {tuple(aug.MIN_SIZES)} "
+            f"(long side <= {aug.MAX_SIZE}), flip {aug.FLIP}; merged by one Matrix NMS."
+        )
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, SOLOWithTTA(cfg, model), evaluators)
+        return OrderedDict((key + "_TTA", value) for key, value in results.items())
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The dataset's evaluator by its ``evaluator_type`` (:func:`build_solo_evaluator`); a
+        built-in shapes split is generated first (its evaluator reads the JSON file)."""
+        ensure_shapes_dataset(dataset_name)
+        ensure_panoptic_shapes_dataset(dataset_name)
         return build_solo_evaluator(cfg, dataset_name, output_folder)
 
 

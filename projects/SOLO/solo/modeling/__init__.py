@@ -7,12 +7,14 @@ from .meta_arch import SOLO
 from .panoptic import PanopticSOLOv2, SOLOv2SemSegHead
 from .paste import masks_to_boxes, paste_masks
 from .postprocess import SOLOPostProcessor
+from .test_time_augmentation import SOLOWithTTA
 
 __all__ = [
     "PanopticSOLOv2",
     "SOLO",
     "SOLO_HEAD_REGISTRY",
     "SOLOPostProcessor",
+    "SOLOWithTTA",
     "SOLOv2SemSegHead",
     "build_solo_head",
     "masks_to_boxes",

@@ -1,0 +1,176 @@
+"""The evaluator follows the dataset's evaluator_type (as Detectron2's train_net): LVIS and
+Cityscapes datasets are scored by their own rules, so perfect predictions score AP 100 (COCO's
+evaluator scored a perfect model 0 AP on LVIS: 0-based classes against 1-based ids)."""
+
+import pytest
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data.datasets.cityscapes import load_cityscapes_instances
+from detectron2.data.datasets.lvis import load_lvis_json
+from detectron2.evaluation import CityscapesInstanceEvaluator, LVISEvaluator
+
+from helpers import capture_warnings, solo_cfg, write_shapes_as_cityscapes, write_shapes_as_lvis
+from solo.engine.trainer import Trainer
+from solo.evaluation import EVALUATORS, SOLOCOCOEvaluator, build_solo_evaluator
+
+pytest.importorskip("lvis")
+pytest.importorskip("cityscapesscripts")
+
+
+@pytest.fixture
+def registered():
+    """Register datasets for one test: ``register(name, loader, **metadata)``; removed after."""
+    names = []
+
+    def register(name, loader, **metadata):
+        DatasetCatalog.register(name, loader)
+        MetadataCatalog.get(name).set(**metadata)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def perfect_predictions(records):
+    """Per record, the ground truth as predictions (classes as the loader mapped them)."""
+    outputs = []
+    for i, record in enumerate(records):
+        size = (record["height"], record["width"])
+        gt = utils.annotations_to_instances(record["annotations"], size, mask_format="bitmask")
+        instances = utils.filter_empty_instances(gt)
+        result = type(instances)(size)
+        result.pred_masks = instances.gt_masks.tensor
+        result.pred_boxes = instances.gt_masks.get_bounding_boxes()
+        result.scores = torch.linspace(0.99, 0.5, len(instances))
+        result.pred_classes = instances.gt_classes
+        outputs.append({"instances": result})
+    return outputs
+
+
+def evaluate(evaluator, records):
+    evaluator.reset()
+    for record, output in zip(records, perfect_predictions(records)):
+        inputs = {k: record[k] for k in ("image_id", "file_name", "height", "width")}
+        evaluator.process([inputs], [output])
+    return evaluator.evaluate()
+
+
+def lvis_dataset(tmp_path, registered, name="shapes_as_lvis_val"):
+    json_file, image_root = write_shapes_as_lvis(tmp_path)
+    # What register_lvis_instances does for a dataset without built-in metadata (it would look
+    # up LVIS's 1203 classes by name): load_lvis_json maps category id k to class k - 1.
+    return registered(
+        name,
+        lambda: load_lvis_json(json_file, image_root),
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="lvis",
+        thing_classes=["circle", "triangle", "rectangle"],
+    )
+
+
+def test_perfect_predictions_on_lvis_data_score_ap_100_with_federated_rare_common_frequent(
+    tmp_path, registered
+):
+    name = lvis_dataset(tmp_path, registered)
+    cfg = solo_cfg(opts=["OUTPUT_DIR", str(tmp_path / "out"), "TEST.DETECTIONS_PER_IMAGE", "300"])
+    evaluator = Trainer.build_evaluator(cfg, name)
+    assert isinstance(evaluator, LVISEvaluator)
+    assert evaluator._max_dets_per_image == 300
+    records = DatasetCatalog.get(name)
+    assert sum(len(r["annotations"]) for r in records) >= 5
+    results = evaluate(evaluator, records)
+    for task in ("bbox", "segm"):
+        for metric in ("AP", "AP50", "APr", "APc", "APf"):
+            assert results[task][metric] == pytest.approx(100.0), (task, metric)
+
+
+def test_coco_evaluator_on_lvis_data_would_score_the_perfect_model_far_below_100(
+    tmp_path, registered
+):
+    """The failure the evaluator_type table prevents (detectron2#845): COCO's evaluator keeps
+    the 0-based classes against LVIS's 1-based category ids."""
+    name = lvis_dataset(tmp_path, registered)
+    records = DatasetCatalog.get(name)
+    evaluator = SOLOCOCOEvaluator(name, tasks=("segm",), output_dir=str(tmp_path / "coco"))
+    assert evaluate(evaluator, records)["segm"]["AP"] < 50
+
+
+def test_lvis_with_fewer_than_300_detections_per_image_warns(tmp_path, registered, caplog):
+    name = lvis_dataset(tmp_path, registered)
+    cfg = solo_cfg(opts=["OUTPUT_DIR", str(tmp_path / "out")])  # COCO's 100
+    with capture_warnings(caplog, "solo.evaluation"):
+        build_solo_evaluator(cfg, name)
+    assert "TEST.DETECTIONS_PER_IMAGE 300" in caplog.text
+
+
+def test_lvis_category_ids_that_are_not_1_to_n_are_refused(tmp_path, registered):
+    json_file, _ = write_shapes_as_lvis(tmp_path)
+    text = open(json_file).read().replace('"id": 3, "name"', '"id": 7, "name"')
+    assert '"id": 7' in text
+    open(json_file, "w").write(text)
+    name = registered("lvis_gappy", list, json_file=json_file, evaluator_type="lvis")
+    with pytest.raises(ValueError, match=r"category ids \[1, 2, 7\] are not 1..3"):
+        build_solo_evaluator(solo_cfg(opts=["TEST.DETECTIONS_PER_IMAGE", "300"]), name)
+
+
+def test_perfect_predictions_on_cityscapes_data_score_ap_100(tmp_path, registered):
+    from cityscapesscripts.helpers.labels import labels
+
+    image_dir, gt_dir = write_shapes_as_cityscapes(tmp_path)
+    name = registered(
+        "shapes_as_cityscapes_val",
+        lambda: load_cityscapes_instances(image_dir, gt_dir, from_json=False, to_polygons=False),
+        image_dir=image_dir,
+        gt_dir=gt_dir,
+        evaluator_type="cityscapes_instance",
+        thing_classes=[
+            label.name for label in labels if label.hasInstances and not label.ignoreInEval
+        ],
+    )
+    evaluator = Trainer.build_evaluator(solo_cfg(opts=["OUTPUT_DIR", str(tmp_path / "o")]), name)
+    assert isinstance(evaluator, CityscapesInstanceEvaluator)
+    records = DatasetCatalog.get(name)
+    classes = {a["category_id"] for r in records for a in r["annotations"]}
+    assert len(classes) == 3  # car, person, truck
+    results = evaluate(evaluator, records)
+    assert results["segm"]["AP"] == pytest.approx(100.0)
+    assert results["segm"]["AP50"] == pytest.approx(100.0)
+
+
+def test_cityscapes_dataset_with_non_cityscapes_class_names_is_refused_before_inference(
+    registered,
+):
+    name = registered(
+        "cityscapes_like",
+        list,
+        gt_dir="gtFine/val",
+        evaluator_type="cityscapes_instance",
+        thing_classes=["car", "circle"],
+    )
+    with pytest.raises(ValueError, match=r"unknown class names \['circle'\]"):
+        build_solo_evaluator(solo_cfg(), name)
+
+
+def test_unknown_evaluator_type_is_refused_naming_it_and_how_to_pass_an_evaluator(registered):
+    name = registered("semantic_only", list, evaluator_type="sem_seg", thing_classes=["a"])
+    with pytest.raises(ValueError, match="evaluator_type 'sem_seg'") as error:
+        build_solo_evaluator(solo_cfg(), name)
+    assert "evaluators=[...]" in str(error.value) and "EVALUATORS" in str(error.value)
+
+
+def test_evaluator_table_has_coco_lvis_and_cityscapes_instance():
+    assert {"coco", "lvis", "cityscapes_instance"} <= set(EVALUATORS)
+
+
+def test_dataset_without_evaluator_type_is_evaluated_as_coco(tmp_path, registered):
+    name = registered("no_type", list, thing_classes=["a"], json_file=str(tmp_path / "x.json"))
+    (tmp_path / "x.json").write_text(
+        '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}'
+    )
+    assert isinstance(build_solo_evaluator(solo_cfg(), name), SOLOCOCOEvaluator)
