@@ -11,8 +11,9 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
-from helpers import build, random_batch, solo_cfg, tiny_cfg, train_step
+from helpers import build, force_candidates, random_batch, solo_cfg, tiny_cfg, train_step
 from solo.data.panoptic_mapper import check_dataset_tasks
+from solo.export import ExportedModel, compare_predictions, export_model
 from solo.modeling.panoptic import panoptic_outputs, semantic_loss
 
 
@@ -201,3 +202,28 @@ def test_coco_panoptic_configs_fit_detectron2_coco_panoptic_separated(config):
         model = build(cfg)
         assert model.sem_seg_head.predictor.out_channels == 54
         assert model.sem_seg_head.loss_weight == 0.5
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_panoptic_model_equals_eager_with_the_merge_outside_the_graph(fmt, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    opts = ["MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", 0.0]
+    model = build(panoptic_cfg(opts))
+    force_candidates(model)  # instances to merge, not only stuff
+    model.eval()
+    exported = ExportedModel(export_model(model, fmt, str(tmp_path), max_candidates=1500))
+    inputs = [{"image": b["image"]} for b in random_batch([((96, 128), 0), ((70, 100), 0)], 5)]
+    inputs[1].update(height=140, width=200)
+    with torch.no_grad():
+        expected = model(inputs)
+    for e, a in zip(expected, exported(inputs)):
+        assert set(a) == {"instances", "sem_seg", "panoptic_seg"}
+        assert len(e["instances"]) and compare_predictions(e["instances"], a["instances"]) == []
+        torch.testing.assert_close(a["sem_seg"], e["sem_seg"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(a["panoptic_seg"][0], e["panoptic_seg"][0])
+        drop_scores = [{k: v for k, v in s.items() if k != "score"} for s in e["panoptic_seg"][1]]
+        assert [{k: v for k, v in s.items() if k != "score"} for s in a["panoptic_seg"][1]] == (
+            drop_scores
+        )
+        assert any(s["isthing"] for s in e["panoptic_seg"][1])
