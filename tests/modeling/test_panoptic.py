@@ -5,13 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detectron2.data import Metadata
+from detectron2.data import Metadata, MetadataCatalog
 from detectron2.modeling.meta_arch.panoptic_fpn import combine_semantic_and_instance_outputs
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
-from helpers import build, force_candidates, random_batch, solo_cfg, tiny_cfg, train_step
+from helpers import (
+    build,
+    force_candidates,
+    load_script,
+    random_batch,
+    solo_cfg,
+    tiny_cfg,
+    train_step,
+)
 from solo.data.panoptic_mapper import check_dataset_tasks
 from solo.export import ExportedModel, compare_predictions, export_model
 from solo.modeling.panoptic import panoptic_outputs, semantic_loss
@@ -227,3 +235,21 @@ def test_exported_panoptic_model_equals_eager_with_the_merge_outside_the_graph(f
             drop_scores
         )
         assert any(s["isthing"] for s in e["panoptic_seg"][1])
+
+
+def test_demo_draws_stuff_and_things_of_a_panoptic_model(tmp_path):
+    cfg = panoptic_cfg(["DATASETS.TEST", ("panoptic_demo_test",)])
+    MetadataCatalog.get("panoptic_demo_test").set(
+        thing_classes=list("abcde"), stuff_classes=["things", "sky", "water", "ground"]
+    )
+    model = build(cfg)
+    force_candidates(model)
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model.pth")
+    torch.save({"model": model.state_dict()}, cfg.MODEL.WEIGHTS)
+    predictor = load_script("demo/predictor.py", "solo_demo_predictor_panoptic")
+    demo = predictor.VisualizationDemo(cfg)
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    _, drawn = demo.run_on_image(image)
+    ids, segments = demo.panoptic_seg
+    assert ids.shape == (96, 128) and segments
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
