@@ -4,6 +4,13 @@
 Records are validated once per dataset when they are loaded (:mod:`solo.data.checks`), not here
 at every sample of every epoch; the mapper only explains a failure (running the record check
 when Detectron2's transforms fail) and always gives training records an ``instances`` field.
+
+Whatever the augmentations (every ``detectron2.data.transforms`` augmentation is tested), the
+targets stay right: ``gt_boxes`` are the transformed masks' tight boxes (SOLO's box only
+describes its mask; a rotated box's enclosing box is up to 2x larger and moved objects to other
+FPN levels), padding never becomes mask (``FixedSizeCrop`` pads masks with 255), box-driven
+crops (``MinIoURandomCrop``) see the objects' boxes, and a crop that needs semantic labels
+(``RandomCrop_CategoryAreaConstraint``) is refused instead of failing on ``None``.
 """
 
 import copy
@@ -17,7 +24,8 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, BoxMode, Instances, PolygonMasks
+from detectron2.structures.masks import polygons_to_bitmask
 
 from .image_io import read_image
 from .masks import compress_rle
@@ -93,7 +101,13 @@ class SOLODatasetMapper(DatasetMapper):
         )
         utils.check_image_size(dataset_dict, image)  # records height/width when missing
 
-        aug_input = T.AugInput(image, sem_seg=self._read_sem_seg(dataset_dict))
+        aug_input = T.AugInput(
+            image,
+            boxes=self._annotation_boxes(dataset_dict),
+            sem_seg=self._read_sem_seg(dataset_dict),
+        )
+        if aug_input.sem_seg is None:
+            self._check_no_semantic_augmentation()
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         if aug_input.sem_seg is not None:  # resized and flipped with the image and the masks
@@ -115,6 +129,32 @@ class SOLODatasetMapper(DatasetMapper):
         dataset_dict["instances"] = self._complete_instances(dataset_dict)
         self._check_classes(dataset_dict)
         return dataset_dict
+
+    def _annotation_boxes(self, dataset_dict: dict) -> Optional[np.ndarray]:
+        """(N, 4) XYXY boxes of a training record's objects, for augmentations that choose their
+        transform by the boxes (``T.MinIoURandomCrop`` is a no-op without them); None at test."""
+        if not self.is_train or "annotations" not in dataset_dict:
+            return None
+        boxes = [
+            BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
+            for anno in dataset_dict["annotations"]
+            if not anno.get("iscrowd", 0) and "bbox" in anno
+        ]
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+    def _check_no_semantic_augmentation(self) -> None:
+        needs_labels = [
+            aug
+            for aug in _leaves(self.augmentations)
+            if isinstance(aug, T.RandomCrop_CategoryAreaConstraint)
+            and aug.single_category_max_area < 1.0
+        ]
+        if needs_labels:
+            raise ValueError(
+                f"{needs_labels[0]} chooses its crop from semantic labels, which this mapper "
+                "does not read (instance annotations only): use T.RandomCrop, or "
+                "single_category_max_area=1.0 (the same crop without the area constraint)."
+            )
 
     def _read_sem_seg(self, dataset_dict: dict) -> Optional[np.ndarray]:
         """(H, W) semantic labels to transform with the image, or None. Instance-only SOLO reads
@@ -138,14 +178,23 @@ class SOLODatasetMapper(DatasetMapper):
             )
             for anno in annos
         ]
+        for anno in annos:
+            if isinstance(anno.get("segmentation"), np.ndarray):
+                # A decoded mask is 0/1, but padding transforms fill with their seg_pad_value
+                # (FixedSizeCrop: 255), which BitMasks would read as object: only 1 is inside.
+                anno["segmentation"] = anno["segmentation"] == 1
         mask_format = self.instance_mask_format
         if mask_format == "polygon" and any(
             not isinstance(anno.get("segmentation", []), list) for anno in annos
         ):
             mask_format = "bitmask"
         instances = utils.annotations_to_instances(annos, image_shape, mask_format=mask_format)
-        if self.recompute_boxes:  # after cropping, the boxes no longer bound the masks tightly
-            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        if instances.has("gt_masks"):
+            # SOLO's box only describes its mask (scale range and centre region of the targets).
+            # A transformed box is not the transformed mask's box: a rotation gives the rotated
+            # box's enclosing box (2x the mask's area at 45 degrees), a crop or an extent cuts
+            # the box but not the object; always the mask's own tight box, then.
+            instances.gt_boxes = mask_boxes(instances.gt_masks, image_shape)
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
 
     def _complete_instances(self, result: dict) -> Instances:
@@ -171,3 +220,29 @@ class SOLODatasetMapper(DatasetMapper):
         if self.num_classes is not None and len(classes):
             if classes.min() < 0 or classes.max() >= self.num_classes:
                 raise ValueError(f"category ids {classes.tolist()} outside [0, {self.num_classes})")
+
+
+def _leaves(augmentation):
+    """The augmentations inside ``augmentation`` (``AugmentationList``, ``RandomApply``)."""
+    if isinstance(augmentation, T.AugmentationList):
+        return [leaf for aug in augmentation.augs for leaf in _leaves(aug)]
+    if isinstance(augmentation, T.RandomApply):
+        return _leaves(augmentation.aug)
+    return [augmentation]
+
+
+def mask_boxes(masks, image_shape) -> Boxes:
+    """Tight XYXY boxes of the masks' pixels inside the image (x2, y2 exclusive).
+
+    ``BitMasks`` hold only such pixels. A polygon may reach outside the image (rotations and
+    extents move it, only crops cut it): its box is then that of its rasterised mask.
+    """
+    boxes = masks.get_bounding_boxes()
+    if isinstance(masks, PolygonMasks):
+        height, width = image_shape
+        t = boxes.tensor
+        outside = (t[:, 0] < 0) | (t[:, 1] < 0) | (t[:, 2] > width) | (t[:, 3] > height)
+        for i in outside.nonzero()[:, 0].tolist():
+            raster = polygons_to_bitmask(masks.polygons[i], height, width)
+            t[i] = BitMasks(torch.from_numpy(raster)[None]).get_bounding_boxes().tensor[0]
+    return boxes
