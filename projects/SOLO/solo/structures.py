@@ -120,10 +120,11 @@ class CroppedMasks:
             strip[y : y + h] = crop.cpu().numpy()
             counts = _run_lengths(strip.ravel(order="F"))
             counts[0] += x * height  # COCO's column-major order: the columns left of the crop
-            if len(counts) % 2:  # ends with a run of zeros: extend it to the image's right side
-                counts[-1] += (width - x - w) * height
-            else:
-                counts.append((width - x - w) * height)
+            right = (width - x - w) * height  # the columns right of the crop
+            if len(counts) % 2:  # ends with a run of zeros: extend it
+                counts[-1] += right
+            elif right:
+                counts.append(right)
             rles.append(mask_util.frPyObjects({"counts": counts, "size": [height, width]},
                                               height, width))  # fmt: skip
         return rles
