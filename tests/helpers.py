@@ -189,12 +189,12 @@ def force_candidates(model, logit=4.0):
     """Random weights give no confident cell; a high category bias makes every cell a
     candidate, and mask biases make masks cover part of the image, so that inference exercises
     the full post-processing."""
-    head = model.head
+    layers = model.head.prediction_layers()
     with torch.no_grad():
-        head.cate_pred.bias.fill_(logit)
-        mask_preds = [getattr(head, n, []) for n in ("mask_preds", "mask_preds_x", "mask_preds_y")]
-        for conv in [c for preds in mask_preds for c in preds]:
-            conv.bias.fill_(1.0 if hasattr(head, "mask_preds") else 2.0)
+        layers.category.bias.fill_(logit)
+        # sigmoid(1) for a mask of one map, sigmoid(2)^2 for the product of X and Y maps.
+        for conv in layers.masks:
+            conv.bias.fill_(float(layers.mask_factors))
 
 
 # Crafted head outputs (three levels, one or two images) for the post-processing tests.

@@ -315,7 +315,7 @@ def test_calibrated_v1_and_decoupled_masks_cover_the_configured_fraction(
         images = model.preprocess_image([{"image": image}])
         features = model.backbone(images.tensor)
         outputs = model.head([features[f] for f in model.head_in_features])
-        assert calibration.calibrate_masks(model.head, outputs.mask_outputs)
+        assert calibration.calibrate_masks(model.head, outputs)
     after = mask_coverage(model, image)
     # Random weights: masks near 0.5 everywhere, either (almost) empty or (almost) full.
     assert ((before - calibration.MASK_COVERAGE).abs() > 0.1).float().mean() > 0.5

@@ -8,8 +8,11 @@ import torch
 
 from detectron2.structures import Instances
 
+from ..modeling.meta_arch import MIN_BLOCKS as EAGER_MIN_BLOCKS
+from ..modeling.meta_arch import padded_size
+from ..modeling.panoptic import panoptic_outputs
 from ..modeling.paste import paste_masks
-from .formats import EXPORT_FORMATS, METADATA_KEY, ExportError
+from .formats import EXPORT_FORMATS, MAX_SIDE, METADATA_KEY, MIN_BLOCKS, ExportError
 from .openvino import OPENVINO_PRECISIONS, openvino_session
 
 logger = logging.getLogger(__name__)
@@ -28,12 +31,13 @@ PRECISIONS = tuple(OPENVINO_PRECISIONS)
 def pad_image(
     image: torch.Tensor, pixel_mean: torch.Tensor, size_divisibility: int, min_blocks: int = 2
 ):
-    """(3, H, W) image -> (1, 3, Hp, Wp) float32, bottom/right padded with the pixel mean to a
-    multiple of ``size_divisibility`` and at least ``min_blocks`` times it (2 in
-    ``SOLO.preprocess_image``)."""
+    """(3, H, W) image -> (1, 3, Hp, Wp) float32, bottom/right padded with the pixel mean to
+    :func:`solo.modeling.meta_arch.padded_size` (a multiple of ``size_divisibility``, at least
+    ``min_blocks`` times it): the input that files of metadata version 1 expect. (Version 2
+    graphs pad their input themselves; the graph normalises the mean to exactly the 0 that the
+    eager model pads with.)"""
     h, w = image.shape[-2:]
-    d = size_divisibility
-    hp, wp = max(-(-h // d) * d, min_blocks * d), max(-(-w // d) * d, min_blocks * d)
+    hp, wp = padded_size(h, w, size_divisibility, min_blocks * size_divisibility)
     padded = pixel_mean.to(torch.float32).reshape(1, 3, 1, 1).expand(1, 3, hp, wp).clone()
     padded[0, :, :h, :w] = image
     return padded
@@ -57,7 +61,10 @@ class ExportedModel:
 
     Raises:
         ExportError: unknown suffix, a file without SOLO export metadata, a runtime that cannot
-            run the file, or ONNX Runtime / OpenVINO not installed.
+            run the file, ONNX Runtime / OpenVINO not installed, or a ``device`` the runtime
+            cannot run on (e.g. "cuda" with an onnxruntime without the CUDA provider: install
+            onnxruntime-gpu). Calls raise it for an image outside the input range a
+            ``torch.export`` program takes (see :meth:`graph_input`).
 
     Images are processed one at a time (the graph has batch 1). Attribute
     ``last_num_candidates`` holds the candidate counts of the last call.
@@ -116,6 +123,11 @@ class ExportedModel:
         self.mask_thresh = self.metadata["mask_thresh"]
         self.max_candidates = self.metadata["max_candidates"]
         self.min_blocks = self.metadata["min_blocks"]
+        # Version 1 files take an input padded outside the graph and record no input range.
+        self.pads_in_graph = self.metadata["version"] >= 2
+        self.input_range = self.metadata.get("input") or _version1_input_range(self.metadata)
+        # A panoptic model's merge settings (its graph has a sixth output), else None.
+        self.panoptic = self.metadata.get("panoptic")
 
     def check_config(self, cfg) -> None:
         """Refuse a config that describes another model than the exported one.
@@ -167,12 +179,33 @@ class ExportedModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
-            providers.insert(0, "CUDAExecutionProvider")
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ExportError(_no_cuda_provider(device=self.device, providers=None))
+            cuda_options = {"device_id": self.device.index or 0}
+            providers.insert(0, ("CUDAExecutionProvider", cuda_options))
+        elif self.device.type != "cpu":
+            raise ExportError(
+                f"ONNX Runtime runs {self.path} on 'cpu' or 'cuda', not on device "
+                f"{str(self.device)!r}."
+            )
         self.session = ort.InferenceSession(self.path, options, providers=providers)
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in (
+            self.session.get_providers()
+        ):  # the provider is installed but failed to load (CUDA/cuDNN libraries)
+            raise ExportError(_no_cuda_provider(self.device, self.session.get_providers()))
         meta = self.session.get_modelmeta().custom_metadata_map
         return meta.get(METADATA_KEY, "")
 
+    def _check_torch_device(self) -> None:
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ExportError(
+                f"device {str(self.device)!r} was requested for {self.path}, but this PyTorch "
+                "has no usable CUDA device (torch.cuda.is_available() is False): install a "
+                "CUDA build of PyTorch or use device 'cpu'."
+            )
+
     def _load_ts(self) -> str:
+        self._check_torch_device()
         extra = {METADATA_KEY: ""}
         self.module = torch.jit.load(self.path, map_location=self.device, _extra_files=extra)
         return extra[METADATA_KEY]
@@ -180,21 +213,62 @@ class ExportedModel:
     def _load_pt2(self) -> str:
         import torchvision  # noqa: F401  (registers torchvision::deform_conv2d for DCN models)
 
+        self._check_torch_device()
         extra = {METADATA_KEY: ""}
         program = torch.export.load(self.path, extra_files=extra)
         self.module = program.module().to(self.device)
         return extra[METADATA_KEY]
 
-    def run_graph(self, padded: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The graph's raw outputs (see :func:`fixed_size_postprocess`) for a padded image."""
+    def graph_input(self, image: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """The graph's input for a (3, H, W) image in INPUT.FORMAT, and the padded size (Hp, Wp)
+        its masks refer to (at stride 4).
+
+        Version 2 files pad inside the graph: the input is the image as (1, 3, H, W) float32;
+        a side under a torch.export program's minimum is first padded with the pixel mean
+        (which normalises to the 0 the graph pads with) when that gives the eager model's
+        padded canvas. Version 1 files take the input padded (:func:`pad_image`).
+
+        Raises:
+            ExportError: a side outside what the file can run exactly (``torch.export``
+                programs: at most MAX_SIDE pixels; version 1 programs also at least
+                MIN_BLOCKS - 1 blocks plus one pixel), named before the program's own guard.
+        """
+        h, w = image.shape[-2:]
+        d, low = self.size_divisibility, self.input_range.get("min_side") or 1
+        high = self.input_range.get("max_side")
+        if high and max(h, w) > high:
+            raise ExportError(
+                f"{self.path} ({self.format}) takes images with sides up to {high} pixels "
+                f"(the bound of a torch.export program's dynamic shapes), got {h}x{w}. Resize "
+                "the image (INPUT.MAX_SIZE_TEST), or export with --format onnx or "
+                "torchscript, which take any size."
+            )
+        if not self.pads_in_graph:
+            if min(h, w) < low:
+                raise ExportError(_too_small(self.path, h, w, low, d))
+            padded = pad_image(image.float(), self.pixel_mean, d, self.min_blocks)
+            return padded, tuple(padded.shape[-2:])
+        x = image.float()
+        if min(h, w) < low:
+            x = pad_image(x, self.pixel_mean, 1, low)[0]
+            if self._padded(*x.shape[-2:]) != padded_size(h, w, d, EAGER_MIN_BLOCKS * d):
+                raise ExportError(_too_small(self.path, h, w, low, d))
+        return x[None], self._padded(*x.shape[-2:])
+
+    def _padded(self, h: int, w: int) -> Tuple[int, int]:
+        return padded_size(h, w, self.size_divisibility, self.min_blocks * self.size_divisibility)
+
+    def run_graph(self, graph_input: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The graph's raw outputs (see ``SOLOPostProcessor.fixed_size``) for a
+        :meth:`graph_input`."""
         if self.runtime == "openvino":
-            outputs = self._openvino_run(padded.cpu().numpy())
+            outputs = self._openvino_run(graph_input.cpu().numpy())
             return tuple(torch.from_numpy(o) for o in outputs)
         if self.format == "onnx":
-            outputs = self.session.run(None, {"image": padded.cpu().numpy()})
+            outputs = self.session.run(None, {"image": graph_input.cpu().numpy()})
             return tuple(torch.from_numpy(o).to(self.device) for o in outputs)
         with torch.no_grad():
-            return tuple(self.module(padded.to(self.device)))
+            return tuple(self.module(graph_input.to(self.device)))
 
     def __call__(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         self.last_num_candidates = []
@@ -210,8 +284,9 @@ class ExportedModel:
             )
         h, w = image.shape[-2:]
         output_size = (int(inputs.get("height", h)), int(inputs.get("width", w)))
-        padded = pad_image(image.float(), self.pixel_mean, self.size_divisibility, self.min_blocks)
-        scores, labels, masks, num_det, num_cand = self.run_graph(padded)
+        graph_input, padded = self.graph_input(image)
+        outputs = self.run_graph(graph_input)
+        scores, labels, masks, num_det, num_cand = outputs[:5]
         num_det, num_cand = int(num_det), int(num_cand)
         self.last_num_candidates.append(num_cand)
         if num_cand > self.max_candidates:
@@ -223,11 +298,56 @@ class ExportedModel:
             )
         result = Instances(output_size)
         result.pred_masks, result.pred_boxes = paste_masks(
-            masks[:num_det], tuple(padded.shape[-2:]), (h, w), output_size, self.mask_thresh
+            masks[:num_det], padded, (h, w), output_size, self.mask_thresh
         )
         result.scores = scores[:num_det].float()
         result.pred_classes = labels[:num_det].long()
-        return {"instances": result}
+        if self.panoptic is None:
+            return {"instances": result}
+        p = self.panoptic  # semantic logits from the graph, the merge here, as the eager model
+        merged = panoptic_outputs(
+            outputs[5][0],
+            p["semantic_stride"],
+            result,
+            (h, w),
+            output_size,
+            p["overlap_thresh"],
+            p["stuff_area_thresh"],
+            p["instances_score_thresh"],
+        )
+        return {"instances": result, **merged}
+
+
+def _no_cuda_provider(device, providers) -> str:
+    import onnxruntime as ort
+
+    got = f"the session got {providers}" if providers else "it has no CUDAExecutionProvider"
+    return (
+        f"device {str(device)!r} was requested, but this onnxruntime ({ort.__version__}, "
+        f"providers {ort.get_available_providers()}) cannot run on CUDA: {got}. Install the GPU "
+        "build (pip uninstall onnxruntime && pip install onnxruntime-gpu) with the CUDA and "
+        "cuDNN versions it needs, or use device 'cpu'."
+    )
+
+
+def _version1_input_range(metadata: dict) -> dict:
+    """Version 1 files: torch.export programs (padding to MIN_BLOCKS blocks) took padded sides
+    up to MAX_SIDE // d blocks."""
+    if metadata.get("min_blocks", 2) < MIN_BLOCKS:  # traced (TorchScript, ONNX): any size
+        return {"min_side": 1, "max_side": None}
+    d = metadata["size_divisibility"]
+    return {"min_side": (MIN_BLOCKS - 1) * d + 1, "max_side": MAX_SIDE // d * d}
+
+
+def _too_small(path: str, h: int, w: int, low: int, d: int) -> str:
+    return (
+        f"{path} is a torch.export program that takes sides of at least {low} pixels, got "
+        f"{h}x{w}: it pads every side to at least {MIN_BLOCKS} blocks of {d} pixels where the "
+        f"eager model pads smaller sides to {EAGER_MIN_BLOCKS} (torch.export specialises sizes "
+        "of 1, and P6 is 1x1 there), so its results would differ. Resize the image, re-export "
+        "with a torch that has torch.fx.experimental._config.backed_size_oblivious (then "
+        "programs pad as the eager model does), or export with --format onnx or torchscript."
+    )
 
 
 def _flat_inference_keys(cfg) -> Dict[str, object]:

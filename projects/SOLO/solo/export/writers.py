@@ -1,5 +1,6 @@
 """Writing exported files: ONNX, TorchScript and torch.export (.pt2), with their metadata."""
 
+import contextlib
 import copy
 import json
 import logging
@@ -9,14 +10,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..checkpoint import SOLOCheckpointer
+from ..checkpoint import build_inference_model
+from ..modeling.meta_arch import MIN_BLOCKS as EAGER_MIN_BLOCKS
 from .formats import (
     EXPORT_FORMATS,
+    MAX_SIDE,
     METADATA_KEY,
     METADATA_VERSION,
     MIN_BLOCKS,
     ONNX_OPSET,
     OUTPUT_NAMES,
+    SEMANTIC_OUTPUT,
     ExportError,
 )
 from .module import SOLOExportModule
@@ -24,9 +28,14 @@ from .runtime import pad_image
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------
-# Export
-# ----------------------------------------------------------------------------------------------
+try:  # see formats.MIN_BLOCKS
+    from torch.fx.experimental import _config as _fx_config
+
+    SIZE_OBLIVIOUS_EXPORT = hasattr(_fx_config, "backed_size_oblivious")
+except ImportError:
+    SIZE_OBLIVIOUS_EXPORT = False
+#: Smallest padded side, in blocks of the size divisibility, of a torch.export program's input.
+EXPORT_MIN_BLOCKS = EAGER_MIN_BLOCKS if SIZE_OBLIVIOUS_EXPORT else MIN_BLOCKS
 
 
 def _build_model(cfg_or_model):
@@ -35,14 +44,10 @@ def _build_model(cfg_or_model):
         model = copy.deepcopy(cfg_or_model).cpu()
         cfg = None
     else:
-        from detectron2.modeling import build_model
-
         cfg = cfg_or_model.clone()
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"
-        model = build_model(cfg)
-        if cfg.MODEL.WEIGHTS:
-            SOLOCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
+        model = build_inference_model(cfg, allow_random_weights=True)
     for p in model.parameters():
         p.requires_grad_(False)
     # Plain NCHW: the exporters record memory formats as extra ops; runtimes choose their own.
@@ -50,17 +55,68 @@ def _build_model(cfg_or_model):
     return model.eval(), cfg
 
 
-def _metadata(model, module: SOLOExportModule, cfg) -> dict:
+def _metadata(model, module: SOLOExportModule, cfg, fmt: str, torch_export: bool) -> dict:
+    """The file's contract (version 2): what the graph takes, how it pads, what it returns."""
+    d, post = module.size_divisibility, module.postprocessor
+    input_format = getattr(model, "input_format", "BGR")
+    # torch.export programs: the range of their dynamic shapes (_dynamic_shapes).
+    min_side = (EXPORT_MIN_BLOCKS - 1) * d + 1 if torch_export else 1
     return {
         "version": METADATA_VERSION,
-        "input_format": getattr(model, "input_format", "BGR"),
+        "format": fmt,
+        "input_format": input_format,
         "pixel_mean": module.pixel_mean.flatten().tolist(),
-        "size_divisibility": module.size_divisibility,
-        "mask_thresh": module.postprocess_args["mask_thresh"],
-        "max_candidates": module.postprocess_args["max_candidates"],
+        "size_divisibility": d,
+        "min_blocks": module.min_blocks,
+        "mask_thresh": post.mask_thresh,
+        "max_candidates": module.max_candidates,
         "num_classes": int(model.head.num_classes),
+        "input": {
+            "name": "image",
+            "shape": [1, 3, "height", "width"],
+            "dtype": "float32",
+            "pixels": f"{input_format}, 0-255, not normalised",
+            "min_side": min_side,
+            "max_side": MAX_SIDE if torch_export else None,
+        },
+        "padding": {
+            "where": "in the graph",
+            "sides": "bottom and right",
+            "to": f"a multiple of {d} pixels, at least {module.min_blocks * d}",
+            "value": "0 after normalisation (the pixel mean before)",
+        },
+        "outputs": {
+            "scores": "(D,) float32, descending; rows from num_detections on are padding (-1)",
+            "labels": "(D,) int64 class indices",
+            "masks": "(D, Hp/4, Wp/4) float32 mask probabilities at stride 4 of the padded "
+            f"size Hp x Wp; binarise above mask_thresh ({post.mask_thresh}) after upsampling",
+            "num_detections": "() int64",
+            "num_candidates": f"() int64; exact whenever <= max_candidates "
+            f"({module.max_candidates})",
+        },
         "config": cfg.dump() if cfg is not None else "",
+        **_panoptic_metadata(model, module),
     }
+
+
+def _panoptic_metadata(model, module: SOLOExportModule) -> dict:
+    """A panoptic model's sixth output and the merge settings the runtime applies outside."""
+    if module.sem_seg_head is None:
+        return {}
+    stride = module.sem_seg_head.common_stride
+    return {
+        "panoptic": {
+            "output": f"{SEMANTIC_OUTPUT}: (1, C, Hp/{stride}, Wp/{stride}) float32 logits",
+            "semantic_stride": stride,
+            "overlap_thresh": model.combine_overlap_thresh,
+            "stuff_area_thresh": model.combine_stuff_area_thresh,
+            "instances_score_thresh": model.combine_instances_score_thresh,
+        }
+    }
+
+
+def _output_names(module: SOLOExportModule) -> list:
+    return OUTPUT_NAMES + ([SEMANTIC_OUTPUT] if module.sem_seg_head is not None else [])
 
 
 def export_model(
@@ -85,7 +141,12 @@ def export_model(
     cfg = cfg if config is None else config
     if max_candidates is None:
         max_candidates = model.postprocessor.nms_pre
-    module = SOLOExportModule(model, max_candidates).eval()
+    uses_torch_export = fmt == "pt2" or (fmt == "onnx" and dynamo)
+    # torch.export programs take sides of more than EXPORT_MIN_BLOCKS - 1 blocks
+    # (_dynamic_shapes), so rounding up to the size divisibility already reaches the minimum;
+    # their symbolic shapes could not prove a further max() with it away.
+    min_blocks = 0 if uses_torch_export else EAGER_MIN_BLOCKS
+    module = SOLOExportModule(model, max_candidates, min_blocks).eval()
     if fmt == "onnx" and _has_deformable_conv(model):
         raise ExportError(
             "This model has deformable convolutions (MODEL.RESNETS.DEFORM_ON_PER_STAGE or "
@@ -94,12 +155,12 @@ def export_model(
     if sample_image is None:
         generator = torch.Generator().manual_seed(0)
         sample_image = torch.randint(0, 256, (3, 320, 320), generator=generator)
-    uses_torch_export = fmt == "pt2" or (fmt == "onnx" and dynamo)
-    min_blocks = MIN_BLOCKS if uses_torch_export else 2
-    x = pad_image(sample_image.float(), module.pixel_mean, module.size_divisibility, min_blocks)
+    x = sample_image.float()[None]
+    if uses_torch_export:  # the sample must lie in the program's input range
+        x = _fit_sample(x, module)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "model" + EXPORT_FORMATS[fmt])
-    meta = json.dumps({**_metadata(model, module, cfg), "min_blocks": min_blocks})
+    meta = json.dumps(_metadata(model, module, cfg, fmt, uses_torch_export))
     with torch.no_grad():
         if fmt == "onnx":
             _export_onnx(module, x, path, meta, dynamo)
@@ -109,18 +170,34 @@ def export_model(
                 traced = torch.jit.trace(module, (x,), check_trace=False)
             torch.jit.save(traced, path, _extra_files={METADATA_KEY: meta})
         else:
-            program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(module))
+            with _size_oblivious():
+                shapes = _dynamic_shapes(module)
+                program = torch.export.export(module, (x,), dynamic_shapes=shapes)
             torch.export.save(program, path, extra_files={METADATA_KEY: meta})
     logger.info(f"Exported {type(model.head).__name__} model to {path} (K0={max_candidates}).")
     return path
 
 
+def _size_oblivious():
+    """torch.export without specialising sizes of 1 (see formats.MIN_BLOCKS), where torch can."""
+    if SIZE_OBLIVIOUS_EXPORT:
+        return _fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
 def _dynamic_shapes(module: SOLOExportModule):
-    d = module.size_divisibility
-    # H = d * h' and W = d * w': the stride arithmetic of the backbone and head stays exact.
-    h = torch.export.Dim("h_blocks", min=MIN_BLOCKS, max=8192 // d)
-    w = torch.export.Dim("w_blocks", min=MIN_BLOCKS, max=8192 // d)
-    return {"image": {2: d * h, 3: d * w}}
+    low = (EXPORT_MIN_BLOCKS - 1) * module.size_divisibility + 1
+    h = torch.export.Dim("height", min=low, max=MAX_SIDE)
+    w = torch.export.Dim("width", min=low, max=MAX_SIDE)
+    return {"image": {2: h, 3: w}}
+
+
+def _fit_sample(x: torch.Tensor, module: SOLOExportModule) -> torch.Tensor:
+    """The sample cropped to MAX_SIDE and padded with the pixel mean to the smallest side a
+    torch.export program takes (the exported program does not depend on the sample's size)."""
+    low = (EXPORT_MIN_BLOCKS - 1) * module.size_divisibility + 1
+    x = x[..., :MAX_SIDE, :MAX_SIDE]
+    return pad_image(x[0], module.pixel_mean, 1, low)
 
 
 def _has_deformable_conv(model) -> bool:
@@ -143,22 +220,19 @@ def _export_onnx(module, x, path, meta, dynamo: bool):
         ) from e
     if dynamo:
         kwargs = dict(dynamo=True, dynamic_shapes=_dynamic_shapes(module), optimize=True)
+        oblivious = _size_oblivious()
     else:
         # The TorchScript-based exporter: a trace, so as fast as TorchScript export and without
         # torch.export's size-1 specialisation; the graph holds no data-dependent shape.
         dims = {"image": {2: "height", 3: "width"}}
         kwargs = dict(dynamo=False, dynamic_axes=dims, opset_version=ONNX_OPSET)
-    with warnings.catch_warnings():
+        oblivious = contextlib.nullcontext()
+    with warnings.catch_warnings(), oblivious:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            module, (x,), path, input_names=["image"], output_names=OUTPUT_NAMES, **kwargs
+            module, (x,), path, input_names=["image"], output_names=_output_names(module), **kwargs
         )
     proto = onnx.load(path)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, meta
     onnx.save(proto, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Runtime
-# ----------------------------------------------------------------------------------------------

@@ -19,6 +19,60 @@ from .losses import category_loss, mask_loss
 from .postprocess import SOLOPostProcessor
 from .targets import SOLOTargetAssigner, gather_ground_truth
 
+#: Images are padded to at least this many times the backbone's size divisibility. Otherwise P5
+#: is 1x1 for tiny images (e.g. 20x20), and a GroupNorm with one channel per group (e.g. 32
+#: channels) then sees a single value per group, which PyTorch rejects. Extra bottom/right
+#: padding is what batching with a larger image does anyway; outputs are cropped to the images.
+MIN_BLOCKS = 2
+
+EXPORT_ROUTE = (
+    "export it with tools/export_model.py or solo.export.export_model(model, fmt, output_dir), "
+    "which trace solo.export.SOLOExportModule (backbone, head and the fixed-size "
+    "post-processing), and run the file with solo.export.ExportedModel"
+)
+
+
+def is_exporting() -> bool:
+    """Whether the code runs under ``torch.jit.trace``/``script``, ``torch.onnx.export`` or
+    ``torch.export``: Python control flow and data-dependent shapes are then frozen or refused."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+    )
+
+
+def padded_size(height, width, size_divisibility: int, min_size: int = 0):
+    """(H, W): ``height`` and ``width`` rounded up to a multiple of ``size_divisibility`` (0 or
+    1: unchanged) and to at least ``min_size``. Ints, or the symbolic sizes of a trace or an
+    export (0-dim tensors under ``torch.onnx.export``, SymInts under ``torch.export``)."""
+    d = max(int(size_divisibility), 1)
+
+    def one(size):
+        rounded = (size + d - 1) // d * d
+        if isinstance(rounded, torch.Tensor):
+            return rounded.clamp(min=min_size)
+        return torch.sym_max(rounded, min_size)
+
+    return one(height), one(width)
+
+
+def pad_to_divisibility(
+    images: torch.Tensor, size_divisibility: int, min_size: int = 0, value: float = 0.0
+) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, H, W) padded bottom/right with ``value`` to :func:`padded_size`.
+
+    The one padding of SOLO's inputs: the eager model pads normalised images with 0, and an
+    exported graph runs this same function on its input, so that any H and W are padded as the
+    eager model pads them (the sizes stay symbolic under tracing and export).
+    """
+    h, w = images.shape[-2:]
+    hp, wp = padded_size(h, w, size_divisibility, min_size)
+    if not is_exporting() and (hp, wp) == (h, w):
+        return images
+    return F.pad(images, (0, wp - w, 0, hp - h), value=value)
+
 
 @META_ARCH_REGISTRY.register()
 class SOLO(nn.Module):
@@ -114,31 +168,21 @@ class SOLO(nn.Module):
         return self._pad(images)
 
     def _pad(self, images: List[torch.Tensor]) -> ImageList:
-        images = self._pad_to_min_size(
-            ImageList.from_tensors(
-                images,
-                self.backbone.size_divisibility,
-                padding_constraints=self.backbone.padding_constraints,
+        d = self.backbone.size_divisibility
+        min_size = MIN_BLOCKS * max(d, 1)
+        if len(images) == 1 and not self.backbone.padding_constraints:
+            # Inference's path (each image alone), the one an exported graph holds.
+            tensor = pad_to_divisibility(images[0][None], d, min_size)
+            images = ImageList(tensor, [tuple(images[0].shape[-2:])])
+        else:
+            images = ImageList.from_tensors(
+                images, d, padding_constraints=self.backbone.padding_constraints
             )
-        )
+            images = ImageList(pad_to_divisibility(images.tensor, 1, min_size), images.image_sizes)
         if self.channels_last and images.tensor.device.type == "cpu":
             tensor = images.tensor.contiguous(memory_format=torch.channels_last)
             images = ImageList(tensor, images.image_sizes)
         return images
-
-    def _pad_to_min_size(self, images: ImageList) -> ImageList:
-        """Pad a batch of tiny images (e.g. 20x20) to at least twice the backbone's stride.
-
-        Otherwise P5 is 1x1, and a GroupNorm with one channel per group (e.g. 32 channels) then
-        sees a single value per group, which PyTorch rejects. Extra bottom/right padding is what
-        batching with a larger image does anyway; outputs are cropped to the image sizes.
-        """
-        min_size = 2 * max(self.backbone.size_divisibility, 1)
-        h, w = images.tensor.shape[-2:]
-        if h >= min_size and w >= min_size:
-            return images
-        padded = F.pad(images.tensor, (0, max(min_size - w, 0), 0, max(min_size - h, 0)))
-        return ImageList(padded, images.image_sizes)
 
     def _checked_image(self, inputs: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
         """``inputs["image"]``, which must be a (3, H, W) tensor (Detectron2's readers give one)."""
@@ -168,6 +212,13 @@ class SOLO(nn.Module):
             inference: ``[{"instances": Instances}]`` with ``pred_masks`` (bool, output size),
             ``scores``, ``pred_classes`` and ``pred_boxes`` (tight boxes of the masks).
         """
+        if is_exporting():
+            raise RuntimeError(
+                "The eager SOLO model cannot be traced or exported: its post-processing keeps "
+                "a data-dependent number of candidates, so a trace records the sample image's "
+                "count (0 instances on every image after a sample without detections) or fails "
+                f"inside the tracer. Instead, {EXPORT_ROUTE}."
+            )
         if not self.training:
             return self.forward_inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)

@@ -1,5 +1,13 @@
 """From grid predictions to final instances (the official ``get_seg_single``, batched).
 
+One :class:`SOLOPostProcessor`, two entry points built from the same step functions
+(:func:`grid_scores`, :func:`split_cells`, :func:`mask_areas_and_sums`, :func:`rescore`,
+``nms.matrix_nms_from_iou``):
+
+* ``__call__``: the data-dependent eager path (any number of candidates, chunked, pasted);
+* :meth:`SOLOPostProcessor.fixed_size`: the same result for one image with shapes fixed by the
+  config, which an exported graph holds (:mod:`solo.export`).
+
 Per image: point NMS on the category scores; candidates are the (cell, class) pairs scoring
 strictly above ``score_thresh``; their masks (at stride 4) are binarised at ``mask_thresh``; masks
 not larger than their level's ``min_mask_areas`` entry (the level stride in the official code) are
@@ -27,20 +35,68 @@ larger than the level's minimum area).
 
 from typing import Callable, List, Sequence, Tuple
 import torch
-import torch.nn.functional as F
 from torch.profiler import record_function
 
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
-from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, points_nms
+from .heads.base import CandidateMaskProbs
+from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, matrix_nms_from_iou, points_nms
 from .paste import paste_masks
 
 NMS_TYPES = ("matrix", "mask")
 
 #: ``mask_probs(image, levels, cells, size)``: see :meth:`SOLOPostProcessor.__call__`.
 MaskProbs = Callable[[int, torch.Tensor, torch.Tensor, Tuple[int, int]], torch.Tensor]
+
+#: :meth:`SOLOPostProcessor.fixed_size`'s outputs, in this order (also the exported graphs').
+FIXED_SIZE_OUTPUTS = ("scores", "labels", "masks", "num_detections", "num_candidates")
+
+
+def grid_scores(cate_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, sum S^2, C) category scores after point NMS, the levels' cells concatenated (flat
+    cell ``i * S + j`` within a level), from per-level (N, C, S, S) logits."""
+    per_level = [points_nms(x.sigmoid()).permute(0, 2, 3, 1) for x in cate_logits]
+    return torch.cat([x.flatten(1, 2) for x in per_level], dim=1)
+
+
+def split_cells(
+    flat_cells: torch.Tensor, cells_per_level: Sequence[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(levels, cells): the level index and the flat cell within its level of indices into
+    :func:`grid_scores`' concatenated cells (int64 (K,) each). Comparisons, not
+    ``searchsorted``, which ONNX lacks."""
+    sizes = torch.tensor(list(cells_per_level), device=flat_cells.device)
+    ends = sizes.cumsum(0)
+    levels = (flat_cells[:, None] >= ends[None, :]).sum(dim=1)
+    return levels, flat_cells - (ends - sizes)[levels]
+
+
+def mask_areas_and_sums(probs: torch.Tensor, mask_thresh: float, in_place: bool = False):
+    """Binary masks (K, h, w) ``probs > mask_thresh``, their int64 areas (K,) and the float32
+    sums (K,) of the probabilities inside them (accumulated in float32: a half-precision sum
+    overflows beyond 65504). ``in_place`` zeroes ``probs`` outside the masks instead of
+    allocating a copy (the eager path's candidate chunks are not used afterwards)."""
+    masks = probs > mask_thresh
+    areas = masks.flatten(1).sum(dim=1)
+    inside = probs.mul_(masks) if in_place else probs * masks
+    return masks, areas, inside.flatten(1).sum(dim=1, dtype=torch.float32)
+
+
+def rescore(scores: torch.Tensor, areas: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Category scores times maskness (mean probability inside the binary mask); an empty mask
+    counts as area 1 (it never survives the area filter)."""
+    return scores * (sums / areas.clamp(min=1))
+
+
+def float_mask_iou(masks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """(K, K) IoU of (K, h, w) binary masks from one float product (exact counts below 2^24
+    pixels). The fixed-size path's: ``nms.mask_iou_matrix`` takes int8 kernels on CPU, which no
+    exporter maps."""
+    flat = masks.flatten(1).to(areas.dtype)
+    inter = flat @ flat.t()
+    return inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1e-6)
 
 
 class SOLOPostProcessor:
@@ -123,8 +179,7 @@ class SOLOPostProcessor:
             ``pred_classes`` and ``pred_boxes``, sorted by descending score.
         """
         with record_function("solo.postprocess.candidates"):
-            per_level = [points_nms(x.sigmoid()).permute(0, 2, 3, 1) for x in cate_logits]
-            scores = torch.cat([x.flatten(1, 2) for x in per_level], dim=1)  # (N, sum S^2, C)
+            scores = grid_scores(cate_logits)  # (N, sum S^2, C)
         cells_per_level = [x.shape[-2] * x.shape[-1] for x in cate_logits]
         results, candidate_counts = [], []
         for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
@@ -148,12 +203,8 @@ class SOLOPostProcessor:
         with record_function("solo.postprocess.candidates"):
             flat_cells, labels = (scores > self.score_thresh).nonzero(as_tuple=True)
             cand_scores = scores[flat_cells, labels]
-            level_sizes = torch.tensor(cells_per_level, device=device)
-            level_ends = level_sizes.cumsum(0)
-            levels = torch.searchsorted(level_ends, flat_cells, right=True)
-            cells = flat_cells - (level_ends - level_sizes)[levels]
-            min_areas = torch.tensor(self.min_mask_areas, device=device, dtype=torch.float)
-            min_areas = min_areas[levels]
+            levels, cells = split_cells(flat_cells, cells_per_level)
+            min_areas = self._min_areas(device)[levels]
 
         # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory).
         # Only the binary masks are pooled; the soft masks of the few final instances are
@@ -166,20 +217,15 @@ class SOLOPostProcessor:
             with record_function("solo.postprocess.mask_probs"):
                 probs = mask_probs(image, levels[part], cells[part], stride4_size)
             with record_function("solo.postprocess.nms"):
-                masks = probs > self.mask_thresh
-                areas = masks.flatten(1).sum(dim=1)
-                # Sum of the probabilities above the threshold (in place: the heads return
-                # fresh tensors), accumulated in float32 (a half-precision sum overflows beyond
-                # 65504).
-                inside = F.threshold_(probs, self.mask_thresh, 0.0).flatten(1)
-                inside = inside.sum(dim=1, dtype=torch.float32)
+                # In place: the heads return fresh tensors.
+                masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, True)
                 keep = areas > min_areas[part]
-                maskness = inside[keep] / areas[keep]
+                rescored = rescore(cand_scores[part][keep], areas[keep], inside[keep])
             with record_function("solo.postprocess.candidates"):
                 pool.append(
                     (
                         masks[keep],
-                        cand_scores[part][keep] * maskness,
+                        rescored,
                         labels[part][keep],
                         candidates[part][keep],
                         areas[keep].float(),
@@ -218,17 +264,86 @@ class SOLOPostProcessor:
 
         result = Instances(output_size)
         with record_function("solo.postprocess.paste"):
-            result.pred_masks, result.pred_boxes = self._paste_masks(
-                probs, padded_size, image_size, output_size
+            result.pred_masks, result.pred_boxes = paste_masks(
+                probs, padded_size, image_size, output_size, self.mask_thresh, self.paste_chunk_size
             )
         result.scores = cand_scores
         result.pred_classes = labels
         return result, num_candidates
 
-    def _paste_masks(self, probs, padded_size, image_size, output_size):
-        return paste_masks(
-            probs, padded_size, image_size, output_size, self.mask_thresh, self.paste_chunk_size
+    def _min_areas(self, device) -> torch.Tensor:
+        return torch.tensor(self.min_mask_areas, device=device, dtype=torch.float32)
+
+    def check_fixed_size(self, max_candidates: int) -> None:
+        """Raise ValueError when :meth:`fixed_size` cannot reproduce this post-processor."""
+        if self.nms_type != "matrix":
+            raise ValueError(
+                f"MODEL.SOLO.NMS_TYPE={self.nms_type!r} (greedy mask NMS) has a number of "
+                "suppression steps that depends on the data, so it has no fixed-size form. Use "
+                "MODEL.SOLO.NMS_TYPE matrix (Matrix NMS, the SOLOv2 default)."
+            )
+        if max_candidates < 1:
+            raise ValueError(f"max_candidates (K0) must be >= 1, got {max_candidates}.")
+
+    def fixed_size(
+        self,
+        cate_logits: Sequence[torch.Tensor],
+        mask_probs: CandidateMaskProbs,
+        max_candidates: int,
+    ) -> Tuple[torch.Tensor, ...]:
+        """This post-processor (Matrix NMS) for image 0 with shapes fixed by the config only.
+
+        Args:
+            cate_logits: per level, (1, C, S, S) category logits.
+            mask_probs: ``(levels, cells) -> (K, h, w)`` float mask probabilities at stride 4
+                of K candidates given by their level and flat cell index ``i * S + j`` (int64),
+                e.g. a head's ``fixed_size_mask_probs``.
+            max_candidates: K0, the number of (cell, class) pairs given a mask.
+
+        Returns:
+            the :data:`FIXED_SIZE_OUTPUTS`: scores (D,) float, labels (D,) int64, masks
+            (D, h, w) soft masks, num_detections and num_candidates (0-dim int64), with
+            D = min(max_per_image, nms_pre, K0, sum S^2 * C). Rows ``num_detections`` and
+            later are padding (score -1). The first ``num_detections`` rows are ``__call__``'s
+            instances in its order (descending score) whenever ``num_candidates <= K0``.
+
+        Raises:
+            ValueError: greedy mask NMS, or K0 < 1 (:meth:`check_fixed_size`).
+        """
+        self.check_fixed_size(max_candidates)
+        scores = grid_scores(cate_logits)[0]  # (sum S^2, C)
+        num_classes = scores.shape[1]
+        flat = scores.flatten()
+        num_candidates = (flat > self.score_thresh).sum()
+
+        # Static top K0 over every (cell, class) pair: the official candidates are those above
+        # the threshold, marked valid; the rest of the K0 is padding that cannot survive.
+        k0 = min(max_candidates, flat.numel())
+        cand_scores, pairs = flat.topk(k0)
+        valid = cand_scores > self.score_thresh
+        cells_per_level = [x.shape[-2] * x.shape[-1] for x in cate_logits]
+        levels, cells = split_cells(pairs // num_classes, cells_per_level)
+        labels = pairs % num_classes
+
+        probs = mask_probs(levels, cells)  # (K0, h, w)
+        masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh)
+        keep = valid & (areas > self._min_areas(probs.device)[levels])
+        # Padding rows sort below every candidate: a kept score is > SCORE_THRESH * MASK_THRESH.
+        rescored = torch.where(keep, rescore(cand_scores, areas, inside), -1.0)
+
+        k1 = min(self.nms_pre, k0)
+        rescored, order = rescored.topk(k1)
+        iou = float_mask_iou(masks[order], areas[order].to(probs.dtype))
+        decayed = matrix_nms_from_iou(
+            iou, labels[order], rescored, self.matrix_nms_kernel, self.matrix_nms_sigma
         )
+        # Padding rows come last, so they never decay a candidate.
+        final = (rescored > -1) & (decayed >= self.update_thresh)
+        k2 = min(self.max_per_image, k1)
+        det_scores, det = torch.where(final, decayed, -1.0).topk(k2)
+        num_detections = final.sum().clamp(max=k2)
+        chosen = order[det]
+        return det_scores, labels[chosen], probs[chosen], num_detections, num_candidates
 
 
 def _concat(parts):

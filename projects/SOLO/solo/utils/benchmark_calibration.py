@@ -93,26 +93,19 @@ def _rescale_mask_conv(conv: nn.Conv2d, logits: torch.Tensor, coverage: float):
     conv.bias.copy_(-z.kthvalue(k, dim=1).values)
 
 
-def calibrate_masks(head: nn.Module, mask_outputs) -> bool:
-    """SOLO v1 / Decoupled mask convs rescaled (see the module docstring); False for SOLOv2.
+def calibrate_masks(head: nn.Module, outputs) -> bool:
+    """SOLO v1 / Decoupled mask convs rescaled (see the module docstring); False when the head
+    has no convs of mask logits (SOLOv2's dynamic kernels).
 
-    ``mask_outputs``: the head's ``HeadOutputs.mask_outputs``: SOLOHead's are the features its
-    S^2-channel convs read (it applies only the channels it needs, so all are computed here),
-    Decoupled heads' are the (X, Y) logits per level."""
-    if hasattr(head, "mask_preds"):
-        pairs = [
-            (conv, conv(feat[:1]), MASK_COVERAGE)
-            for conv, feat in zip(head.mask_preds, mask_outputs)
-        ]
-    elif hasattr(head, "mask_preds_x"):  # mask = X_j * Y_i: both must be high
-        pairs = [
-            (conv, xy[axis], math.sqrt(MASK_COVERAGE))
-            for axis, convs in enumerate((head.mask_preds_x, head.mask_preds_y))
-            for conv, xy in zip(convs, mask_outputs)
-        ]
-    else:
+    ``outputs``: the head's ``HeadOutputs`` on the calibration image; each mask conv named by
+    ``head.prediction_layers()`` gets its logits from ``head.mask_layer_logits(outputs)``. A mask
+    that is the product of k maps (decoupled X * Y: k = 2) covers MASK_COVERAGE when each map
+    covers its k-th root."""
+    layers = head.prediction_layers()
+    if not layers.masks:
         return False
-    for conv, logits, coverage in pairs:
+    coverage = MASK_COVERAGE ** (1 / layers.mask_factors)
+    for conv, logits in zip(layers.masks, head.mask_layer_logits(outputs, 0)):
         _rescale_mask_conv(conv, logits, coverage)
     return True
 
@@ -147,8 +140,8 @@ def calibrate_solo(model: nn.Module, batched: List[dict]) -> dict:
     features = model.backbone(images.tensor)
     head_inputs = [features[f] for f in model.head_in_features]
     outputs = head(head_inputs)
-    masks_calibrated = calibrate_masks(head, outputs.mask_outputs)
-    conv = head.cate_pred
+    masks_calibrated = calibrate_masks(head, outputs)
+    conv = head.prediction_layers().category
     base_weight, base_bias = conv.weight.detach().clone(), conv.bias.detach().clone()
     survivors = point_nms_survivors(outputs.cate_logits)
     target = post.nms_pre

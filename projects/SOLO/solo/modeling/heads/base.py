@@ -3,17 +3,22 @@
 A head turns the five FPN levels into
 * ``cate_logits``: one (N, C, S, S) tensor per level, and
 * mask predictions in a head-specific form (``mask_outputs``),
-and answers two questions about the latter, so that targets, losses and post-processing are
-written once for the whole family:
+and answers questions about the latter, so that targets, losses, post-processing, export and
+calibration are written once for the whole family and nothing outside ``heads/`` asks which head
+it has:
 * :meth:`training_mask_probs`: mask probabilities of given (image, cell) pairs at the level's
   mask-target stride (``mask_strides``);
-* :meth:`inference_mask_probs`: mask probabilities of given candidates of one image at stride 4.
+* :meth:`inference_mask_probs`: mask probabilities of given candidates of one image at stride 4;
+* :meth:`fixed_size_mask_probs`: the same with shapes that do not depend on the data (the
+  exported graph, :meth:`solo.modeling.postprocess.SOLOPostProcessor.fixed_size`);
+* :meth:`prediction_layers` / :meth:`mask_layer_logits`: the convs whose outputs are category
+  and mask logits (forced candidates in tests, the benchmark's calibration).
 """
 
 import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import Any, List, Sequence
+from typing import Callable, Generic, List, Sequence, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,11 +28,43 @@ from detectron2.layers import ShapeSpec
 
 from ..layers import ConvGNReLU, resize
 
+#: A head's mask predictions; each head documents its own type (``SOLOMaskOutputs``,
+#: ``DecoupledMaskOutputs``, ``SOLOv2MaskOutputs``).
+MaskOutputs = TypeVar("MaskOutputs")
+
+#: ``(levels, cells) -> (K, h, w)`` float mask probabilities at stride 4 of K candidates of one
+#: image given by their level index and flat cell ``i * S + j`` (int64 (K,) tensors).
+CandidateMaskProbs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass
-class HeadOutputs:
+class HeadOutputs(Generic[MaskOutputs]):
+    """What a head's ``forward`` returns.
+
+    Attributes:
+        cate_logits: per level, (N, C, S, S) category logits.
+        mask_outputs: the head's mask predictions, of the type its ``forward`` documents.
+    """
+
     cate_logits: List[torch.Tensor]
-    mask_outputs: Any
+    mask_outputs: MaskOutputs
+
+
+@dataclass
+class PredictionLayers:
+    """The convs of a head whose outputs are logits.
+
+    Attributes:
+        category: the (C-channel) category conv, shared by all levels.
+        masks: convs each of whose output channels is a map of mask logits (one per cell, or
+            per row / column of the grid); empty when masks come from dynamic kernels (SOLOv2).
+        mask_factors: how many of those maps' sigmoids multiply into one mask (2 for
+            decoupled heads' X_j * Y_i, else 1).
+    """
+
+    category: nn.Conv2d
+    masks: List[nn.Conv2d]
+    mask_factors: int = 1
 
 
 def split_features(features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -156,6 +193,23 @@ class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
         self, outputs: HeadOutputs, image: int, levels: torch.Tensor, cells: torch.Tensor, size
     ) -> torch.Tensor:
         """(K, *size) mask probabilities of candidates (level, cell) of one image at stride 4."""
+
+    @abstractmethod
+    def fixed_size_mask_probs(
+        self, outputs: HeadOutputs, size: Tuple[int, int]
+    ) -> CandidateMaskProbs:
+        """:meth:`inference_mask_probs` of image 0 as a callable ``(levels, cells) -> (K, *size)``
+        whose operations have shapes fixed by K and ``size`` only (no ``nonzero``, no per-level
+        grouping of the candidates): what an exported graph can hold. Same probabilities."""
+
+    def prediction_layers(self) -> PredictionLayers:
+        """The convs predicting category and mask logits (see :class:`PredictionLayers`)."""
+        return PredictionLayers(category=self.cate_pred, masks=[])
+
+    def mask_layer_logits(self, outputs: HeadOutputs, image: int = 0) -> List[torch.Tensor]:
+        """Per conv of ``prediction_layers().masks``, its (1, channels, h, w) output on image
+        ``image`` of ``outputs`` (empty when there are no such convs)."""
+        return []
 
 
 def gather_per_level(levels: torch.Tensor, num_levels: int, compute, out: torch.Tensor):

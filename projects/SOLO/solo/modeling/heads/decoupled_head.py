@@ -4,7 +4,8 @@ Instead of S^2 mask channels, a level predicts S "column" maps X and S "row" map
 cuts the output channels from S^2 to 2S.
 """
 
-from typing import List, Sequence
+import numpy as np
+from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
@@ -13,6 +14,7 @@ from detectron2.config import configurable
 from ..layers import coord_features, resize
 from .base import (
     HeadOutputs,
+    PredictionLayers,
     SOLOHeadBase,
     build_tower,
     gather_per_level,
@@ -21,6 +23,11 @@ from .base import (
 )
 from .registry import SOLO_HEAD_REGISTRY
 from .solo_head import upsample2x
+
+#: Decoupled heads' ``HeadOutputs.mask_outputs``: per level, the (X, Y) logits, each
+#: (N, S, 2h, 2w): column maps X_j and row maps Y_i; the mask of cell (i, j) is
+#: sigmoid(X_j) * sigmoid(Y_i).
+DecoupledMaskOutputs = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 class _DecoupledBase(SOLOHeadBase):
@@ -39,7 +46,7 @@ class _DecoupledBase(SOLOHeadBase):
     def mask_strides(self, level_strides: Sequence[int]) -> List[int]:
         return [s // 2 for s in level_strides]
 
-    def forward(self, features):
+    def forward(self, features) -> HeadOutputs[DecoupledMaskOutputs]:
         features = split_features(features)
         cate_logits, xy_logits = [], []
         for level, x in enumerate(features):
@@ -67,6 +74,30 @@ class _DecoupledBase(SOLOHeadBase):
 
         out = xy_logits[0][0].new_empty((len(cells), *size))
         return gather_per_level(levels, len(xy_logits), compute, out)
+
+    def fixed_size_mask_probs(self, outputs, size):
+        # All S column maps X and S row maps Y of every level, at stride 4 (2 * sum S maps,
+        # fewer than the candidates), then one gather and product per candidate: the official
+        # sigmoid -> upsample -> multiply order.
+        xs = torch.cat([resize(x[:1].sigmoid(), size)[0] for x, _ in outputs.mask_outputs])
+        ys = torch.cat([resize(y[:1].sigmoid(), size)[0] for _, y in outputs.mask_outputs])
+        offsets = np.cumsum([0] + self.num_grids[:-1]).tolist()
+        offsets = torch.tensor(offsets, device=xs.device)
+        grid = torch.tensor(self.num_grids, device=xs.device)
+
+        def probs(levels, cells):
+            rows, cols = cells // grid[levels], cells % grid[levels]
+            return xs[offsets[levels] + cols] * ys[offsets[levels] + rows]
+
+        return probs
+
+    def prediction_layers(self):
+        masks = [*self.mask_preds_x, *self.mask_preds_y]
+        return PredictionLayers(category=self.cate_pred, masks=masks, mask_factors=2)
+
+    def mask_layer_logits(self, outputs, image=0):
+        # The X convs' outputs, then the Y convs', as prediction_layers() lists them.
+        return [xy[axis][image : image + 1] for axis in (0, 1) for xy in outputs.mask_outputs]
 
 
 @SOLO_HEAD_REGISTRY.register()

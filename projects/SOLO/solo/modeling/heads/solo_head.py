@@ -6,6 +6,7 @@ weight. So the head returns the (upsampled) mask features and applies the rows i
 logits as the official full S^2-channel conv, without computing (1600 + 1296 + ...) maps.
 """
 
+import numpy as np
 from typing import List, Sequence
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from detectron2.config import configurable
 from ..layers import coord_features, per_image_dynamic_conv, resize
 from .base import (
     HeadOutputs,
+    PredictionLayers,
     SOLOHeadBase,
     build_tower,
     gather_per_level,
@@ -23,6 +25,10 @@ from .base import (
     split_features,
 )
 from .registry import SOLO_HEAD_REGISTRY
+
+#: ``SOLOHead``'s ``HeadOutputs.mask_outputs``: per level, the x2-upsampled mask tower features
+#: (N, channels, 2h, 2w), which the level's S^2-channel 1x1 conv turns into mask logits.
+SOLOMaskOutputs = List[torch.Tensor]
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +50,7 @@ class SOLOHead(SOLOHeadBase):
     def mask_strides(self, level_strides: Sequence[int]) -> List[int]:
         return [s // 2 for s in level_strides]
 
-    def forward(self, features):
+    def forward(self, features) -> HeadOutputs[SOLOMaskOutputs]:
         """``mask_outputs``: per level, the x2-upsampled mask tower features (N, C, 2h, 2w)."""
         features = split_features(features)
         cate_logits, mask_features = [], []
@@ -74,3 +80,36 @@ class SOLOHead(SOLOHeadBase):
 
         out = outputs.mask_outputs[0].new_empty((len(cells), *size))
         return gather_per_level(levels, num_levels, compute, out)
+
+    def fixed_size_mask_probs(self, outputs, size):
+        # Channel k of level l's 1x1 conv is row k of its weight: gather the K candidates' rows
+        # from all levels, apply them to every level's features and keep each candidate's own
+        # level (the levels' features differ in size, so a per-level gather would be
+        # data-dependent).
+        weight = torch.cat([conv.weight.flatten(1) for conv in self.mask_preds])
+        bias = torch.cat([conv.bias for conv in self.mask_preds])
+        sizes = [s * s for s in self.num_grids]
+        offsets = torch.tensor(np.cumsum([0] + sizes[:-1]).tolist(), device=weight.device)
+
+        def probs(levels, cells):
+            rows = offsets[levels] + cells
+            w, b = weight[rows], bias[rows]
+            out = None
+            for level, features in enumerate(outputs.mask_outputs):
+                h, wd = features.shape[-2:]
+                logits = (w @ features[0].flatten(1) + b[:, None]).view(-1, h, wd)
+                p = resize(logits.sigmoid()[None], size)[0]
+                out = p if out is None else torch.where((levels == level)[:, None, None], p, out)
+            return out
+
+        return probs
+
+    def prediction_layers(self):
+        return PredictionLayers(category=self.cate_pred, masks=list(self.mask_preds))
+
+    def mask_layer_logits(self, outputs, image=0):
+        # The head applies only the channels it needs; here all S^2 of each level are computed.
+        return [
+            conv(features[image : image + 1])
+            for conv, features in zip(self.mask_preds, outputs.mask_outputs)
+        ]

@@ -1,6 +1,6 @@
 """SOLOv2 head: per-cell dynamic 1x1 mask kernels applied to unified stride-4 mask features."""
 
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 import torch
 from torch import nn
 
@@ -10,6 +10,19 @@ from ..layers import coord_features, per_image_dynamic_conv, resize
 from .base import HeadOutputs, SOLOHeadBase, build_tower, init_prediction, split_features
 from .mask_feature_branch import MaskFeatureBranch
 from .registry import SOLO_HEAD_REGISTRY
+
+
+class SOLOv2MaskOutputs(NamedTuple):
+    """``SOLOv2Head``'s ``HeadOutputs.mask_outputs``.
+
+    Attributes:
+        kernels: per level, (N, E, S, S) dynamic 1x1 kernel weights of each grid cell.
+        features: (N, E, H/4, W/4) unified mask features; a cell's mask logits are its kernel
+            applied to them.
+    """
+
+    kernels: List[torch.Tensor]
+    features: torch.Tensor
 
 
 @SOLO_HEAD_REGISTRY.register()
@@ -57,7 +70,7 @@ class SOLOv2Head(SOLOHeadBase):
     def mask_strides(self, level_strides: Sequence[int]) -> List[int]:
         return [4] * len(level_strides)
 
-    def forward(self, features):
+    def forward(self, features) -> HeadOutputs[SOLOv2MaskOutputs]:
         """``features``: the head's levels P2-P6; P2-P5 also feed the mask feature branch."""
         mask_features = self.mask_features(features[: len(self.mask_features.levels)])
         # The dynamic convolutions read (E, H*W) rows: make channels-last maps NCHW once here.
@@ -68,7 +81,7 @@ class SOLOv2Head(SOLOHeadBase):
             kernel_feat = resize(torch.cat([x, coord_features(x)], dim=1), grid)
             kernels.append(self.kernel_pred(self.kernel_tower(kernel_feat)))
             cate_logits.append(self.category_logits(x, level))
-        return HeadOutputs(cate_logits, (kernels, mask_features))
+        return HeadOutputs(cate_logits, SOLOv2MaskOutputs(kernels, mask_features))
 
     def training_mask_probs(self, outputs, level, images, cells):
         kernels, mask_features = outputs.mask_outputs
@@ -88,3 +101,7 @@ class SOLOv2Head(SOLOHeadBase):
         if tuple(probs.shape[-2:]) != tuple(size):
             probs = resize(probs[None], size)[0]
         return probs
+
+    def fixed_size_mask_probs(self, outputs, size):
+        # Already fixed-size: one gather of the dynamic kernels and one matrix product.
+        return lambda levels, cells: self.inference_mask_probs(outputs, 0, levels, cells, size)
