@@ -1,19 +1,30 @@
 #!/usr/bin/env python
-r"""Draw SOLO / Decoupled SOLO / SOLOv2 predictions on images or a video (Detectron2's demo).
+r"""Draw SOLO / Decoupled SOLO / SOLOv2 predictions on images, a video or a webcam, and write
+them as COCO results (Detectron2's demo).
 
     python demo/demo.py --config-file configs/Shapes/SOLOv2_R18.yaml \
-        --input images/ "more/*.jpg" one.png --output vis/ \
-        --opts MODEL.WEIGHTS output/shapes/SOLOv2_R18/model_final.pth
+        --input images/ "more/*.jpg" one.png --output vis/ --output-json predictions.json \
+        MODEL.WEIGHTS output/shapes/SOLOv2_R18/model_final.pth
     python demo/demo.py --config-file CONFIG --video-input in.mp4 --output vis/ \
-        --opts MODEL.WEIGHTS W
+        --output-json tracks.json MODEL.WEIGHTS W
 
-``--input`` takes files, globs and directories (their images, sorted by name). Without
-``--output`` nothing is written or shown: each image's instance count and time are logged (use
-``--show`` for an OpenCV window). ``MODEL.DEVICE`` falls back to ``cpu`` without CUDA unless it is
-given in ``--opts``. ``--confidence-threshold`` only filters what is drawn; the model's own
-thresholds (``MODEL.SOLO.*``) are used as configured.
+``--input`` takes files, globs and directories (their images, sorted by name). Config overrides
+(``KEY VALUE``) come after the flags (``--opts KEY VALUE`` is also accepted). Without
+``--output`` nothing is drawn: each image's instance count and time are logged (``--show`` opens
+an OpenCV window). ``MODEL.DEVICE`` falls back to ``cpu`` without CUDA unless it is given.
+``--confidence-threshold`` filters what is drawn and written; the model's own thresholds
+(``MODEL.SOLO.*``) are used as configured.
+
+``--output-json FILE`` writes COCO results (``pycocotools`` ``COCO.loadRes`` reads them): RLE
+``segmentation``, XYWH ``bbox``, ``score``, ``category_id`` in the id space of the categories of
+``DATASETS.TEST[0]`` (e.g. 1..90 for COCO), ``file_name``, and ``polygons`` with
+``--polygons``. Images listed in that dataset's JSON keep their ``image_id``; otherwise images
+are numbered 1..N in input order. For a video or webcam, ``image_id`` is the frame index (from
+0) and ``track_id`` an instance id that persists across frames (drawn as ``#id``, one colour per
+id). Datasets named in ``DATASETS.COCO_FORMAT`` are registered first (class names, ids).
 """
 
+import solo  # noqa: F401  isort: skip  (first: it hides known start-up warnings, solo.utils.cli)
 import argparse
 import glob
 import logging
@@ -25,10 +36,18 @@ import tqdm
 
 from detectron2.utils.logger import setup_logger
 
-from predictor import VisualizationDemo  # next to this script, as in Detectron2's demo
+from predictor import VisualizationDemo, drawing_scale  # next to this script, as in Detectron2
 from solo import get_solo_cfg
 from solo.checkpoint import CheckpointMismatchError
-from solo.data import read_image, register_builtin_datasets
+from solo.data import read_image, register_datasets
+from solo.engine.results import (
+    dataset_category_ids,
+    image_ids_by_file,
+    instances_to_coco_results,
+    lookup_image_id,
+    write_json,
+)
+from solo.utils.cli import add_opts_argument, parse_args
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +77,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="image files, globs (quote them) or directories of images",
     )
     source.add_argument("--video-input", metavar="FILE", help="a video file")
+    source.add_argument("--webcam", action="store_true", help="the first webcam (Esc stops)")
     parser.add_argument(
         "--output",
         metavar="PATH",
@@ -81,11 +101,17 @@ def get_parser() -> argparse.ArgumentParser:
         "COCO JSON file whose categories give them; default: the metadata of DATASETS.TEST[0]",
     )
     parser.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth",
+        "--output-json",
+        metavar="FILE",
+        help="write the predictions as COCO results (RLE masks, boxes, scores, the dataset's "
+        "category ids; track ids for videos)",
     )
+    parser.add_argument(
+        "--polygons",
+        action="store_true",
+        help="with --output-json: also give each result its mask's contours ('polygons')",
+    )
+    add_opts_argument(parser)
     return parser
 
 
@@ -186,9 +212,52 @@ def write_image(path: str, bgr_image) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_on_images(demo: VisualizationDemo, targets: Dict[str, Optional[str]], show: bool):
+class ResultsFile:
+    """Collects COCO results for ``--output-json`` (nothing when ``path`` is None)."""
+
+    def __init__(self, path: Optional[str], metadata, num_classes: int, polygons: bool):
+        self.path, self.polygons, self.results = path, polygons, []
+        self.category_ids = dataset_category_ids(metadata, num_classes) if path else None
+        self.known_ids = {}
+        json_file, image_root = metadata.get("json_file"), metadata.get("image_root")
+        if path and json_file and image_root and os.path.isfile(json_file):
+            self.known_ids = image_ids_by_file(json_file, image_root)
+            self.source = f"'{json_file}'"
+
+    def image_ids(self, paths: Sequence[str]) -> Dict[str, int]:
+        """The dataset JSON's ids when it lists every input, else 1..N in input order."""
+        found = {p: lookup_image_id(self.known_ids, p) for p in paths}
+        if self.known_ids and all(i is not None for i in found.values()):
+            logger.info(f"--output-json: image ids of {self.source}")
+            return found
+        if self.known_ids and any(i is not None for i in found.values()):
+            missing = [p for p, i in found.items() if i is None]
+            logger.warning(
+                f"--output-json: {len(missing)} inputs (e.g. '{missing[0]}') are not in "
+                f"{self.source}: all images are numbered 1..{len(paths)} in input order instead."
+            )
+        return {p: i + 1 for i, p in enumerate(paths)}
+
+    def add(self, instances, image_id: int, **extra) -> None:
+        if self.path:
+            self.results += instances_to_coco_results(
+                instances, image_id, self.category_ids, self.polygons, extra
+            )
+
+    def write(self) -> List[str]:
+        if not self.path:
+            return []
+        write_json(self.path, self.results)
+        logger.info(f"{len(self.results)} results written to {self.path}")
+        return [self.path]
+
+
+def run_on_images(
+    demo: VisualizationDemo, targets: Dict[str, Optional[str]], show: bool, results: ResultsFile
+):
     """Predict, draw and write/show every image; returns the paths written."""
     written = []
+    image_ids = results.image_ids(list(targets))
     for path in tqdm.tqdm(targets, disable=len(targets) < 2, desc="images"):
         image = load_image(path)
         start = time.perf_counter()
@@ -196,6 +265,7 @@ def run_on_images(demo: VisualizationDemo, targets: Dict[str, Optional[str]], sh
         logger.info(
             f"{path}: detected {len(instances)} instances in {time.perf_counter() - start:.2f}s"
         )
+        results.add(instances, image_ids[path], file_name=path)
         if targets[path] is None and not show:
             continue  # drawing can cost more than the model: skip it when nobody looks
         drawn = demo.draw(image, instances)
@@ -225,29 +295,47 @@ def open_video_writer(path: str, fps: float, width: int, height: int) -> cv2.Vid
     return writer
 
 
-def run_on_video(demo: VisualizationDemo, video_path: str, output: Optional[str], show: bool):
-    """Predict and draw every frame; returns ``[output video]`` (or ``[]`` without ``--output``)."""
-    if not os.path.isfile(video_path):
+def open_capture(video_path: Optional[str]) -> cv2.VideoCapture:
+    """The video file, or the first webcam when ``video_path`` is None."""
+    if video_path is not None and not os.path.isfile(video_path):
         raise DemoError(f"video input '{video_path}' does not exist")
-    video = cv2.VideoCapture(video_path)
+    video = cv2.VideoCapture(video_path if video_path is not None else 0)
     if not video.isOpened():
-        raise DemoError(f"cannot open video '{video_path}'")
+        raise DemoError(f"cannot open {f'video {video_path!r}' if video_path else 'the webcam'}")
+    return video
+
+
+def run_on_video(
+    demo: VisualizationDemo,
+    video_path: Optional[str],
+    output: Optional[str],
+    show: bool,
+    results: ResultsFile,
+):
+    """Predict, track and draw every frame of a video (or the webcam, ``video_path`` None);
+    returns ``[output video]`` (or ``[]`` without ``--output``)."""
+    video = open_capture(video_path)
     width = int(video.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
     fps = video.get(cv2.CAP_PROP_FPS)
-    fps = fps if fps and fps > 0 else 30.0  # some containers do not store a frame rate
+    fps = fps if fps and fps > 0 else 30.0  # some containers (and webcams) give no frame rate
     num_frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # an estimate for tqdm only
-    target = video_output_path(video_path, output)
-    writer = open_video_writer(target, fps, width, height) if target else None
+    name = video_path or "webcam.mp4"
+    target = video_output_path(name, output)
+    scale = drawing_scale(height, width)  # drawings of small frames are enlarged
+    writer = open_video_writer(target, fps, width * scale, height * scale) if target else None
     num_frames_done, num_instances, start = 0, 0, time.perf_counter()
     try:
-        for instances, frame in tqdm.tqdm(
-            demo.run_on_video(video, draw=writer is not None or show),
-            total=num_frames,
-            desc="frames",
+        for frame_index, (instances, frame) in enumerate(
+            tqdm.tqdm(
+                demo.run_on_video(video, draw=writer is not None or show),
+                total=num_frames,
+                desc="frames",
+            )
         ):
             num_frames_done += 1
             num_instances += len(instances)
+            results.add(instances, frame_index)
             if writer is not None:
                 writer.write(frame)
             if show:
@@ -259,7 +347,7 @@ def run_on_video(demo: VisualizationDemo, video_path: str, output: Optional[str]
         if writer is not None:
             writer.release()
     logger.info(
-        f"{video_path}: {num_frames_done} frames, {num_instances} instances in "
+        f"{name}: {num_frames_done} frames, {num_instances} instances in "
         f"{time.perf_counter() - start:.2f}s" + (f", written to {target}" if target else "")
     )
     return [target] if target else []
@@ -274,9 +362,12 @@ def setup_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
-    """Run the demo; returns the paths written. Errors exit through ``argparse`` (status 2)."""
+    """Run the demo; returns the paths written (drawings, then the JSON). Errors exit through
+    ``argparse`` (status 2)."""
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    if args.polygons and not args.output_json:
+        parser.error("--polygons adds contours to the --output-json file: give --output-json.")
     try:
         # Validate paths before building the model, so that mistakes fail in a second.
         if not os.path.isfile(args.config_file):
@@ -286,14 +377,19 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         check_weights(cfg.MODEL.WEIGHTS)
         setup_logging()
         logger.info(f"Arguments: {args}")
-        # Shapes metadata (class names); registration is cheap, nothing is generated here.
-        register_builtin_datasets()
+        # Class names and category ids; registration is cheap, nothing is loaded here.
+        register_datasets(cfg)
         demo = VisualizationDemo(
             cfg, confidence_threshold=args.confidence_threshold, class_names=args.class_names
         )
+        results = ResultsFile(
+            args.output_json, demo.metadata, cfg.MODEL.SOLO.NUM_CLASSES, args.polygons
+        )
         if targets is not None:
-            return run_on_images(demo, targets, args.show)
-        return run_on_video(demo, args.video_input, args.output, args.show)
+            written = run_on_images(demo, targets, args.show, results)
+        else:
+            written = run_on_video(demo, args.video_input, args.output, args.show, results)
+        return written + results.write()
     except (DemoError, CheckpointMismatchError, ValueError) as e:
         parser.error(str(e))
     finally:

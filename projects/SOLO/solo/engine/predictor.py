@@ -6,7 +6,8 @@ gray/BGRA/16-bit inputs; and the class names (metadata) its predictions are draw
 import json
 import logging
 import numpy as np
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
+import torch
 
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -18,6 +19,8 @@ from detectron2.utils.file_io import PathManager
 from ..checkpoint import SOLOCheckpointer
 from ..data import stretch_to_8bit
 from ..export import ExportedModel, is_exported_model_file
+from ..modeling import SOLOWithTTA
+from .results import dataset_category_ids, instances_to_coco_results
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +86,20 @@ class Predictor(DefaultPredictor):
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         if is_exported_model_file(cfg.MODEL.WEIGHTS):
+            if cfg.TEST.AUG.ENABLED:
+                raise ValueError(
+                    "TEST.AUG.ENABLED: test-time augmentation runs the eager model; an exported "
+                    f"model ('{cfg.MODEL.WEIGHTS}') predicts one view. Give the checkpoint "
+                    "(.pth) as MODEL.WEIGHTS, or set TEST.AUG.ENABLED False."
+                )
             self.model = ExportedModel(cfg.MODEL.WEIGHTS, device=cfg.MODEL.DEVICE)
             self.model.check_config(cfg)
         else:
             self.model = build_model(self.cfg)
             self.model.eval()
             SOLOCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+            if cfg.TEST.AUG.ENABLED:  # TEST.AUG's sizes and flip, as train_net --eval-only
+                self.model = SOLOWithTTA(cfg, self.model)
         if cfg.INPUT.MIN_SIZE_TEST == 0:
             self.aug = _NoResize()
         else:
@@ -97,9 +108,23 @@ class Predictor(DefaultPredictor):
             )
         self.input_format = cfg.INPUT.FORMAT
         assert self.input_format in ["RGB", "BGR"], self.input_format
+        self._category_ids = None  # contiguous class -> dataset category id, on first use
 
     def __call__(self, original_image: np.ndarray):
         return super().__call__(as_bgr(original_image))
+
+    def coco_results(self, instances, image_id: int, polygons: bool = False) -> List[dict]:
+        """This predictor's ``instances`` (moved to the CPU) as COCO results
+        (:func:`solo.engine.results.instances_to_coco_results`): RLE masks, XYWH boxes, scores,
+        and category ids of ``DATASETS.TEST[0]``'s categories (its
+        ``thing_dataset_id_to_contiguous_id`` or JSON file; 0-based indices without either).
+        ``json.dump`` a list of them to get a file that ``COCO.loadRes`` reads."""
+        if self._category_ids is None:
+            metadata = getattr(self, "metadata", None) or Metadata(name="")
+            self._category_ids = dataset_category_ids(metadata, self.cfg.MODEL.SOLO.NUM_CLASSES)
+        return instances_to_coco_results(
+            instances.to(torch.device("cpu")), image_id, self._category_ids, polygons
+        )
 
 
 def coco_json_class_names(json_file: str) -> list:
