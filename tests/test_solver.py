@@ -54,7 +54,7 @@ def test_adamw_step_equals_the_reference_adamw_update():
     model, cfg = _model_and_cfg(opts)
     optimizer = build_solo_optimizer(cfg, model)
     assert optimizer.defaults["fused"]  # CPU parameters: the fused kernel
-    # Channels-last weights (MODEL.SOLO.CHANNELS_LAST_ON_CPU) get NCHW gradients below: the
+    # Channels-last weights (CHANNELS_LAST_ON_CPU) get NCHW gradients below: the
     # fused kernel alone would pair the wrong elements.
     assert any(
         p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()

@@ -158,8 +158,8 @@ def test_batched_inference_equals_one_image_at_a_time():
 
 @pytest.mark.parametrize("head_name", ["SOLOHead", "SOLOv2Head"])
 def test_channels_last_on_cpu_gives_the_same_losses_gradients_and_predictions(head_name):
-    fast = build(tiny_cfg(head_name, ["MODEL.SOLO.CHANNELS_LAST_ON_CPU", "True"]))
-    plain = build(tiny_cfg(head_name, ["MODEL.SOLO.CHANNELS_LAST_ON_CPU", "False"]))
+    fast = build(tiny_cfg(head_name, ["CHANNELS_LAST_ON_CPU", "True"]))
+    plain = build(tiny_cfg(head_name, ["CHANNELS_LAST_ON_CPU", "False"]))
     conv = fast.backbone.bottom_up.stem.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dim() == 4
     assert plain.backbone.bottom_up.stem.conv1.weight.is_contiguous()

@@ -330,6 +330,8 @@ def test_fuzz_cases_cover_empty_capped_and_single_class_outputs():
          ValueError, r"MODEL.SOLO.SCALE_RANGES must be \[low, high\] pairs"),
         (["MODEL.SOLO.LEVEL_STRIDES", "[8, 8, 16, 32, 32]"], KeyError,
          r"LEVEL_STRIDES was renamed to nothing \(derived from the backbone.*delete the key"),
+        (["MODEL.SOLO.CHANNELS_LAST_ON_CPU", "False"], KeyError,
+         r"CHANNELS_LAST_ON_CPU was renamed to CHANNELS_LAST_ON_CPU.*runtime knob"),
         (["MODEL.SOLO.MIN_MASK_AREAS", "[2, 2, 4, 8]"], ValueError,
          "MODEL.SOLO.MIN_MASK_AREAS has 4 entries"),
         (["MODEL.SOLO.MIN_MASK_AREAS", "[2, 2, 4, 8, -1]"], ValueError,

@@ -86,10 +86,13 @@ def add_solo_config(cfg):
     _C.MATRIX_NMS_SIGMA = 2.0
     # IoU above which a lower-scored mask of the same class is removed ("mask" NMS).
     _C.MASK_NMS_IOU_THRESH = 0.5
+    # Runtime knobs: how inference runs, not which model it is (exported models, which fix
+    # MODEL.*, do not compare them). Top level, as Detectron2's own CUDNN_BENCHMARK and
+    # FLOAT32_PRECISION.
     # On CPU (MODEL.DEVICE "cpu"), keep weights and feature maps in channels-last (NHWC) memory
-    # format: oneDNN then skips re-laying out every convolution's input and output (the ResNet
-    # + FPN runs ~18% faster at 800x1216). Same results up to float rounding.
-    _C.CHANNELS_LAST_ON_CPU = True
+    # format: oneDNN then skips re-laying out every convolution's input and output (figures:
+    # docs/benchmarks_notes.md). Same results up to float rounding.
+    cfg.CHANNELS_LAST_ON_CPU = True
 
     # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"
@@ -106,6 +109,12 @@ def add_solo_config(cfg):
             "TEST.DETECTIONS_PER_IMAGE",
             "SOLO reads Detectron2's TEST.DETECTIONS_PER_IMAGE (default 100), as RetinaNet does; "
             "rename the key in your YAML file or command line.",
+        ),
+        "MODEL.SOLO.CHANNELS_LAST_ON_CPU": (
+            "CHANNELS_LAST_ON_CPU",
+            "a runtime knob, not part of the model: it moved to the top level, as Detectron2's "
+            "CUDNN_BENCHMARK; rename the key in your YAML file or command line (a config.yaml "
+            "dumped by an older training run has it under MODEL.SOLO: move or delete the line).",
         ),
         "MODEL.SOLO.LEVEL_STRIDES": (
             "nothing (derived from the backbone's output strides)",

@@ -100,9 +100,8 @@ def _with_full_model_clipping(optimizer_class, max_norm: float, norm_type: float
 
 
 class FusedAdamW(torch.optim.AdamW):
-    """AdamW with the fused kernel: one pass over all tensors, on CPU ~2x faster than foreach
-    (15 vs 35 ms per step for the shapes ResNet-18 model, 2 threads), same result up to float
-    rounding.
+    """AdamW with the fused kernel: one pass over all tensors, on CPU faster than foreach
+    (docs/benchmarks_notes.md), same result up to float rounding.
 
     The CPU fused kernel walks a parameter and its gradient as flat memory, so a gradient laid
     out differently (an NCHW gradient of a channels-last weight) would silently update the wrong

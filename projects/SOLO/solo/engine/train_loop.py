@@ -1,8 +1,8 @@
 """Mixed precision on CPU: ``SOLVER.AMP.ENABLED`` with ``MODEL.DEVICE cpu``.
 
 Detectron2's ``AMPTrainer`` is CUDA-only (float16 with a gradient scaler). On a CPU with native
-bfloat16 (AVX512-BF16 or AMX), oneDNN runs bfloat16 convolutions much faster than float32: a
-shapes training iteration takes ~0.29 s instead of ~0.38 s on 2 cores. bfloat16 keeps float32's
+bfloat16 (AVX512-BF16 or AMX), oneDNN runs bfloat16 convolutions much faster than float32
+(figures: docs/benchmarks_notes.md). bfloat16 keeps float32's
 exponent range, so no gradient scaler is needed. Weights, gradients and optimizer state stay
 float32; the losses are computed in float32 (see ``solo.losses``) and the targets outside
 autocast (``SOLO.losses``).

@@ -368,6 +368,7 @@ def _flat_inference_keys(cfg) -> Dict[str, object]:
     keys = dict(flat(cfg.MODEL, "MODEL."))
     keys.pop("MODEL.WEIGHTS", None)
     keys.pop("MODEL.DEVICE", None)
+    keys.pop("MODEL.SOLO.CHANNELS_LAST_ON_CPU", None)  # exports before it moved to the top
     keys["INPUT.FORMAT"] = cfg.INPUT.FORMAT
     keys["TEST.DETECTIONS_PER_IMAGE"] = cfg.TEST.DETECTIONS_PER_IMAGE
     return keys

@@ -155,7 +155,7 @@ class SOLO(nn.Module):
             "cate_loss_weight": c.CATE_LOSS_WEIGHT,
             "dice_loss_weight": c.DICE_LOSS_WEIGHT,
             "input_format": cfg.INPUT.FORMAT,
-            "channels_last": c.CHANNELS_LAST_ON_CPU and cfg.MODEL.DEVICE == "cpu",
+            "channels_last": cfg.CHANNELS_LAST_ON_CPU and cfg.MODEL.DEVICE == "cpu",
         }
 
     @property
