@@ -29,7 +29,7 @@ from detectron2.utils.logger import setup_logger
 
 from solo import get_solo_cfg
 from solo.checkpoint import SOLOCheckpointer
-from solo.data import read_image
+from solo.data import read_image, register_datasets
 from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions, export_model
 from solo.utils.cli import add_opts_argument, parse_args
 
@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     args = parse_args(get_parser(), argv)
     setup_logger(name="solo")
     cfg = setup_cfg(args)
+    register_datasets(cfg)  # the shapes splits and DATASETS.COCO_FORMAT, named by the config
     check_weights(cfg, args.allow_random_weights)
     sample = load_sample_image(args.sample_image, cfg) if args.sample_image else None
     model = build_eager_model(cfg)
