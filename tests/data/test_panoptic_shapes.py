@@ -13,7 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-from helpers import solo_cfg
+from helpers import REPO_ROOT, load_train_net, read_metrics, run_main, solo_cfg
 from solo.data import DatasetError
 from solo.data.panoptic_mapper import PanopticDatasetMapper, check_dataset_tasks
 from solo.data.panoptic_shapes import (
@@ -196,3 +196,22 @@ def test_perfect_predictions_score_100_pq_miou_and_mask_ap_with_the_panoptic_eva
     assert (panoptic["PQ"], panoptic["PQ_th"], panoptic["PQ_st"]) == pytest.approx((100,) * 3)
     assert results["sem_seg"]["mIoU"] == pytest.approx(100.0)
     assert results["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_train_net_trains_the_three_losses_and_reports_pq_miou_and_mask_ap(dataset, tmp_path):
+    """The Trainer's wiring: panoptic mapper, dataset checks, the coco_panoptic_seg evaluators."""
+    pytest.importorskip("panopticapi")
+    out = str(tmp_path / "run")
+    argv = ["--config-file", str(REPO_ROOT / "configs/Shapes/PanopticSOLOv2_R18.yaml")]
+    argv += ["DATASETS.TRAIN", f"('{PANOPTIC}',)", "DATASETS.TEST", f"('{PANOPTIC}',)"]
+    argv += ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", out]
+    argv += ["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SOLO.HEAD_CHANNELS", "64"]
+    argv += ["MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "DATALOADER.NUM_WORKERS", "0"]
+    run_main(load_train_net(), argv)
+    metrics = read_metrics(out)
+    losses = [m for m in metrics if "loss_sem_seg" in m]
+    names = ("loss_cate", "loss_mask", "loss_sem_seg")
+    assert losses and all(np.isfinite(m[k]) for m in losses for k in names)
+    final = metrics[-1]  # the final evaluation, written after training
+    keys = ("panoptic_seg/PQ", "panoptic_seg/PQ_th", "panoptic_seg/PQ_st", "sem_seg/mIoU")
+    assert all(np.isfinite(final[k]) for k in keys + ("segm/AP", "bbox/AP"))
