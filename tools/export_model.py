@@ -8,12 +8,22 @@ Shaped like Detectron2's ``tools/deploy/export_model.py``; run from the reposito
         MODEL.WEIGHTS checkpoints/SOLOv2_R50_3x.pth
     python tools/export_model.py --config-file configs/Shapes/SOLOv2_R18.yaml --format onnx \
         --output exported/ --run-eval MODEL.WEIGHTS output/shapes/SOLOv2_R18/model_final.pth
+    python tools/export_model.py --config-file configs/Shapes/SOLOv2_R18.yaml --format onnx \
+        --quantize int8 --calibration-dataset shapes_train --calibration-images 100 \
+        --output exported/ --run-eval MODEL.WEIGHTS output/shapes/SOLOv2_R18/model_final.pth
 
 Writes ``OUTPUT/model.{onnx,ts,pt2}``, which ``solo.export.ExportedModel`` (and
 ``demo/demo.py``) runs. ``--verify`` compares the exported model with the eager one on the sample
 image and on two other sizes and exits with status 1 on a mismatch; ``--run-eval`` reports the
 exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must fit the config exactly; an
 empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the tool out).
+
+Reduced precision (ONNX only, ``solo.export.quantize``): ``--quantize int8`` also writes
+``OUTPUT/model_int8.onnx``, calibrated on ``--calibration-images`` images of
+``--calibration-dataset`` read through the test mapper; ``--precision fp16`` writes
+``OUTPUT/model_fp16.onnx`` for the CUDA / TensorRT execution providers. ``--verify`` and
+``--run-eval`` then run that file, and ``--run-eval`` prints its AP next to the float model's.
+``--runtime openvino`` runs ONNX files with OpenVINO instead of ONNX Runtime.
 """
 
 import solo  # noqa: F401  isort: skip  (first: it hides known start-up warnings, solo.utils.cli)
@@ -30,7 +40,14 @@ from detectron2.utils.logger import setup_logger
 from solo import get_solo_cfg
 from solo.checkpoint import SOLOCheckpointer
 from solo.data import read_image, register_datasets
-from solo.export import EXPORT_FORMATS, ExportedModel, compare_predictions, export_model
+from solo.export import (
+    EXPORT_FORMATS,
+    ExportedModel,
+    ExportError,
+    compare_predictions,
+    export_model,
+    quantize,
+)
 from solo.utils.cli import add_opts_argument, parse_args
 
 logger = logging.getLogger("solo.export_model")
@@ -61,6 +78,32 @@ def get_parser() -> argparse.ArgumentParser:
         "--dynamo", action="store_true", help="ONNX through torch.export instead of a trace"
     )
     parser.add_argument("--verify", action="store_true", help="compare with the eager model")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also write OUTPUT/model_int8.onnx (ONNX Runtime static QDQ, per-channel weights)",
+    )
+    parser.add_argument(
+        "--calibration-dataset",
+        metavar="NAME",
+        help="registered dataset whose images calibrate --quantize (e.g. shapes_train)",
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, default=100, metavar="N", help="images to calibrate on"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="fp16: also write OUTPUT/model_fp16.onnx (float16 network, float32 I/O and "
+        "post-processing) for GPU execution providers",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=["onnxruntime", "openvino"],
+        default="onnxruntime",
+        help="runtime of an ONNX file for --verify and --run-eval",
+    )
     parser.add_argument("--run-eval", action="store_true", help="COCO AP on DATASETS.TEST")
     parser.add_argument(
         "--allow-random-weights",
@@ -93,6 +136,47 @@ def check_weights(cfg, allow_random: bool):
         raise SystemExit(f"MODEL.WEIGHTS={weights!r}: no such file.")
 
 
+def check_precision_args(args) -> None:
+    """Refuse flag combinations that would be ignored or cannot work."""
+    if (args.quantize or args.precision != "fp32") and args.format != "onnx":
+        raise SystemExit("--quantize and --precision fp16 write ONNX files: use --format onnx.")
+    if args.quantize and args.precision != "fp32":
+        raise SystemExit("--quantize int8 and --precision fp16 are two different files: pick one.")
+    if args.quantize and not args.calibration_dataset:
+        raise SystemExit(
+            "--quantize int8 needs --calibration-dataset NAME (a registered dataset, e.g. "
+            "shapes_train or the training set of DATASETS.TRAIN)."
+        )
+    if args.calibration_dataset and not args.quantize:
+        raise SystemExit("--calibration-dataset calibrates --quantize int8; add --quantize int8.")
+    if args.quantize and args.verify:
+        raise SystemExit(
+            "--verify checks exactness, which INT8 does not have by design: use --run-eval for "
+            "the AP it costs."
+        )
+    if args.runtime != "onnxruntime" and args.format != "onnx":
+        raise SystemExit(f"--runtime {args.runtime} runs ONNX files: use --format onnx.")
+
+
+def reduce_precision(args, cfg, float_path: str) -> str:
+    """Write the --quantize / --precision file next to the float one; returns its path."""
+    if args.precision == "fp16":
+        return quantize.convert_fp16(float_path, quantize.precision_path(float_path, "fp16"))
+    from solo.data import register_builtin_datasets
+    from solo.engine.trainer import Trainer
+
+    register_builtin_datasets()
+    quantize.check_registered(args.calibration_dataset)
+    loader = Trainer.build_test_loader(cfg, args.calibration_dataset)
+    float_model = ExportedModel(float_path)
+    calibration = quantize.calibration_inputs(
+        loader, args.calibration_images, lambda image: float_model.graph_input(image)[0]
+    )
+    return quantize.quantize_int8(
+        float_path, quantize.precision_path(float_path, "int8"), calibration
+    )
+
+
 def build_eager_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
@@ -112,7 +196,7 @@ def load_sample_image(path: str, cfg) -> torch.Tensor:
     return torch.as_tensor(image.astype("uint8").transpose(2, 0, 1).copy())
 
 
-def verify(model, exported: ExportedModel, sample: torch.Tensor) -> bool:
+def verify(model, exported: ExportedModel, sample: torch.Tensor, **tolerances) -> bool:
     """Eager vs exported on the sample and on it resized by ``VERIFY_SCALES``; logs each."""
     h, w = sample.shape[-2:]
     images = [sample] + [
@@ -129,7 +213,7 @@ def verify(model, exported: ExportedModel, sample: torch.Tensor) -> bool:
         with torch.no_grad():
             expected = model(inputs)[0]["instances"]
         actual = exported(inputs)[0]["instances"]
-        problems = compare_predictions(expected, actual)
+        problems = compare_predictions(expected, actual, **tolerances)
         size = "x".join(map(str, image.shape[-2:]))
         if problems:
             ok = False
@@ -158,27 +242,50 @@ def main(argv=None) -> int:
     cfg = setup_cfg(args)
     register_datasets(cfg)  # the shapes splits and DATASETS.COCO_FORMAT, named by the config
     check_weights(cfg, args.allow_random_weights)
+    check_precision_args(args)
     sample = load_sample_image(args.sample_image, cfg) if args.sample_image else None
     model = build_eager_model(cfg)
-    path = export_model(
-        model,
-        args.format,
-        args.output,
-        sample_image=sample,
-        max_candidates=args.max_candidates,
-        dynamo=args.dynamo,
-        config=cfg,
-    )
+    try:
+        path = export_model(
+            model,
+            args.format,
+            args.output,
+            sample_image=sample,
+            max_candidates=args.max_candidates,
+            dynamo=args.dynamo,
+            config=cfg,
+        )
+    except ExportError as e:
+        if args.quantize or args.precision != "fp32":
+            raise SystemExit(
+                f"--quantize / --precision reduce the precision of the ONNX export, which this "
+                f"model cannot have ({e}); only full precision is available for it."
+            ) from e
+        raise
     logger.info(f"Exported to {path}")
-    exported = ExportedModel(path)
+    float_path = path
+    if args.quantize or args.precision != "fp32":
+        path = reduce_precision(args, cfg, float_path)
+        logger.info(f"Wrote {path}")
+    runtime = args.runtime if args.format == "onnx" else None
+    exported = ExportedModel(path, runtime=runtime)
     status = 0
     if args.verify:
         if sample is None:
             generator = torch.Generator().manual_seed(0)
             sample = torch.randint(0, 256, (3, 320, 320), generator=generator, dtype=torch.uint8)
-        status = 0 if verify(model, exported, sample) else 1
+        tolerances = {}
+        if args.precision == "fp16":
+            tolerances = dict(score_atol=quantize.FP16_SCORE_ATOL, mask_tol=quantize.FP16_MASK_TOL)
+        status = 0 if verify(model, exported, sample, **tolerances) else 1
     if args.run_eval:
-        logger.info(f"COCO evaluation of {path}: {run_eval(cfg, exported)}")
+        results = run_eval(cfg, exported)
+        logger.info(f"COCO evaluation of {path}: {results}")
+        if path != float_path:
+            float_results = run_eval(cfg, ExportedModel(float_path, runtime=runtime))
+            precision = args.quantize or args.precision
+            table = quantize.precision_report({"fp32": float_results, precision: results})
+            print(f"COCO AP on {', '.join(cfg.DATASETS.TEST)} ({runtime}):\n{table}")
     return status
 
 
