@@ -7,43 +7,48 @@ unless named ``_s``, memory in MB).
 """
 
 import argparse
-import contextlib
-import functools
 import json
 import logging
 import math
 import multiprocessing
-import numpy as np
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
 import torch
-import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
+from solo.utils.benchmark_parts import (
+    benchmark_cfg,
+    data_loader_seconds,
+    describe_model,
+    inference_parts,
+    train_dataset_names,
+)
 from solo.utils.cli import add_opts_argument, parse_args
+from solo.utils.measure import (
+    MemoryTracker,
+    compute_ratios,
+    conv_probe,
+    flatten,
+    flops_report,
+    machine_info,
+    measure,
+    postprocess_stages,
+    stats,
+)
+from solo.utils.synthetic import make_image, train_inputs
 
 logger = logging.getLogger("benchmark")
 
 SCHEMA_VERSION = 2
-MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
-POSTPROCESS_STAGES = (
-    "candidates",
-    "mask_probs",
-    "nms",
-    "paste",
-)  # solo.postprocess.<stage> profiler ranges
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 EXPORT_FORMATS = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # --runtime: file format
+MASK_FORMATS = {"dense": "bitmask", "cropped": "cropped"}  # --masks: TEST.MASK_FORMAT
 TRAIN_LR = 0.0  # the step costs the same at any lr; random weights diverge at a useful one
 
 
@@ -70,6 +75,13 @@ def get_parser() -> argparse.ArgumentParser:
         default="pytorch",
         help="inference: also time ours exported to this runtime (solo.export), next to eager",
     )
+    parser.add_argument(
+        "--masks",
+        choices=("dense", "cropped", "both"),
+        default="dense",
+        help="inference: our masks as (N, H, W) bool or as CroppedMasks (TEST.MASK_FORMAT "
+        "cropped); both: each in its own process, peak memory and times compared",
+    )
     add_opts_argument(parser)  # KEY VALUE pairs for the SOLO config, after the flags
     return parser
 
@@ -87,6 +99,8 @@ def check_args(args: argparse.Namespace):
         )
     if args.runtime != "pytorch" and args.task != "inference":
         raise SystemExit(f"--runtime {args.runtime} times inference only; use --task inference.")
+    if args.masks != "dense" and args.task != "inference":
+        raise SystemExit(f"--masks {args.masks} concerns inference only; use --task inference.")
 
 
 @dataclass(frozen=True)
@@ -109,13 +123,6 @@ class Job:
     runtime: str = "pytorch"  # or an exported model's runtime (solo.export)
 
 
-def stats(seconds: Sequence[float], scale: float = 1000.0) -> dict:
-    """Median, mean and min of per-call seconds, in ms (``scale=1``: in s, to the microsecond)."""
-    values, digits = [s * scale for s in seconds], 3 if scale == 1000.0 else 6
-    funcs = {"median": statistics.median, "mean": statistics.fmean, "min": min}
-    return {k: round(f(values), digits) for k, f in funcs.items()}
-
-
 @dataclass
 class Report:
     """The JSON report; ``models[name]`` holds the model's description, ``memory_mb`` and the
@@ -136,263 +143,22 @@ class Report:
     runtime_ratio: Optional[float]  # exported / eager total latency
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
+    masks: str = "dense"  # --masks; "both": models["ours_cropped"] next to models["ours"]
+    masks_ratios: Optional[Dict[str, float]] = None  # ours_cropped / ours, every figure
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
 
 
-def machine_info(threads: int, device: str) -> dict:
-    import detectron2
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
-    return {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "device": device,
-        "cuda_device": torch.cuda.get_device_name() if device == "cuda" else None,
-        "torch": torch.__version__,
-        "detectron2": detectron2.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def measure(fn: Callable, job: Job) -> List[float]:
-    """Seconds per call of ``fn``: ``job.warmup`` untimed calls (at least one, which sizes the
-    measurement), then ``Timer.blocked_autorange`` for about ``job.repeats`` calls' worth."""
-    start = time.perf_counter()
-    for _ in range(max(job.warmup, 1)):
-        fn()
-    if job.device == "cuda":
-        torch.cuda.synchronize()
-    per_call = (time.perf_counter() - start) / max(job.warmup, 1)
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=job.threads)
-    return list(timer.blocked_autorange(min_run_time=per_call * job.repeats).times)
-
-
-class MemoryTracker:
-    """Allocated CUDA memory or process RSS before the model exists, and the peak during the
-    measured phase (``torch.cuda.max_memory_allocated``; RSS: Linux VmHWM, reset by clear_refs)."""
-
-    def __init__(self, device: str):
-        self.cuda, self.reset_ok = device == "cuda", False
-        self.before_model = self._mb("VmRSS", torch.cuda.memory_allocated)
-
-    def _mb(self, status_key: str, cuda_bytes: Callable) -> float:
-        if self.cuda:
-            return cuda_bytes() / 2**20
-        with contextlib.suppress(OSError), open("/proc/self/status") as f:
-            return next((int(x.split()[1]) / 1024 for x in f if x.startswith(status_key)), 0.0)
-        return 0.0
-
-    def start(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.reset_ok = True
-            return
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS
-            self.reset_ok = True
-
-    def report(self) -> dict:
-        peak = self._mb("VmHWM", torch.cuda.max_memory_allocated)
-        return {
-            "kind": "cuda_max_allocated" if self.cuda else "rss",
-            "peak": round(peak, 1),
-            "before_model": round(self.before_model, 1),
-            "peak_minus_before_model": round(peak - self.before_model, 1),
-            "peak_reset": self.reset_ok,
-        }
-
-
-def conv_probe(input_size: Sequence[int], device: str, threads: int) -> dict:
-    """Dense conv throughput in fvcore GFLOP/s: a 3x3 conv 256 -> 256 at stride 4 of the input,
-    ``Timer.blocked_autorange`` over one second."""
-    shape = (1, 256, max(input_size[0] // 4, 8), max(input_size[1] // 4, 8))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device)
-    weight = (torch.randn((256, 256, 3, 3), generator=gen) * 0.02).to(device)
-    gflops = math.prod(shape) * 256 * 9 / 1e9
-    timer = Timer(
-        "F.conv2d(x, w, padding=1)", globals={"F": F, "x": x, "w": weight}, num_threads=threads
-    )
-    with torch.no_grad():
-        m = timer.blocked_autorange(min_run_time=1.0)
-    return {
-        "shape": list(shape),
-        "gflops": round(gflops, 3),
-        "runs": len(m.times) * m.number_per_run,
-        "median_ms": round(m.median * 1000, 3),
-        "gflops_per_s": round(gflops / m.median, 2),
-    }
+def timed(fn: Callable, job: Job) -> List[float]:
+    return measure(fn, job.warmup, job.repeats, job.threads, job.device == "cuda")
 
 
 def build_cfg(job: Job):
-    from detectron2.config import get_cfg
-
-    cfg = get_cfg()
-    if job.model == "mask_rcnn":
-        from detectron2 import model_zoo
-
-        cfg.merge_from_file(model_zoo.get_config_file(MASK_RCNN_CONFIG))
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # random weights: 100 detections out
-        if job.task == "data":  # the same input pipeline: sizes, augmentation, masks, workers
-            ours = build_cfg(replace(job, model="ours"))
-            cfg.INPUT, cfg.DATALOADER = ours.INPUT.clone(), ours.DATALOADER.clone()
-    else:
-        import solo
-
-        solo.add_solo_config(cfg)
-        cfg.merge_from_file(job.config_file)
-        cfg.merge_from_list(list(job.opts))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = job.device
-    return cfg
+    return benchmark_cfg(job.model, job.task, job.config_file, job.opts, job.device)
 
 
 def model_info(job: Job, cfg, model) -> dict:
-    if job.model == "mask_rcnn":
-        head = f"{cfg.MODEL.ROI_HEADS.NAME} (SCORE_THRESH_TEST 0)"
-        config_file = f"detectron2 model zoo: {MASK_RCNN_CONFIG}"
-    else:
-        head, config_file = cfg.MODEL.SOLO.HEAD_NAME, job.config_file
-    return {
-        "name": job.model,
-        "config_file": config_file,
-        "head": head,
-        "backbone": f"{cfg.MODEL.BACKBONE.NAME} R-{cfg.MODEL.RESNETS.DEPTH}",
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2) if model else None,
-    }
-
-
-def make_image(height: int, width: int, seed: int) -> torch.Tensor:
-    """A deterministic uint8 (3, H, W) image: smooth random blobs plus noise."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((1, 3, max(height // 32, 2), max(width // 32, 2)), generator=gen)
-    image = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
-    image = image * 200 + torch.rand((3, height, width), generator=gen) * 55
-    return image.clamp(0, 255).to(torch.uint8)
-
-
-def train_inputs(job: Job, num_classes: int) -> List[dict]:
-    """The same batch for every model: random rectangles and ellipses (as the tests' helper)."""
-    from detectron2.structures import BitMasks, Instances
-
-    h, w = job.input_size
-    rng = np.random.default_rng(job.seed)
-    yy, xx = np.mgrid[:h, :w]
-    batch = []
-    for i in range(job.batch_size):
-        n = job.instances_per_image
-        size = rng.integers(8, [max(9, h // 2), max(9, w // 2)], size=(n, 2))  # (h, w) each
-        y0, x0 = rng.integers(0, h - size[:, 0] + 1), rng.integers(0, w - size[:, 1] + 1)
-        cy, cx = y0 + (size[:, 0] - 1) / 2, x0 + (size[:, 1] - 1) / 2
-        rect = rng.random(n) < 0.5
-        dy = np.abs(yy - cy[:, None, None]) / (size[:, 0, None, None] / 2)  # (n, h, w)
-        dx = np.abs(xx - cx[:, None, None]) / (size[:, 1, None, None] / 2)
-        inside = np.where(rect[:, None, None], np.maximum(dy, dx) <= 1, dy**2 + dx**2 <= 1)
-        inst = Instances((h, w))
-        inst.gt_masks = BitMasks(torch.from_numpy(inside))
-        inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
-        inst.gt_classes = torch.from_numpy(rng.integers(0, num_classes, n)).long()
-        batch.append({"image": make_image(h, w, job.seed + i), "instances": inst})
-    return batch
-
-
-def count_gflops(model, fn: Callable, inputs: tuple) -> float:
-    """fvcore GFLOPs of one part ``fn(*inputs)`` of ``model`` (the whole-model count is 0 with
-    recent torch); Detectron2's TracingAdapter flattens the outputs (SOLO's: a dataclass)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    from detectron2.export import TracingAdapter
-
-    def call(_, *args):
-        outputs = fn(*args)
-        return vars(outputs) if is_dataclass(outputs) else outputs
-
-    traced = TracingAdapter(model, inputs, call, allow_non_tensor=True)
-    analysis = FlopCountAnalysis(traced, traced.flattened_inputs)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    analysis.tracer_warnings("none")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return analysis.total() / 1e9
-
-
-def inference_parts(job: Job, model, batched):
-    """Each part as a call on the previous part's output, in ``model.forward``'s order, and a
-    function returning the fvcore GFLOPs of the backbone and the head."""
-    from detectron2.modeling.postprocessing import detector_postprocess
-
-    images = model.preprocess_image(batched)
-    features = model.backbone(images.tensor)
-    sizes = [(x["height"], x["width"]) for x in batched]
-    if job.model == "mask_rcnn":
-
-        def head(features):
-            proposals, _ = model.proposal_generator(images, features, None)
-            return model.roi_heads(images, features, proposals, None)[0]
-
-        results = head(features)
-
-        def postprocess():
-            return [detector_postprocess(r, *s) for r, s in zip(results, sizes)]
-
-    else:
-
-        def head(features):
-            return model.head([features[f] for f in model.head_in_features])
-
-        outputs, padded = head(features), tuple(images.tensor.shape[-2:])
-        mask_probs = functools.partial(model.head.inference_mask_probs, outputs)
-
-        def postprocess():
-            cate_logits, image_sizes = outputs.cate_logits, images.image_sizes
-            return model.postprocessor(cate_logits, mask_probs, padded, image_sizes, sizes)
-
-    parts = {
-        "preprocess": lambda: model.preprocess_image(batched),
-        "backbone": lambda: model.backbone(images.tensor),
-        "head": lambda: head(features),
-        "postprocess": postprocess,
-        "total": lambda: model(batched),
-    }
-    return parts, lambda: {
-        "backbone": count_gflops(model, model.backbone, (images.tensor,)),
-        "head": count_gflops(model, head, (features,)),
-    }
-
-
-def postprocess_stages(postprocess: Callable, calls: int) -> Dict[str, float]:
-    """Host ms per call of each ``solo.postprocess.<stage>`` profiler range."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            postprocess()
-    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
-    names = {s: f"solo.postprocess.{s}" for s in POSTPROCESS_STAGES}
-    missing = [n for n in names.values() if n not in totals]
-    if missing:
-        raise RuntimeError(f"The post-processor recorded no profiler range {missing}.")
-    return {s: round(totals[n] / 1000 / calls, 3) for s, n in names.items()}
-
-
-def flops_report(gflops: Dict[str, float], latency: Dict[str, dict], rate: Optional[float]):
-    """GFLOPs per part; with the conv probe's GFLOP/s ``rate``, the floor (those FLOPs at that
-    rate) and efficiency = floor / measured."""
-    flops = {f"{k}_gflops": round(v, 3) for k, v in gflops.items()}
-    flops["backbone_head_gflops"] = round(sum(gflops.values()), 3)
-    if rate:
-        measured = latency["backbone"]["median"] + latency["head"]["median"]
-        flops["floor_ms"] = round(sum(gflops.values()) / rate * 1000, 3)
-        flops["efficiency"] = round(flops["floor_ms"] / measured, 4)
-        flops["per_part_efficiency"] = {
-            k: round(v / rate * 1000 / latency[k]["median"], 4) for k, v in gflops.items()
-        }
-    return flops
+    return {"name": job.model, **describe_model(job.model, job.config_file, cfg, model)}
 
 
 def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
@@ -406,8 +172,8 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
         return run_exported(job, model, batched, calibration, memory)
     memory.start()
     with torch.no_grad():
-        parts, part_gflops = inference_parts(job, model, batched)
-        latency = {p: stats(measure(parts[p], job)) for p in INFERENCE_PARTS}
+        parts, part_gflops = inference_parts(model, batched, job.model == "mask_rcnn")
+        latency = {p: stats(timed(parts[p], job)) for p in INFERENCE_PARTS}
         stages = None
         if job.model != "mask_rcnn":
             stages = postprocess_stages(parts["postprocess"], job.repeats)
@@ -439,7 +205,7 @@ def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTrac
         exported = ExportedModel(path, device=job.device, num_threads=job.threads)
         file_mb = round(os.path.getsize(path) / 2**20, 1)
     memory.start()
-    latency = {"total": stats(measure(lambda: exported(batched), job))}
+    latency = {"total": stats(timed(lambda: exported(batched), job))}
     memory_report = memory.report()
     calibration = {
         **calibration,
@@ -465,7 +231,10 @@ def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     from solo.utils.benchmark_calibration import zero_mask_rcnn_deltas
 
     ours = job.model != "mask_rcnn"
-    batch = train_inputs(job, (cfg.MODEL.SOLO if ours else cfg.MODEL.ROI_HEADS).NUM_CLASSES)
+    num_classes = (cfg.MODEL.SOLO if ours else cfg.MODEL.ROI_HEADS).NUM_CLASSES
+    batch = train_inputs(
+        job.input_size, job.batch_size, job.instances_per_image, job.seed, num_classes
+    )
     if not ours:
         zero_mask_rcnn_deltas(model)  # proposals = anchors: the full 512 sampled ROIs per image
     model.train()
@@ -488,13 +257,13 @@ def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
 
     memory.start()
     with EventStorage(0) as storage:
-        iteration = stats(measure(step, job), scale=1.0)
+        iteration = stats(timed(step, job), scale=1.0)
         memory_report = memory.report()
         targets = None
         if ours:
             with torch.no_grad():
                 padded = tuple(model.preprocess_image(batch).tensor.shape[-2:])
-                targets = stats(measure(assign_targets, job))
+                targets = stats(timed(assign_targets, job))
         scalars = {  # e.g. Mask R-CNN's sampled foreground ROIs, SOLO's positive cells per level
             k: round(v, 3)
             for k, (v, _) in storage.latest().items()
@@ -515,53 +284,20 @@ def run_train(job: Job, cfg, model, memory: MemoryTracker) -> dict:
     }
 
 
-def dataset_for(cfg) -> List[str]:
-    """The config's train datasets if they load here, else the built-in ``shapes_train``."""
-    from detectron2.data import DatasetCatalog
-
-    from solo.data import register_builtin_datasets
-
-    register_builtin_datasets()
-    names = list(cfg.DATASETS.TRAIN)
-    try:
-        for name in names:
-            DatasetCatalog.get(name)
-        return names
-    except Exception as e:  # noqa: B902 - any loading failure means "not available here"
-        logger.info(f"DATASETS.TRAIN {names} not available ({type(e).__name__}): shapes_train")
-        return ["shapes_train"]
-
-
 def run_data(job: Job, cfg, memory: MemoryTracker) -> dict:
     """Detectron2's ``DataLoaderBenchmark``: raw records, the mapper alone, and the train loader
     with ``DATALOADER.NUM_WORKERS`` workers (SOLO: ``SOLODatasetMapper``, as train_net.py)."""
     from detectron2.data import DatasetMapper, get_detection_dataset_dicts
-    from detectron2.data.benchmark import DataLoaderBenchmark
 
     from solo.data import SOLODatasetMapper
 
-    seconds = []  # per call, of each benchmark that DataLoaderBenchmark only logs
-
-    class Recording(DataLoaderBenchmark):
-        def _benchmark(self, *args, **kwargs):
-            avg, times = super()._benchmark(*args, **kwargs)
-            seconds.append(times)
-            return avg, times
-
-    datasets = dataset_for(cfg)
+    datasets = train_dataset_names(cfg)
     mapper_cls = DatasetMapper if job.model == "mask_rcnn" else SOLODatasetMapper
     workers = cfg.DATALOADER.NUM_WORKERS
-    bench = Recording(
-        get_detection_dataset_dicts(datasets),
-        mapper=mapper_cls(cfg, is_train=True),
-        total_batch_size=job.batch_size,
-        num_workers=workers,
-    )
-    memory.start()
-    bench.benchmark_dataset(job.repeats, warmup=job.warmup)
-    bench.benchmark_mapper(job.repeats, warmup=job.warmup)
-    bench.benchmark_distributed(job.repeats, warmup=job.warmup)  # the loader, as in training
-    dataset_s, mapper_s, loader_s = seconds
+    dataset_s, mapper_s, loader_s = data_loader_seconds(
+        get_detection_dataset_dicts(datasets), mapper_cls(cfg, is_train=True), job.batch_size,
+        workers, job.repeats, job.warmup, start=memory.start,
+    )  # fmt: skip
     return {
         "dataset": datasets,
         "mapper": mapper_cls.__name__,
@@ -606,23 +342,6 @@ def run_job(job: Job) -> dict:
         torch.set_num_threads(previous_threads)
 
 
-def flatten(tree: dict, prefix: str = "") -> Dict[str, float]:
-    """Numeric leaves of a nested report as {"latency_ms.total.median": 12.3, ...}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[prefix + key] = value
-    return flat
-
-
-def compute_ratios(ours: dict, other: Optional[dict]) -> Dict[str, float]:
-    """ours / other for every figure both have (< 1: ours is faster or smaller)."""
-    a, b = flatten(ours or {}), flatten(other or {})
-    return {k: round(a[k] / b[k], 4) for k in a if b.get(k)}
-
-
 # The figure behind the top-level "ratio" (data: the same batches, so s per image), and the rows
 # of the printed table (fnmatch patterns).
 HEADLINE = {
@@ -658,11 +377,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         probe = conv_probe(args.input_size, args.device, args.threads)
         logger.info(f"Conv probe: {probe['gflops_per_s']} GFLOP/s")
     exported = f"ours_{args.runtime}" if args.runtime != "pytorch" else None
+    cropped = "ours_cropped" if args.masks == "both" else None
     models = {}
-    for name in filter(None, ("ours", exported, args.compare)):
+    for name in filter(None, ("ours", cropped, exported, args.compare)):
         logger.info(f"Measuring {name} ({args.task}) ...")
+        opts = tuple(args.opts)
+        if name == cropped or (name == "ours" and args.masks == "cropped"):
+            opts += ("TEST.MASK_FORMAT", MASK_FORMATS["cropped"])
         job = Job(
-            name, args.task, args.config_file, tuple(args.opts), args.device, args.threads,
+            "ours" if name == cropped else name, args.task, args.config_file, opts, args.device,
+            args.threads,
             tuple(args.input_size), args.batch_size, args.repeats, args.warmup,
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
             args.runtime if name == exported else "pytorch",
@@ -699,12 +423,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runtime_ratio=runtime_ratios.get(HEADLINE["inference"]),
         ratios=ratios,
         models=models,
+        masks=args.masks,
+        masks_ratios=compute_ratios(models[cropped], models["ours"]) if cropped else None,
     )
     print(format_table(report))
     if report.ratio is not None:
         print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}")
     if report.runtime_ratio is not None:
         print(f"ratio {args.runtime} / pytorch (inference): {report.runtime_ratio}")
+    if report.masks_ratios:
+        for key in ("memory_mb.peak", "latency_ms.total.median", "latency_ms.postprocess.median"):
+            print(f"ratio cropped / dense masks, {key}: {report.masks_ratios.get(key)}")
     result = asdict(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,10 +1,12 @@
-"""tools/benchmark.py and its calibration (tools/benchmark_calibration.py), on tiny CPU inputs.
+"""tools/benchmark.py and its helpers (solo.utils.benchmark_calibration, measure, benchmark_parts,
+synthetic), on tiny CPU inputs.
 
 The reports are checked for what they claim (calibrated post-processing, stage times read from
 the post-processor's profiler ranges, ratios); the spawned-process path runs the tool as a
 script; tools/gpu_check.py must refuse to run without CUDA.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -15,8 +17,11 @@ import torch
 
 from detectron2.modeling import build_model
 
+import solo.utils.benchmark_calibration
+import solo.utils.benchmark_parts
 from helpers import REPO_ROOT, load_script, tiny_cfg
 from solo.modeling.nms import points_nms
+from solo.utils.measure import POSTPROCESS_STAGES
 
 TINY_CONFIG = "configs/Shapes/SOLOv2_R18.yaml"  # R-18 GN, small head: fast on CPU
 HEADS = ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "SOLOv2Head"]
@@ -24,17 +29,12 @@ HEADS = ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "SOLOv2Head"
 
 @pytest.fixture(scope="module")
 def calibration():
-    return load_script("tools/benchmark_calibration.py", "benchmark_calibration")
+    return solo.utils.benchmark_calibration
 
 
 @pytest.fixture(scope="module")
-def benchmark(calibration):
-    """The tool, importing its calibration module as it does when run as a script."""
-    sys.modules["benchmark_calibration"] = calibration
-    try:
-        yield load_script("tools/benchmark.py", "benchmark")
-    finally:
-        sys.modules.pop("benchmark_calibration")
+def benchmark():
+    return load_script("tools/benchmark.py", "benchmark")
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     ours, other = report["models"]["ours"], report["models"]["mask_rcnn"]
     # Stage times come from the post-processor's profiler ranges: all four, inside the part.
     stages = ours["postprocess_stages_ms"]
-    assert set(stages) == set(benchmark.POSTPROCESS_STAGES) and all(v > 0 for v in stages.values())
+    assert set(stages) == set(POSTPROCESS_STAGES) and all(v > 0 for v in stages.values())
     assert sum(stages.values()) < 3 * ours["latency_ms"]["postprocess"]["median"]
     nms_pre = ours["calibration"]["nms_pre"]
     assert nms_pre * 0.9 <= ours["calibration"]["candidates_before_nms"] <= nms_pre
@@ -131,7 +131,7 @@ def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path
     def failing_tracer(*args):
         raise RuntimeError("tracer failed")
 
-    monkeypatch.setattr(benchmark, "count_gflops", failing_tracer)
+    monkeypatch.setattr(solo.utils.benchmark_parts, "count_gflops", failing_tracer)
     report = run(benchmark, tmp_path, "--task", "inference")
     ours = report["models"]["ours"]
     assert ours["flops"] == {"error": "RuntimeError: tracer failed"}
@@ -170,8 +170,7 @@ def test_train_report_times_the_step_and_the_target_assignment(benchmark, tmp_pa
 
 
 def test_train_inputs_are_random_shapes_with_tight_boxes(benchmark):
-    job = benchmark.Job("ours", "train", "", (), "cpu", 1, (64, 96), 2, 1, 0, 7, 0, None)
-    batch = benchmark.train_inputs(job, num_classes=3)
+    batch = benchmark.train_inputs((64, 96), 2, 7, 0, num_classes=3)
     assert [tuple(x["image"].shape) for x in batch] == [(3, 64, 96)] * 2
     for x in batch:
         inst = x["instances"]
@@ -195,7 +194,7 @@ def test_data_report_uses_detectron2_data_loader_benchmark(benchmark, tmp_path, 
     register_shapes_datasets(
         root=str(tmp_path / "shapes"), splits={name: {"num_images": 4, "seed": 0}}
     )
-    monkeypatch.setattr(benchmark, "dataset_for", lambda cfg: [name])
+    monkeypatch.setattr(benchmark, "train_dataset_names", lambda cfg: [name])
     try:
         report = run(benchmark, tmp_path, "--task", "data", "--batch-size", "2", "--repeats", "2")
     finally:
@@ -213,7 +212,7 @@ def test_mask_rcnn_data_loading_uses_our_input_pipeline(benchmark):
     """Same resizing, augmentation, mask format and workers: the loaders differ only by mapper."""
     config = str(REPO_ROOT / TINY_CONFIG)
     job = benchmark.Job("mask_rcnn", "data", config, (), "cpu", 1, (64, 96), 2, 1, 0, 5, 0, None)
-    ours = benchmark.build_cfg(benchmark.replace(job, model="ours"))
+    ours = benchmark.build_cfg(dataclasses.replace(job, model="ours"))
     cfg = benchmark.build_cfg(job)
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
     assert cfg.INPUT == ours.INPUT and cfg.DATALOADER == ours.DATALOADER

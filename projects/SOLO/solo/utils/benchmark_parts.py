@@ -1,0 +1,152 @@
+"""What ``tools/benchmark.py`` times: the configs of ours and of Detectron2's Mask R-CNN R50-FPN,
+a model's inference split into its parts, and Detectron2's ``DataLoaderBenchmark`` with its
+per-call times kept."""
+
+import functools
+import logging
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from .measure import count_gflops
+
+__all__ = [
+    "benchmark_cfg",
+    "data_loader_seconds",
+    "describe_model",
+    "inference_parts",
+    "train_dataset_names",
+]
+
+logger = logging.getLogger("benchmark")
+
+MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+
+
+def benchmark_cfg(model: str, task: str, config_file: str, opts: Sequence[str], device: str):
+    """The config of ``model`` "ours" (``config_file`` + ``opts``) or "mask_rcnn" (Detectron2's
+    model zoo, every detection kept; for ``task`` "data" ours' input pipeline), random weights."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    if model == "mask_rcnn":
+        from detectron2 import model_zoo
+
+        cfg.merge_from_file(model_zoo.get_config_file(MASK_RCNN_CONFIG))
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # random weights: 100 detections out
+        if task == "data":  # the same input pipeline: sizes, augmentation, masks, workers
+            ours = benchmark_cfg("ours", task, config_file, opts, device)
+            cfg.INPUT, cfg.DATALOADER = ours.INPUT.clone(), ours.DATALOADER.clone()
+    else:
+        from ..config import add_solo_config
+
+        add_solo_config(cfg)
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def describe_model(model: str, config_file: str, cfg, module) -> dict:
+    """Config file, head, backbone and parameter count (millions) of a benchmarked model."""
+    if model == "mask_rcnn":
+        head = f"{cfg.MODEL.ROI_HEADS.NAME} (SCORE_THRESH_TEST 0)"
+        config_file = f"detectron2 model zoo: {MASK_RCNN_CONFIG}"
+    else:
+        head = cfg.MODEL.SOLO.HEAD_NAME
+        head += f" (TEST.MASK_FORMAT {cfg.TEST.MASK_FORMAT})" if "MASK_FORMAT" in cfg.TEST else ""
+    params = sum(p.numel() for p in module.parameters()) / 1e6 if module else None
+    return {
+        "config_file": config_file,
+        "head": head,
+        "backbone": f"{cfg.MODEL.BACKBONE.NAME} R-{cfg.MODEL.RESNETS.DEPTH}",
+        "params_m": round(params, 2) if module else None,
+    }
+
+
+def inference_parts(
+    model, batched: List[dict], mask_rcnn: bool
+) -> Tuple[Dict[str, Callable], Callable]:
+    """Each part of ``model(batched)`` (preprocess, backbone, head, postprocess, total) as a call
+    on the previous part's output, in ``model.forward``'s order, and a function returning the
+    fvcore GFLOPs of the backbone and the head."""
+    from detectron2.modeling.postprocessing import detector_postprocess
+
+    images = model.preprocess_image(batched)
+    features = model.backbone(images.tensor)
+    sizes = [(x["height"], x["width"]) for x in batched]
+    if mask_rcnn:
+
+        def head(features):
+            proposals, _ = model.proposal_generator(images, features, None)
+            return model.roi_heads(images, features, proposals, None)[0]
+
+        results = head(features)
+
+        def postprocess():
+            return [detector_postprocess(r, *s) for r, s in zip(results, sizes)]
+
+    else:
+
+        def head(features):
+            return model.head([features[f] for f in model.head_in_features])
+
+        outputs, padded = head(features), tuple(images.tensor.shape[-2:])
+        mask_probs = functools.partial(model.head.inference_mask_probs, outputs)
+
+        def postprocess():
+            cate_logits, image_sizes = outputs.cate_logits, images.image_sizes
+            return model.postprocessor(cate_logits, mask_probs, padded, image_sizes, sizes)
+
+    parts = {
+        "preprocess": lambda: model.preprocess_image(batched),
+        "backbone": lambda: model.backbone(images.tensor),
+        "head": lambda: head(features),
+        "postprocess": postprocess,
+        "total": lambda: model(batched),
+    }
+    return parts, lambda: {
+        "backbone": count_gflops(model, model.backbone, (images.tensor,)),
+        "head": count_gflops(model, head, (features,)),
+    }
+
+
+def train_dataset_names(cfg) -> List[str]:
+    """The config's train datasets if they load here, else the built-in ``shapes_train``."""
+    from detectron2.data import DatasetCatalog
+
+    from ..data import register_builtin_datasets
+
+    register_builtin_datasets()
+    names = list(cfg.DATASETS.TRAIN)
+    try:
+        for name in names:
+            DatasetCatalog.get(name)
+        return names
+    except Exception as e:  # noqa: B902 - any loading failure means "not available here"
+        logger.info(f"DATASETS.TRAIN {names} not available ({type(e).__name__}): shapes_train")
+        return ["shapes_train"]
+
+
+def data_loader_seconds(
+    dicts, mapper, batch_size: int, workers: int, repeats: int, warmup: int, start: Callable
+) -> Tuple[List[float], List[float], List[float]]:
+    """Detectron2's ``DataLoaderBenchmark`` over ``dicts``: seconds per call of reading raw
+    records, of the mapper alone and of the train loader with ``workers`` workers (as in
+    training); ``start()`` is called just before the first measurement."""
+    from detectron2.data.benchmark import DataLoaderBenchmark
+
+    seconds = []  # per call, of each benchmark that DataLoaderBenchmark only logs
+
+    class Recording(DataLoaderBenchmark):
+        def _benchmark(self, *args, **kwargs):
+            avg, times = super()._benchmark(*args, **kwargs)
+            seconds.append(times)
+            return avg, times
+
+    bench = Recording(dicts, mapper=mapper, total_batch_size=batch_size, num_workers=workers)
+    start()
+    bench.benchmark_dataset(repeats, warmup=warmup)
+    bench.benchmark_mapper(repeats, warmup=warmup)
+    bench.benchmark_distributed(repeats, warmup=warmup)
+    dataset_s, mapper_s, loader_s = seconds
+    return dataset_s, mapper_s, loader_s
