@@ -8,6 +8,7 @@ DCN) change only a few keys in their YAML files.
 import torch
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as get_detectron2_cfg
 
 
 def add_solo_config(cfg):
@@ -162,6 +163,7 @@ def check_solo_config(cfg):
     Choice-type keys (head name, NMS type and kernel, DCN types) are checked where they are
     consumed (the head registry, the post-processor, the layers).
     """
+    check_unread_detectron2_keys(cfg)
     c = cfg.MODEL.SOLO
     num_levels = len(c.IN_FEATURES)
     per_level = ["NUM_GRIDS", "SCALE_RANGES"]
@@ -209,3 +211,84 @@ def _check_inference_keys(c):
             raise ValueError(f"MODEL.SOLO.{key} must be in [0, 1), got {c[key]}.")
     if c.NMS_PRE < 1:
         raise ValueError(f"MODEL.SOLO.NMS_PRE must be >= 1, got {c.NMS_PRE}.")
+
+#: Detectron2's nodes of other architectures (R-CNN, RetinaNet, keypoints), which SOLO never
+#: reads: a value changed from Detectron2's default would be silently ignored.
+OTHER_ARCHITECTURES_NODES = (
+    "ANCHOR_GENERATOR",
+    "PROPOSAL_GENERATOR",
+    "RPN",
+    "ROI_HEADS",
+    "ROI_BOX_HEAD",
+    "ROI_BOX_CASCADE_HEAD",
+    "ROI_MASK_HEAD",
+    "ROI_KEYPOINT_HEAD",
+    "RETINANET",
+)
+#: What SOLO reads instead, by key name (the same names recur in several nodes).
+SOLO_COUNTERPARTS = {
+    "NUM_CLASSES": "MODEL.SOLO.NUM_CLASSES",
+    "SCORE_THRESH_TEST": "MODEL.SOLO.SCORE_THRESH (UPDATE_THRESH after Matrix NMS)",
+    "NMS_THRESH_TEST": "MODEL.SOLO.NMS_TYPE, MATRIX_NMS_SIGMA or MASK_NMS_IOU_THRESH",
+    "TOPK_CANDIDATES_TEST": "MODEL.SOLO.NMS_PRE",
+    "IN_FEATURES": "MODEL.SOLO.IN_FEATURES",
+    "FOCAL_LOSS_ALPHA": "MODEL.SOLO.FOCAL_ALPHA",
+    "FOCAL_LOSS_GAMMA": "MODEL.SOLO.FOCAL_GAMMA",
+    "PRIOR_PROB": "MODEL.SOLO.PRIOR_PROB",
+}
+
+
+def check_unread_detectron2_keys(cfg) -> None:
+    """Refuse Detectron2 keys that a SOLO model would silently ignore.
+
+    ``MODEL.KEYPOINT_ON`` True (SOLO predicts no keypoints), ``MODEL.MASK_ON`` False (SOLO
+    predicts masks, always), and any key of the R-CNN / RetinaNet nodes
+    (:data:`OTHER_ARCHITECTURES_NODES`) changed from Detectron2's default, e.g.
+    ``MODEL.ROI_HEADS.NUM_CLASSES`` set where SOLO reads ``MODEL.SOLO.NUM_CLASSES``.
+
+    Raises:
+        ValueError: naming every such key, its value and SOLO's counterpart.
+    """
+    problems = []
+    if cfg.MODEL.KEYPOINT_ON:
+        problems.append("MODEL.KEYPOINT_ON=True (SOLO predicts no keypoints; set it False)")
+    if not cfg.MODEL.MASK_ON:
+        problems.append("MODEL.MASK_ON=False (SOLO always segments masks; set it True)")
+    defaults = get_detectron2_cfg().MODEL
+    for node in OTHER_ARCHITECTURES_NODES:
+        if node not in cfg.MODEL or node not in defaults:
+            continue
+        for key, value in _leaves(cfg.MODEL[node]):
+            if _normalised(value) != _normalised(_lookup(defaults[node], key)):
+                leaf = key.rsplit(".", 1)[-1]
+                instead = SOLO_COUNTERPARTS.get(leaf, "no SOLO counterpart; remove it")
+                problems.append(f"MODEL.{node}.{key}={value!r} (SOLO reads {instead})")
+    if problems:
+        raise ValueError(
+            f"{len(problems)} Detectron2 key(s) that SOLO would ignore: "
+            + "; ".join(problems)
+            + ". (A _BASE_ of an R-CNN or RetinaNet config sets many: base SOLO configs on "
+            "configs/*/Base-*.yaml.)"
+        )
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _lookup(node, dotted_key):
+    for part in dotted_key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _normalised(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    return value
