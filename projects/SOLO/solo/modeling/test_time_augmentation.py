@@ -52,7 +52,8 @@ class SOLOWithTTA(nn.Module):
     ``pred_classes`` and ``pred_boxes``.
 
     Raises (from ``forward``):
-        ValueError: an augmentation with a transform other than resize or horizontal flip.
+        ValueError: an augmentation with a transform other than resize or horizontal flip, or
+            no augmentation at all (empty ``TEST.AUG.MIN_SIZES``).
     """
 
     def __init__(self, cfg, model, tta_mapper=None):
@@ -82,7 +83,13 @@ class SOLOWithTTA(nn.Module):
         reference = tuple(inputs["image"].shape[-2:])
         padded = tuple(model.preprocess_image([inputs]).tensor.shape[-2:])
         cate_logits, mask_probs, min_areas = [], [], []
-        for augmented in self.tta_mapper(inputs):
+        augmentations = self.tta_mapper(inputs)
+        if not augmentations:
+            raise ValueError(
+                "Test-time augmentation made no augmented image: TEST.AUG.MIN_SIZES is empty; "
+                "give at least one short-side size, e.g. (INPUT.MIN_SIZE_TEST,)."
+            )
+        for augmented in augmentations:
             flipped = _is_flipped(augmented["transforms"])
             images = model.preprocess_image([augmented])
             features = model.backbone(images.tensor)
