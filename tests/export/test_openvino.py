@@ -1,10 +1,11 @@
 """Exported ONNX files run by OpenVINO (``ExportedModel(runtime="openvino")``) against eager
 inference, CPU."""
 
+import json
 import pytest
 import torch
 
-from helpers import HEADS, build, force_candidates, tiny_cfg
+from helpers import HEADS, REPO_ROOT, build, force_candidates, load_script, tiny_cfg
 from solo.export import ExportedModel, ExportError, compare_predictions, export_model
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
@@ -95,3 +96,21 @@ def test_missing_openvino_names_the_extra_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ExportError, match=r"openvino package of the 'export' extra.*pip install"):
         ExportedModel(path, runtime="openvino")
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "openvino_int8"])
+def test_benchmark_times_openvino_and_int8_next_to_eager(runtime, tmp_path):
+    """tools/benchmark.py --runtime openvino / openvino_int8: timed next to eager; f32 gives the
+    eager model's instance count, INT8 (calibrated on the timed image) runs end to end."""
+    benchmark = load_script("tools/benchmark.py", "benchmark_openvino")
+    out = tmp_path / "bench.json"
+    argv = ["--config-file", str(REPO_ROOT / "configs/Shapes/SOLOv2_R18.yaml")]
+    argv += ["--input-size", "96", "128", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    argv += ["--in-process", "--task", "inference", "--runtime", runtime, "--json", str(out)]
+    benchmark.main(argv)
+    report = json.loads(out.read_text())
+    eager, exported = report["models"]["ours"], report["models"][f"ours_{runtime}"]
+    assert exported["runtime"] == runtime and exported["latency_ms"]["total"]["median"] > 0
+    if runtime == "openvino":
+        assert exported["calibration"]["instances_out"] == eager["calibration"]["instances_out"]
+    assert report["runtime_ratio"] > 0
