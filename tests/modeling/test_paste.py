@@ -143,3 +143,33 @@ def test_no_masks_give_typed_empty_outputs():
         assert len(masks) == 0 and boxes.tensor.shape == (0, 4)
         dense = masks.tensor if compact else masks
         assert dense.shape == (0, 45, 75) and dense.dtype == torch.bool
+
+
+def test_postprocessor_with_cropped_format_returns_the_dense_masks_as_crops():
+    from solo.modeling import SOLOPostProcessor
+
+    grid, padded = 12, (96, 160)
+    logits = torch.full((1, 2, grid, grid), -8.0)
+    logits[0, 0, 2, 3] = logits[0, 1, 7, 9] = logits[0, 0, 10, 1] = 2.0
+    probs = blob_probs(4, grid * grid, (24, 40), special=False)
+
+    def mask_probs(image, levels, cells, size):
+        return probs[cells].clone()
+
+    outputs = {}
+    for mask_format in ("bitmask", "cropped"):
+        post = SOLOPostProcessor(min_mask_areas=[0], mask_format=mask_format)
+        sizes = [(90, 151), (200, 300)]
+        outputs[mask_format] = [
+            post([logits], mask_probs, padded, [(90, 151)], [size])[0] for size in sizes
+        ]
+    for dense, compact in zip(outputs["bitmask"], outputs["cropped"]):
+        assert len(dense) == 3 and isinstance(compact.pred_masks, CroppedMasks)
+        assert torch.equal(compact.pred_masks.tensor, dense.pred_masks)
+        assert torch.equal(compact.pred_boxes.tensor, dense.pred_boxes.tensor)
+        assert torch.equal(compact.scores, dense.scores)
+    empty = SOLOPostProcessor(min_mask_areas=[0], mask_format="cropped")
+    none = empty([logits - 20], mask_probs, padded, [(90, 151)], [(90, 151)])[0]
+    assert isinstance(none.pred_masks, CroppedMasks) and len(none.pred_masks) == 0
+    with pytest.raises(ValueError, match="TEST.MASK_FORMAT='polygon' is not one of"):
+        SOLOPostProcessor(min_mask_areas=[0], mask_format="polygon")

@@ -94,6 +94,10 @@ def add_solo_config(cfg):
     # format: oneDNN then skips re-laying out every convolution's input and output (figures:
     # docs/benchmarks_notes.md). Same results up to float rounding.
     cfg.CHANNELS_LAST_ON_CPU = True
+    # Predicted masks: "bitmask", Detectron2's (N, H, W) bool pred_masks; "cropped", a
+    # solo.structures.CroppedMasks (each mask as its box's crop; the evaluator encodes RLE from
+    # the crops), so that memory follows the objects' areas on large images.
+    cfg.TEST.MASK_FORMAT = "bitmask"
 
     # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"

@@ -49,9 +49,12 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import convert_to_coco_json
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.structures import Instances
 from detectron2.utils.file_io import PathManager
 
 from .data import compress_rle, ensure_panoptic_shapes_dataset, mask_areas
+from .structures import CroppedMasks
 
 __all__ = [
     "EVALUATORS",
@@ -257,6 +260,25 @@ class SOLOCOCOEvaluator(COCOEvaluator):
             if "segm" in self._tasks:
                 _check_segmentations(self._coco_api, self._metadata.json_file)
             complete_coco_annotations(self._coco_api, self._metadata.json_file)
+
+    def process(self, inputs, outputs):
+        """As ``COCOEvaluator.process``; ``pred_masks`` held as ``CroppedMasks``
+        (``TEST.MASK_FORMAT cropped``) are encoded to RLE from their crops, without materialising
+        the (N, H, W) masks."""
+        for input, output in zip(inputs, outputs):
+            instances = output.get("instances")
+            if instances is None or not isinstance(instances.get("pred_masks"), CroppedMasks):
+                super().process([input], [output])
+                continue
+            instances = instances.to(self._cpu_device)
+            fields = {k: v for k, v in instances.get_fields().items() if k != "pred_masks"}
+            results = instances_to_coco_json(
+                Instances(instances.image_size, **fields), input["image_id"]
+            )
+            for result, rle in zip(results, instances.pred_masks.to_rle()):
+                rle["counts"] = rle["counts"].decode("utf-8")
+                result["segmentation"] = rle
+            self._predictions.append({"image_id": input["image_id"], "instances": results})
 
     def evaluate(self, img_ids=None):
         results = super().evaluate(img_ids)

@@ -47,6 +47,11 @@ class CroppedMasks:
         self.origins = origins
         self.image_size: Tuple[int, int] = (height, width)
 
+    @classmethod
+    def empty(cls, image_size, device=None) -> "CroppedMasks":
+        """No masks, for an image of ``image_size`` (H, W), on ``device``."""
+        return cls([], torch.zeros((0, 2), dtype=torch.long, device=device), image_size)
+
     def __len__(self) -> int:
         return len(self.crops)
 
@@ -74,9 +79,9 @@ class CroppedMasks:
     def device(self) -> torch.device:
         return self.origins.device if not self.crops else self.crops[0].device
 
-    def to(self, *args, **kwargs) -> "CroppedMasks":
-        crops = [c.to(*args, **kwargs) for c in self.crops]
-        return CroppedMasks(crops, self.origins, self.image_size)
+    def to(self, device) -> "CroppedMasks":
+        crops = [c.to(device) for c in self.crops]
+        return CroppedMasks(crops, self.origins.to(device), self.image_size)
 
     @property
     def tensor(self) -> torch.Tensor:

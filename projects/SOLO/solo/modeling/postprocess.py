@@ -43,9 +43,11 @@ from detectron2.utils.events import get_event_storage, has_event_storage
 
 from .heads.base import CandidateMaskProbs
 from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, matrix_nms_from_iou, points_nms
+from ..structures import CroppedMasks
 from .paste import paste_masks
 
 NMS_TYPES = ("matrix", "mask")
+MASK_FORMATS = ("bitmask", "cropped")  # TEST.MASK_FORMAT
 
 #: ``mask_probs(image, levels, cells, size)``: see :meth:`SOLOPostProcessor.__call__`.
 MaskProbs = Callable[[int, torch.Tensor, torch.Tensor, Tuple[int, int]], torch.Tensor]
@@ -118,6 +120,7 @@ class SOLOPostProcessor:
         max_per_image: int = 100,
         chunk_size: int = 128,
         paste_chunk_size: int = 4,
+        mask_format: str = "bitmask",
     ):
         for key, value, allowed in [
             ("NMS_TYPE", nms_type, NMS_TYPES),
@@ -137,6 +140,9 @@ class SOLOPostProcessor:
         self.max_per_image = max_per_image
         self.chunk_size = chunk_size
         self.paste_chunk_size = paste_chunk_size
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"TEST.MASK_FORMAT={mask_format!r} is not one of {MASK_FORMATS}.")
+        self.mask_format = mask_format  # "cropped": pred_masks as solo.structures.CroppedMasks
 
     @classmethod
     def from_config(cls, cfg, level_strides: Sequence[int]):
@@ -153,6 +159,7 @@ class SOLOPostProcessor:
             "matrix_nms_sigma": c.MATRIX_NMS_SIGMA,
             "mask_nms_iou_thresh": c.MASK_NMS_IOU_THRESH,
             "max_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "mask_format": cfg.TEST.MASK_FORMAT,
         }
 
     @torch.no_grad()
@@ -186,6 +193,8 @@ class SOLOPostProcessor:
             result, count = self._single_image(
                 mask_probs, i, scores[i], cells_per_level, padded_size, image_size, out_size
             )
+            if self.mask_format == "cropped" and not len(result):
+                result.pred_masks = CroppedMasks.empty(out_size, result.scores.device)
             results.append(result)
             candidate_counts.append(count)
         if has_event_storage() and candidate_counts:
@@ -265,8 +274,9 @@ class SOLOPostProcessor:
         result = Instances(output_size)
         with record_function("solo.postprocess.paste"):
             result.pred_masks, result.pred_boxes = paste_masks(
-                probs, padded_size, image_size, output_size, self.mask_thresh, self.paste_chunk_size
-            )
+                probs, padded_size, image_size, output_size, self.mask_thresh,
+                self.paste_chunk_size, compact=self.mask_format == "cropped",
+            )  # fmt: skip
         result.scores = cand_scores
         result.pred_classes = labels
         return result, num_candidates
