@@ -14,9 +14,11 @@ Shaped like Detectron2's ``tools/deploy/export_model.py``; run from the reposito
 
 Writes ``OUTPUT/model.{onnx,ts,pt2}``, which ``solo.export.ExportedModel`` (and
 ``demo/demo.py``) runs. ``--verify`` compares the exported model with the eager one on the sample
-image and on two other sizes and exits with status 1 on a mismatch; ``--run-eval`` reports the
-exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must fit the config exactly; an
-empty MODEL.WEIGHTS is refused unless ``--allow-random-weights`` (for trying the tool out).
+image (default: the first image of ``DATASETS.TEST``) and on two other sizes and exits with
+status 1 on a mismatch, or when the eager model finds no instance in them (nothing compared);
+``--run-eval`` reports the exported model's COCO AP on ``DATASETS.TEST``. MODEL.WEIGHTS must
+fit the config exactly; an empty MODEL.WEIGHTS is refused unless ``--allow-random-weights``
+(for trying the tool out).
 
 Reduced precision (ONNX only, ``solo.export.quantize``): ``--quantize int8`` also writes
 ``OUTPUT/model_int8.onnx``, calibrated on ``--calibration-images`` images of
@@ -33,12 +35,11 @@ import sys
 import torch
 
 from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from solo import get_solo_cfg
-from solo.checkpoint import SOLOCheckpointer
+from solo.checkpoint import build_inference_model
 from solo.data import read_image, register_datasets
 from solo.export import (
     EXPORT_FORMATS,
@@ -64,8 +65,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample-image",
         metavar="FILE",
-        help="image used for tracing and --verify, resized as at test time "
-        "(default: a random 320x320 image)",
+        help="image used for tracing and --verify, resized as at test time (default: a random "
+        "320x320 image for tracing, the first image of DATASETS.TEST for --verify)",
     )
     parser.add_argument(
         "--max-candidates",
@@ -177,13 +178,6 @@ def reduce_precision(args, cfg, float_path: str) -> str:
     )
 
 
-def build_eager_model(cfg):
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        SOLOCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
-
-
 def load_sample_image(path: str, cfg) -> torch.Tensor:
     """The image as the model sees it at test time: (3, H, W) uint8 in INPUT.FORMAT, resized as
     ``DefaultPredictor`` does (no resizing when INPUT.MIN_SIZE_TEST is 0)."""
@@ -196,8 +190,37 @@ def load_sample_image(path: str, cfg) -> torch.Tensor:
     return torch.as_tensor(image.astype("uint8").transpose(2, 0, 1).copy())
 
 
+def first_test_image(cfg) -> torch.Tensor:
+    """--verify's image without --sample-image: the first image of DATASETS.TEST (a random image
+    would compare nothing: a trained model finds no object in it)."""
+    from detectron2.data import DatasetCatalog
+
+    from solo.data import register_builtin_datasets
+
+    if not cfg.DATASETS.TEST:
+        raise SystemExit(
+            "--verify without --sample-image compares on the first image of DATASETS.TEST, which "
+            "is empty: give --sample-image FILE, an image in which the model finds objects."
+        )
+    register_builtin_datasets()
+    name = cfg.DATASETS.TEST[0]
+    if name not in DatasetCatalog.list():
+        raise SystemExit(
+            f"--verify without --sample-image compares on the first image of DATASETS.TEST, but "
+            f"{name!r} is not a registered dataset: give --sample-image FILE."
+        )
+    path = DatasetCatalog.get(name)[0]["file_name"]
+    logger.info(f"--verify: comparing on {path}, the first image of {name}.")
+    return load_sample_image(path, cfg)
+
+
 def verify(model, exported: ExportedModel, sample: torch.Tensor, **tolerances) -> bool:
-    """Eager vs exported on the sample and on it resized by ``VERIFY_SCALES``; logs each."""
+    """Eager vs exported on the sample and on it resized by ``VERIFY_SCALES``; logs each.
+
+    Raises:
+        SystemExit: the eager model found no instance in any of the images, so nothing was
+            compared (a check that compared nothing is not a pass).
+    """
     h, w = sample.shape[-2:]
     images = [sample] + [
         torch.nn.functional.interpolate(
@@ -207,19 +230,28 @@ def verify(model, exported: ExportedModel, sample: torch.Tensor, **tolerances) -
         .to(torch.uint8)
         for s in VERIFY_SCALES
     ]
-    ok = True
+    ok, compared = True, 0
     for image in images:
         inputs = [{"image": image, "height": image.shape[-2], "width": image.shape[-1]}]
         with torch.no_grad():
             expected = model(inputs)[0]["instances"]
         actual = exported(inputs)[0]["instances"]
         problems = compare_predictions(expected, actual, **tolerances)
+        compared += len(expected)
         size = "x".join(map(str, image.shape[-2:]))
         if problems:
             ok = False
             logger.error(f"--verify {size}: exported model differs: " + "; ".join(problems))
         else:
             logger.info(f"--verify {size}: {len(actual)} instances, same as the eager model.")
+    if ok and compared == 0:
+        sizes = ", ".join("x".join(map(str, i.shape[-2:])) for i in images)
+        raise SystemExit(
+            f"--verify compared nothing: the eager model finds no instance in the sample at "
+            f"{sizes}, so equal outputs prove nothing about the export. Give --sample-image "
+            "FILE, an image in which the model finds objects (without it, the first image of "
+            "DATASETS.TEST is used), and trained MODEL.WEIGHTS."
+        )
     return ok
 
 
@@ -231,6 +263,8 @@ def run_eval(cfg, exported: ExportedModel):
     from solo.data import register_builtin_datasets
     from solo.engine.trainer import Trainer
 
+    if not cfg.DATASETS.TEST:  # Trainer.test would return {}: an evaluation of nothing
+        raise SystemExit("--run-eval evaluates on DATASETS.TEST, which is empty: set it.")
     _setup(name="detectron2")
     register_builtin_datasets()
     return Trainer.test(cfg, exported)
@@ -244,7 +278,7 @@ def main(argv=None) -> int:
     check_weights(cfg, args.allow_random_weights)
     check_precision_args(args)
     sample = load_sample_image(args.sample_image, cfg) if args.sample_image else None
-    model = build_eager_model(cfg)
+    model = build_inference_model(cfg, allow_random_weights=args.allow_random_weights)
     try:
         path = export_model(
             model,
@@ -272,8 +306,7 @@ def main(argv=None) -> int:
     status = 0
     if args.verify:
         if sample is None:
-            generator = torch.Generator().manual_seed(0)
-            sample = torch.randint(0, 256, (3, 320, 320), generator=generator, dtype=torch.uint8)
+            sample = first_test_image(cfg)
         tolerances = {}
         if args.precision == "fp16":
             tolerances = dict(score_atol=quantize.FP16_SCORE_ATOL, mask_tol=quantize.FP16_MASK_TOL)

@@ -331,3 +331,170 @@ def test_exported_shapes_model_coco_ap_equals_eager(tmp_path):
     instances = exported([{"image": image((128, 160), 6)}])[0]["instances"]
     canvas = Visualizer(image((128, 160), 6).permute(1, 2, 0).numpy())
     assert canvas.draw_instance_predictions(instances).get_image().shape == (128, 160, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Export paths never fail silently (issue 20, section 4)
+# --------------------------------------------------------------------------------------------
+
+
+def test_tracing_or_exporting_the_eager_model_is_refused_naming_the_export_tool(tmp_path):
+    """Detectron2's TracingAdapter + torch.jit.trace gave a model returning 0 instances on every
+    image after a sample without detections; ONNX and torch.export fail deep in the tracer."""
+    from detectron2.export import TracingAdapter
+
+    model = build(tiny_cfg("SOLOv2Head")).eval()
+    inputs = [{"image": image((64, 96), seed=8).float()}]
+    adapter = TracingAdapter(model, inputs)
+    with pytest.raises(RuntimeError, match="tools/export_model.py.*solo.export"):
+        torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+    with pytest.raises(Exception, match="tools/export_model.py"):
+        torch.onnx.export(adapter, adapter.flattened_inputs, str(tmp_path / "m.onnx"), dynamo=False)
+    with pytest.raises(Exception, match="tools/export_model.py"):
+        torch.export.export(adapter, adapter.flattened_inputs)
+    assert len(model.eval()(inputs)) == 1  # the eager model itself still runs
+
+
+def onnx_metadata(path):
+    import json
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    return json.loads(props["solo_export.json"])
+
+
+def test_plain_onnxruntime_runs_the_file_at_any_size_because_the_graph_pads(tmp_path):
+    """The file declares (1, 3, height, width); plain ONNX Runtime failed at 120x160 with a
+    broadcast error because the padding ran outside the graph. Now the graph pads as the eager
+    model does, so its outputs are the eager model's at any size, and the metadata says so.
+    (ONNX Runtime's float rounding may swap two instances of near-equal score: the detections are
+    compared as sets, their order by the exact tests above.)"""
+    import onnxruntime as ort
+
+    model = forced_model("SOLOv2Head")
+    path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for seed, size in enumerate([(120, 160), (97, 133), (33, 250), (20, 20), (200, 65)]):
+        img = image(size, seed + 20)
+        outputs = session.run(None, {"image": img[None].float().numpy()})
+        scores, labels, masks, num_det, _ = map(torch.from_numpy, outputs)
+        (expected,) = eager(model, [{"image": img}])
+        n = int(num_det)
+        assert n == len(expected) > 0, size
+        assert sorted(labels[:n].tolist()) == sorted(expected.pred_classes.tolist())
+        torch.testing.assert_close(
+            scores[:n].sort().values, expected.scores.sort().values, atol=1e-3, rtol=0
+        )
+        hp, wp = max(-(-size[0] // 32) * 32, 64), max(-(-size[1] // 32) * 32, 64)
+        assert masks.shape[1:] == (hp // 4, wp // 4)
+    meta = onnx_metadata(path)
+    assert meta["version"] == 2 and meta["format"] == "onnx"
+    assert meta["input"]["shape"] == [1, 3, "height", "width"]
+    assert meta["padding"]["where"] == "in the graph" and "64" in meta["padding"]["to"]
+    assert list(meta["outputs"]) == [
+        "scores",
+        "labels",
+        "masks",
+        "num_detections",
+        "num_candidates",
+    ]
+    assert [o.name for o in session.get_outputs()] == list(meta["outputs"])
+
+
+def test_files_of_metadata_version_1_still_run_with_their_outside_padding(tmp_path):
+    """Version 1 graphs took an input padded outside them with the pixel mean."""
+    import json
+    import onnx
+
+    model = forced_model("DecoupledSOLOLightHead")
+    path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
+    proto = onnx.load(path)
+    meta = onnx_metadata(path)
+    v1 = {k: meta[k] for k in ("input_format", "pixel_mean", "size_divisibility", "mask_thresh")}
+    v1.update(version=1, max_candidates=meta["max_candidates"], num_classes=5, config="")
+    v1["min_blocks"] = 2
+    for p in proto.metadata_props:
+        p.value = json.dumps(v1)
+    onnx.save(proto, path)
+    exported = ExportedModel(path)
+    assert not exported.pads_in_graph
+    inputs = [{"image": image((120, 160), 21)}]
+    assert_same_predictions(eager(model, inputs)[0], exported(inputs)[0]["instances"])
+
+
+def test_a_device_the_runtime_did_not_get_is_an_error_naming_the_package(tmp_path):
+    """ExportedModel(path, device="cuda") with a CPU-only onnxruntime ran on the CPU (only
+    onnxruntime's own warning) and failed later in torch."""
+    import onnxruntime as ort
+
+    path = export_model(build(tiny_cfg("SOLOv2Head")).eval(), "onnx", str(tmp_path))
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ExportError, match="onnxruntime-gpu"):
+            ExportedModel(path, device="cuda")
+    with pytest.raises(ExportError, match="not on device 'meta'"):
+        ExportedModel(path, device="meta")
+
+
+def test_torchscript_on_cuda_without_cuda_is_an_error_naming_the_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = export_model(build(tiny_cfg("SOLOv2Head")).eval(), "torchscript", str(tmp_path))
+    with pytest.raises(ExportError, match="device 'cuda'.*no usable CUDA device"):
+        ExportedModel(path, device="cuda")
+
+
+def test_pt2_is_exact_on_small_images_and_names_its_size_limit_before_running(tmp_path):
+    """.pt2 programs padded images to 96 px where eager uses 64 (other instances on thumbnails,
+    without a warning), and a side over 8192 failed with a bare 'AssertionError: Guard failed'."""
+    model = forced_model("SOLOv2Head")
+    exported = ExportedModel(
+        export_model(
+            model, "pt2", str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
+        )
+    )
+    for seed, size in enumerate([(40, 50), (64, 64), (20, 90), (130, 70)]):
+        inputs = [{"image": image(size, seed + 30)}]
+        assert_same_predictions(eager(model, inputs)[0], exported(inputs)[0]["instances"])
+    panorama = torch.zeros((3, 40, 8200), dtype=torch.uint8)
+    with pytest.raises(ExportError, match="sides up to 8192 pixels.*got 40x8200"):
+        exported([{"image": panorama}])
+
+
+def test_export_tool_verify_that_compared_nothing_fails(export_tool, tmp_path):
+    """--verify on a model that finds nothing reported '0 instances, same as the eager model'
+    and exited 0: a check that compared nothing is not a pass."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny_cfg("SOLOv2Head").dump())
+    sample = tmp_path / "sample.png"
+    cv2.imwrite(str(sample), image((64, 96), 9).permute(1, 2, 0).numpy())
+    argv = ["--config-file", str(config), "--format", "torchscript", "--output", str(tmp_path)]
+    argv += ["--sample-image", str(sample), "--verify", "--allow-random-weights"]
+    with pytest.raises(SystemExit, match="--verify compared nothing"):
+        export_tool.main(argv + ["INPUT.MIN_SIZE_TEST", "0", "MODEL.WEIGHTS", ""])
+
+
+def test_export_tool_verify_without_sample_uses_the_first_test_image(export_tool, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    model = forced_model("SOLOv2Head")
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny_cfg("SOLOv2Head").dump())
+    sample = tmp_path / "first.png"
+    cv2.imwrite(str(sample), image((64, 96), 10).permute(1, 2, 0).numpy())
+    name = "export_verify_first_image"
+    DatasetCatalog.register(name, lambda: [{"file_name": str(sample), "image_id": 0}])
+    argv = ["--config-file", str(config), "--format", "torchscript", "--output", str(tmp_path)]
+    argv += ["--verify", "--max-candidates", "1500", "INPUT.MIN_SIZE_TEST", "0"]
+    try:
+        assert (
+            export_tool.main(
+                argv + ["DATASETS.TEST", f"('{name}',)", "MODEL.WEIGHTS", str(weights)]
+            )
+            == 0
+        )
+        with pytest.raises(SystemExit, match="DATASETS.TEST, which is empty"):
+            export_tool.main(argv + ["DATASETS.TEST", "()", "MODEL.WEIGHTS", str(weights)])
+    finally:
+        DatasetCatalog.remove(name)
