@@ -49,7 +49,8 @@ INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 # --runtime: file format, and ExportedModel's runtime and precision. *_int8: the ONNX file
 # quantized by solo.export.quantize, calibrated on the timed image (latency only: its accuracy
-# is tools/export_model.py --quantize int8 --run-eval's).
+# is tools/export_model.py --quantize int8 --run-eval's); *_fp16: its float16 version (for
+# --device cuda: ONNX Runtime's CUDA provider).
 EXPORT_FORMATS = {
     "onnxruntime": "onnx",
     "torchscript": "torchscript",
@@ -57,6 +58,7 @@ EXPORT_FORMATS = {
     "openvino_bf16": "onnx",
     "onnxruntime_int8": "onnx",
     "openvino_int8": "onnx",
+    "onnxruntime_fp16": "onnx",
 }
 RUNTIME_OPTIONS = {
     "openvino": dict(runtime="openvino"),
@@ -220,6 +222,8 @@ def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTrac
         if job.runtime.endswith("_int8"):
             image = ExportedModel(path).graph_input(batched[0]["image"])[0].numpy()
             path = quantize.quantize_int8(path, quantize.precision_path(path, "int8"), [image])
+        if job.runtime.endswith("_fp16"):
+            path = quantize.convert_fp16(path, quantize.precision_path(path, "fp16"))
         options = RUNTIME_OPTIONS.get(job.runtime, {})
         exported = ExportedModel(path, device=job.device, num_threads=job.threads, **options)
         file_mb = round(os.path.getsize(path) / 2**20, 1)

@@ -39,8 +39,22 @@ BENCHMARKS = [
         False,
         24,
     ),
+    # The float16 ONNX file (--precision fp16) on ONNX Runtime's CUDA provider next to eager
+    # float32: its latency, and its instance count next to eager's (calibration.instances_out).
+    (
+        "SOLOv2 R50 inference, ONNX fp16",
+        "configs/SOLOv2/R50_3x.yaml",
+        "inference",
+        (800, 1216),
+        False,
+        None,
+    ),
 ]
-RUNTIME = {"SOLOv2-light R50 448 inference": "torchscript"}  # exported model timed alongside
+# Exported model timed alongside.
+RUNTIME = {
+    "SOLOv2-light R50 448 inference": "torchscript",
+    "SOLOv2 R50 inference, ONNX fp16": "onnxruntime_fp16",
+}
 TARGETS = {"inference": 0.8, "train": 1.0, "peak_memory": 1.2}  # ours / Mask R-CNN, at most
 REPEATS = {"inference": 20, "train": 10}  # enough for stable medians at GPU speed
 
@@ -95,6 +109,14 @@ def run_benchmark(config, task, size, compare, threads, runtime="pytorch") -> Op
             return json.load(f)
 
 
+def onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def summary_rows(results: List[dict]) -> List[list]:
     rows = []
     for r in results:
@@ -143,6 +165,9 @@ def main(argv=None) -> int:
     results = []
     for name, config, task, size, compare, official in BENCHMARKS:
         print(f"\n=== {name}: {config} {task} {size[0]}x{size[1]} ===", flush=True)
+        if RUNTIME.get(name, "").startswith("onnxruntime") and not onnxruntime_has_cuda():
+            print("skipped: ONNX Runtime has no CUDA provider (pip install onnxruntime-gpu)")
+            continue
         began = time.perf_counter()
         bench = run_benchmark(
             config, task, size, compare, args.threads, RUNTIME.get(name, "pytorch")
