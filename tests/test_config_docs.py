@@ -28,7 +28,7 @@ def config_key_groups(source=None):
     A key's meaning is the comment block directly above its assignment; keys assigned right
     after another key, without a comment of their own, share that key's row (e.g. the focal-loss
     parameters). A new node (``= CN()``) passes its comment on to the first key below it. Keys
-    are ``MODEL.SOLO`` names without the prefix (``_C.X``) or full names (``cfg.SOLVER.X``).
+    are full names: ``_C.X`` is ``MODEL.SOLO.X``, ``cfg.A.B`` is ``A.B``.
     """
     groups, comment, previous_was_key = [], [], False
     source = inspect.getsource(add_solo_config) if source is None else source
@@ -41,7 +41,7 @@ def config_key_groups(source=None):
         elif match and match.group(3) == "CN()":
             continue
         elif match:
-            key = match.group(2)
+            key = ("MODEL.SOLO." if match.group(1) == "_C" else "") + match.group(2)
             if comment or not previous_was_key:
                 groups.append(([key], " ".join(comment)))
             else:
@@ -52,14 +52,9 @@ def config_key_groups(source=None):
     return groups
 
 
-def full_name(key):
-    """``MODEL.SOLO.X`` for a ``MODEL.SOLO`` key listed as ``X``; other keys are full already."""
-    return key if "." in key else f"MODEL.SOLO.{key}"
-
-
 def _default(cfg, key):
     value = cfg
-    for part in full_name(key).split("."):
+    for part in key.split("."):
         value = value[part]
     if isinstance(value, str):
         return f'"{value}"'
@@ -106,7 +101,7 @@ def test_every_key_add_solo_config_adds_has_a_commented_row():
     before = set(_leaf_keys(cfg))
     add_solo_config(cfg)
     groups = config_key_groups()
-    listed = sorted(full_name(key) for keys, _ in groups for key in keys)
+    listed = sorted(key for keys, _ in groups for key in keys)
     assert listed == sorted(set(_leaf_keys(cfg)) - before)
     assert all(meaning for _, meaning in groups), [keys for keys, m in groups if not m]
 
@@ -127,8 +122,8 @@ def test_parser_joins_uncommented_keys_to_the_row_above_and_resets_at_blank_line
     cfg.MODEL.NEW.E = []
     """
     assert config_key_groups(source) == [
-        (["A", "B"], "Heading. Meaning of A."),
-        (["C"], ""),
+        (["MODEL.SOLO.A", "MODEL.SOLO.B"], "Heading. Meaning of A."),
+        (["MODEL.SOLO.C"], ""),
         (["SOLVER.D"], "Solver key."),
         (["MODEL.NEW.E"], "A new node; its comment goes to its first key."),
     ]
