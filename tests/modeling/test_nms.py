@@ -50,6 +50,17 @@ def test_mask_iou_matrix_matches_pairwise_iou_and_is_zero_for_empty_masks():
     assert torch.isfinite(iou).all()
 
 
+@pytest.mark.parametrize("num_labels", [1, 3, 12])
+def test_mask_iou_matrix_with_labels_is_the_same_label_iou_and_zero_across(num_labels):
+    rng = np.random.default_rng(num_labels)
+    t = torch.from_numpy(random_overlapping_masks(rng, 12))
+    areas = t.flatten(1).sum(1).float()
+    labels = torch.from_numpy(rng.integers(0, num_labels, 12))
+    same = labels[:, None] == labels[None, :]
+    expected = mask_iou_matrix(t, areas) * same
+    assert torch.equal(mask_iou_matrix(t, areas, labels), expected)
+
+
 # --------------------------------------------------------------------------------------------
 # Matrix NMS
 # --------------------------------------------------------------------------------------------

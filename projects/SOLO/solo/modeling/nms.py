@@ -1,5 +1,6 @@
 """Duplicate removal for masks: Matrix NMS (SOLOv2), greedy mask NMS, and point NMS on grids."""
 
+from typing import Optional
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +17,38 @@ def points_nms(scores: torch.Tensor) -> torch.Tensor:
     return scores * (local_max == scores)
 
 
-def mask_iou_matrix(masks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of (N, H, W) binary masks, as one matrix product."""
-    inter = _pairwise_intersections(masks.flatten(1))
+def mask_iou_matrix(
+    masks: torch.Tensor, areas: torch.Tensor, labels: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(N, N) float32 IoU of (N, H, W) binary masks with pixel counts ``areas``, from exact
+    integer intersection counts (matrix products).
+
+    With ``labels`` (N,), masks of different labels get IoU 0: Matrix NMS and mask NMS compare a
+    mask with its own class only, and on CPU only same-label pairs are then intersected (one
+    product per label present instead of one over all pairs; same values).
+    """
+    flat = masks.flatten(1)
+    if labels is not None and flat.device.type == "cpu":
+        inter = _same_label_intersections(flat, labels)
+    else:
+        inter = _pairwise_intersections(flat)
+        if labels is not None:
+            inter = inter * (labels[:, None] == labels[None, :])
     union = areas[:, None] + areas[None, :] - inter
     return inter / union.clamp(min=1e-6)
+
+
+def _same_label_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`_pairwise_intersections` of the pairs with equal labels, 0 elsewhere."""
+    values, counts = torch.unique(labels, return_counts=True)
+    if len(values) <= 1:
+        return _pairwise_intersections(flat)
+    inter = flat.new_zeros((len(flat), len(flat)), dtype=torch.float32)
+    order = torch.argsort(labels, stable=True)
+    # One product per label present (at most the number of classes).
+    for group in torch.split(order, counts.tolist()):
+        inter[group[:, None], group[None, :]] = _pairwise_intersections(flat[group])
+    return inter
 
 
 def _pairwise_intersections(flat: torch.Tensor) -> torch.Tensor:
@@ -64,7 +92,8 @@ def matrix_nms(
         return scores
     if areas is None:
         areas = masks.flatten(1).sum(dim=1).float()
-    return matrix_nms_from_iou(mask_iou_matrix(masks, areas), labels, scores, kernel, sigma)
+    iou = mask_iou_matrix(masks, areas, labels)
+    return matrix_nms_from_iou(iou, labels, scores, kernel, sigma)
 
 
 def matrix_nms_from_iou(
@@ -108,7 +137,7 @@ def mask_nms(
         return torch.zeros(0, dtype=torch.bool, device=scores.device)
     if areas is None:
         areas = masks.flatten(1).sum(dim=1).float()
-    suppresses = (mask_iou_matrix(masks, areas) > iou_threshold) & (
+    suppresses = (mask_iou_matrix(masks, areas, labels) > iou_threshold) & (
         labels[:, None] == labels[None, :]
     )
     suppresses = suppresses.triu(diagonal=1).float()
