@@ -53,6 +53,12 @@ from solo.utils.cli import add_opts_argument, parse_args
 
 logger = logging.getLogger("solo.export_model")
 
+# --runtime of an ONNX file: ExportedModel's runtime and precision.
+RUNTIME_OPTIONS = {
+    "onnxruntime": {},
+    "openvino": dict(runtime="openvino"),
+    "openvino_bf16": dict(runtime="openvino", precision="bf16"),
+}
 # --verify: the sample's size, then these scales of it.
 VERIFY_SCALES = (0.75, 1.3)
 
@@ -101,9 +107,10 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--runtime",
-        choices=["onnxruntime", "openvino"],
+        choices=list(RUNTIME_OPTIONS),
         default="onnxruntime",
-        help="runtime of an ONNX file for --verify and --run-eval",
+        help="runtime of an ONNX file for --verify and --run-eval (openvino_bf16: OpenVINO "
+        "computing in bfloat16, where the CPU has it)",
     )
     parser.add_argument("--run-eval", action="store_true", help="COCO AP on DATASETS.TEST")
     parser.add_argument(
@@ -301,8 +308,8 @@ def main(argv=None) -> int:
     if args.quantize or args.precision != "fp32":
         path = reduce_precision(args, cfg, float_path)
         logger.info(f"Wrote {path}")
-    runtime = args.runtime if args.format == "onnx" else None
-    exported = ExportedModel(path, runtime=runtime)
+    runtime = RUNTIME_OPTIONS[args.runtime] if args.format == "onnx" else {}
+    exported = ExportedModel(path, **runtime)
     status = 0
     if args.verify:
         if sample is None:
@@ -315,10 +322,10 @@ def main(argv=None) -> int:
         results = run_eval(cfg, exported)
         logger.info(f"COCO evaluation of {path}: {results}")
         if path != float_path:
-            float_results = run_eval(cfg, ExportedModel(float_path, runtime=runtime))
+            float_results = run_eval(cfg, ExportedModel(float_path, **runtime))
             precision = args.quantize or args.precision
             table = quantize.precision_report({"fp32": float_results, precision: results})
-            print(f"COCO AP on {', '.join(cfg.DATASETS.TEST)} ({runtime}):\n{table}")
+            print(f"COCO AP on {', '.join(cfg.DATASETS.TEST)} ({args.runtime}):\n{table}")
     return status
 
 
