@@ -420,6 +420,13 @@ def test_files_of_metadata_version_1_still_run_with_their_outside_padding(tmp_pa
     assert not exported.pads_in_graph
     inputs = [{"image": image((120, 160), 21)}]
     assert_same_predictions(eager(model, inputs)[0], exported(inputs)[0]["instances"])
+    # Version 1 torch.export programs padded to 3 blocks (96 px) where eager pads to 64: such a
+    # file now refuses a thumbnail with the reason (it returned other instances silently).
+    for p in proto.metadata_props:
+        p.value = json.dumps({**v1, "min_blocks": 3})
+    onnx.save(proto, path)
+    with pytest.raises(ExportError, match="at least 65 pixels, got 40x90.*eager model pads"):
+        ExportedModel(path)([{"image": image((40, 90), 22)}])
 
 
 def test_a_device_the_runtime_did_not_get_is_an_error_naming_the_package(tmp_path):
