@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import sys
 import tempfile
 import warnings
@@ -22,9 +21,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from solo.utils.benchmark_parts import (
+    EXPORT_FORMATS,
     benchmark_cfg,
     data_loader_seconds,
     describe_model,
+    export_for_runtime,
     inference_parts,
     train_dataset_names,
 )
@@ -47,24 +48,6 @@ logger = logging.getLogger("benchmark")
 SCHEMA_VERSION = 2
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
-# --runtime: file format, and ExportedModel's runtime and precision. *_int8: the ONNX file
-# quantized by solo.export.quantize, calibrated on the timed image (latency only: its accuracy
-# is tools/export_model.py --quantize int8 --run-eval's); *_fp16: its float16 version (for
-# --device cuda: ONNX Runtime's CUDA provider).
-EXPORT_FORMATS = {
-    "onnxruntime": "onnx",
-    "torchscript": "torchscript",
-    "openvino": "onnx",
-    "openvino_bf16": "onnx",
-    "onnxruntime_int8": "onnx",
-    "openvino_int8": "onnx",
-    "onnxruntime_fp16": "onnx",
-}
-RUNTIME_OPTIONS = {
-    "openvino": dict(runtime="openvino"),
-    "openvino_bf16": dict(runtime="openvino", precision="bf16"),
-    "openvino_int8": dict(runtime="openvino"),
-}
 MASK_FORMATS = {"dense": "bitmask", "cropped": "cropped"}  # --masks: TEST.MASK_FORMAT
 TRAIN_LR = 0.0  # the step costs the same at any lr; random weights diverge at a useful one
 
@@ -215,18 +198,10 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
 def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTracker) -> dict:
     """End-to-end latency of the calibrated model exported (``solo.export``) to ``job.runtime``,
     called like the model on the same input."""
-    from solo.export import ExportedModel, export_model, quantize
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_model(model, EXPORT_FORMATS[job.runtime], tmp, batched[0]["image"])
-        if job.runtime.endswith("_int8"):
-            image = ExportedModel(path).graph_input(batched[0]["image"])[0].numpy()
-            path = quantize.quantize_int8(path, quantize.precision_path(path, "int8"), [image])
-        if job.runtime.endswith("_fp16"):
-            path = quantize.convert_fp16(path, quantize.precision_path(path, "fp16"))
-        options = RUNTIME_OPTIONS.get(job.runtime, {})
-        exported = ExportedModel(path, device=job.device, num_threads=job.threads, **options)
-        file_mb = round(os.path.getsize(path) / 2**20, 1)
+        exported, file_mb = export_for_runtime(
+            model, job.runtime, tmp, batched[0]["image"], job.device, job.threads
+        )
     memory.start()
     latency = {"total": stats(timed(lambda: exported(batched), job))}
     memory_report = memory.report()

@@ -5,7 +5,7 @@
    targets, train_net.py and --eval-only on CUDA, exported runtimes on CUDA);
 2. ``tools/benchmark.py --device cuda``: SOLOv2 R50 inference and training (batch 2) at
    800x1216 against Mask R-CNN R50-FPN, SOLO R50 inference against Mask R-CNN, SOLOv2-light R50
-   at 448x672;
+   at 448x672, SOLOv2 R50 at 3000x4000 with dense and cropped masks (peak memory);
 3. one JSON (``--output``) with the test counts and every benchmark report, and a table of the
    figures next to the targets (issue "The GPU path": inference <= 0.8x Mask R-CNN, training
    <= 1.0x, peak memory <= 1.2x) and the official V100 times.
@@ -49,7 +49,17 @@ BENCHMARKS = [
         False,
         None,
     ),
+    (
+        "SOLOv2 R50 3000x4000, dense vs cropped masks",
+        "configs/SOLOv2/R50_3x.yaml",
+        "inference",
+        (3000, 4000),
+        False,
+        None,
+    ),
 ]
+# Dense (N, H, W) and cropped masks (TEST.MASK_FORMAT) timed alongside: peak memory.
+MASKS = {"SOLOv2 R50 3000x4000, dense vs cropped masks": "both"}
 # Exported model timed alongside.
 RUNTIME = {
     "SOLOv2-light R50 448 inference": "torchscript",
@@ -93,7 +103,9 @@ def run_tests() -> dict:
     return {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1), **counts}
 
 
-def run_benchmark(config, task, size, compare, threads, runtime="pytorch") -> Optional[dict]:
+def run_benchmark(
+    config, task, size, compare, threads, runtime="pytorch", masks="dense"
+) -> Optional[dict]:
     """One ``tools/benchmark.py --device cuda`` run (its output streams through); its report,
     or None when it failed."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +114,7 @@ def run_benchmark(config, task, size, compare, threads, runtime="pytorch") -> Op
         command += ["--device", "cuda", "--input-size", *map(str, size), "--batch-size", "2"]
         command += ["--repeats", str(REPEATS[task]), "--warmup", "5", "--threads", str(threads)]
         command += ["--compare", "mask_rcnn"] if compare else []
-        command += ["--runtime", runtime]
+        command += ["--runtime", runtime, "--masks", masks]
         if subprocess.run(command + ["--json", report], cwd=REPO_ROOT).returncode != 0:
             return None
         with open(report) as f:
@@ -152,6 +164,12 @@ def summary_rows(results: List[dict]) -> List[list]:
             ms = figure(exported) if "latency_ms" in exported else "FAILED"
             rows.append([f"- exported, {runtime} (ratio: to eager)", ms, None])
             rows[-1] += [report["runtime_ratio"], None, 1.0, None, None]
+        masks = report.get("masks_ratios")
+        if masks:  # cropped masks (TEST.MASK_FORMAT); ratios to dense (N, H, W) masks
+            ms = figure(report["models"]["ours_cropped"])
+            rows.append(["- cropped masks (ratios: to dense)", ms, None])
+            rows[-1] += [masks.get("latency_ms.total.median"), masks.get("memory_mb.peak")]
+            rows[-1] += [None, None, None]
     return rows
 
 
@@ -170,8 +188,9 @@ def main(argv=None) -> int:
             continue
         began = time.perf_counter()
         bench = run_benchmark(
-            config, task, size, compare, args.threads, RUNTIME.get(name, "pytorch")
-        )
+            config, task, size, compare, args.threads, RUNTIME.get(name, "pytorch"),
+            MASKS.get(name, "dense"),
+        )  # fmt: skip
         seconds = round(time.perf_counter() - began, 1)  # sizes the check's time budget
         results.append(
             {"name": name, "task": task, "official_v100_ms": official, "seconds": seconds}

@@ -149,6 +149,20 @@ def test_a_failed_export_is_reported_and_keeps_the_eager_figures(benchmark, tmp_
     assert report["models"]["ours"]["latency_ms"]["total"]["median"] > 0
 
 
+def test_masks_both_measures_dense_and_cropped_masks_in_their_own_runs(benchmark, tmp_path):
+    report = run(benchmark, tmp_path, "--task", "inference", "--masks", "both")
+    dense, cropped = report["models"]["ours"], report["models"]["ours_cropped"]
+    assert "TEST.MASK_FORMAT cropped" in cropped["head"] and "bitmask" in dense["head"]
+    assert cropped["calibration"]["instances_out"] == dense["calibration"]["instances_out"] > 0
+    ratios = report["masks_ratios"]
+    assert ratios["memory_mb.peak"] == pytest.approx(
+        cropped["memory_mb"]["peak"] / dense["memory_mb"]["peak"], rel=1e-3
+    )
+    assert ratios["latency_ms.total.median"] > 0 and report["masks"] == "both"
+    with pytest.raises(SystemExit, match="concerns inference only"):
+        benchmark.main(["--config-file", TINY_CONFIG, "--task", "train", "--masks", "cropped"])
+
+
 def test_runtime_other_than_pytorch_is_refused_outside_inference(benchmark):
     with pytest.raises(SystemExit, match="times inference only"):
         benchmark.main(

@@ -4,14 +4,17 @@ per-call times kept."""
 
 import functools
 import logging
+import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from .measure import count_gflops
 
 __all__ = [
+    "EXPORT_FORMATS",
     "benchmark_cfg",
     "data_loader_seconds",
     "describe_model",
+    "export_for_runtime",
     "inference_parts",
     "train_dataset_names",
 ]
@@ -19,6 +22,24 @@ __all__ = [
 logger = logging.getLogger("benchmark")
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+# Runtimes of an exported model (tools/benchmark.py --runtime): file format, and ExportedModel's
+# runtime and precision. *_int8: the ONNX file quantized by solo.export.quantize, calibrated on
+# the timed image (latency only: its accuracy is tools/export_model.py --quantize int8
+# --run-eval's); *_fp16: its float16 version (for --device cuda: ONNX Runtime's CUDA provider).
+EXPORT_FORMATS = {
+    "onnxruntime": "onnx",
+    "torchscript": "torchscript",
+    "openvino": "onnx",
+    "openvino_bf16": "onnx",
+    "onnxruntime_int8": "onnx",
+    "openvino_int8": "onnx",
+    "onnxruntime_fp16": "onnx",
+}
+RUNTIME_OPTIONS = {
+    "openvino": dict(runtime="openvino"),
+    "openvino_bf16": dict(runtime="openvino", precision="bf16"),
+    "openvino_int8": dict(runtime="openvino"),
+}
 
 
 def benchmark_cfg(model: str, task: str, config_file: str, opts: Sequence[str], device: str):
@@ -108,6 +129,23 @@ def inference_parts(
         "backbone": count_gflops(model, model.backbone, (images.tensor,)),
         "head": count_gflops(model, head, (features,)),
     }
+
+
+def export_for_runtime(model, runtime: str, directory: str, image, device: str, threads: int):
+    """``model`` exported (``solo.export``) into ``directory`` for ``runtime`` (a key of
+    :data:`EXPORT_FORMATS`; sample ``image``) and loaded as an ``ExportedModel``; returns it and
+    the file's size in MB."""
+    from ..export import ExportedModel, export_model, quantize
+
+    path = export_model(model, EXPORT_FORMATS[runtime], directory, image)
+    if runtime.endswith("_int8"):
+        sample = ExportedModel(path).graph_input(image)[0].numpy()
+        path = quantize.quantize_int8(path, quantize.precision_path(path, "int8"), [sample])
+    if runtime.endswith("_fp16"):
+        path = quantize.convert_fp16(path, quantize.precision_path(path, "fp16"))
+    options = RUNTIME_OPTIONS.get(runtime, {})
+    exported = ExportedModel(path, device=device, num_threads=threads, **options)
+    return exported, round(os.path.getsize(path) / 2**20, 1)
 
 
 def train_dataset_names(cfg) -> List[str]:
