@@ -1,11 +1,14 @@
 """DATASETS.COCO_FORMAT: COCO-format datasets named in the config are registered in every
 process that reads it (train_net's setup, the demo, the export tool); bad entries are named."""
 
+import os
+import subprocess
+import sys
 import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from helpers import SHAPES_CONFIG, SMALL_SHAPES_OPTS, load_train_net, read_metrics
+from helpers import REPO_ROOT, SHAPES_CONFIG, SMALL_SHAPES_OPTS, load_train_net, read_metrics
 from solo.data import register_builtin_datasets, register_coco_format_datasets
 from solo.data.shapes import SHAPES_CATEGORIES, ShapesSplit, generate_shapes_split
 
@@ -78,3 +81,20 @@ def test_one_command_trains_and_evaluates_a_coco_format_folder(coco_folder, tmp_
         ["--config-file", saved, "--eval-only", "MODEL.WEIGHTS", weights]
     )
     assert set(train_net.main(args)) == {"bbox", "segm"}  # one dataset: its results
+
+
+def test_two_cpu_processes_both_register_the_datasets_of_the_command_line(coco_folder, tmp_path):
+    """--num-gpus 2: each spawned worker runs setup() and registers DATASETS.COCO_FORMAT (a
+    dataset registered only by the launching script is unknown to the workers); the default
+    --dist-url auto finds a free port."""
+    json_file, images = coco_folder
+    cmd = [sys.executable, str(REPO_ROOT / "train_net.py"), "--num-gpus", "2"]
+    cmd += ["--config-file", str(REPO_ROOT / SHAPES_CONFIG), *SMALL_SHAPES_OPTS]
+    cmd += ["DATASETS.COCO_FORMAT", f"[['ddp_train', '{json_file}', '{images}']]"]
+    cmd += ["DATASETS.TRAIN", "('ddp_train',)", "MODEL.SOLO.NUM_CLASSES", "3"]
+    cmd += ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "ddp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dist_url='auto'" in proc.stdout
+    assert (tmp_path / "ddp" / "model_final.pth").is_file()
