@@ -170,6 +170,26 @@ def test_matrix_nms_mask_nms_and_point_nms_on_cuda_equal_cpu(seed):
     assert torch.equal(points_nms(grid.to(CUDA)).cpu(), points_nms(grid))
 
 
+@pytest.mark.parametrize("output_size", [(90, 151), (61, 97), (301, 455)])
+def test_region_paste_on_cuda_equals_resizing_whole_masks_on_cuda(output_size):
+    # Bit-identical on the same device (the region shortcut, or its full fallback where the
+    # per-device probe differs: region_paste_support says which ran).
+    from solo.modeling.layers import resize
+    from solo.modeling.paste import paste_masks, region_paste_support
+
+    gen = torch.Generator().manual_seed(0)
+    probs = (resize(torch.rand((1, 6, 6, 10), generator=gen), (24, 40))[0] ** 3).to(CUDA)
+    image = (90, 151)
+    full = resize(probs[None], (96, 160))[:, :, : image[0], : image[1]]
+    if image != output_size:
+        full = resize(full, output_size)
+    masks, _ = paste_masks(probs, (96, 160), image, output_size, 0.5)
+    assert torch.equal(masks, full[0] > 0.5)
+    compact, _ = paste_masks(probs, (96, 160), image, output_size, 0.5, compact=True)
+    assert torch.equal(compact.tensor, masks)
+    print(f"region paste on CUDA: {region_paste_support(CUDA)}")
+
+
 @pytest.mark.parametrize("head_name", ["SOLOHead", "SOLOv2Head"])
 def test_targets_on_cuda_equal_cpu(head_name):
     cpu, gpu = model_pair(head_name)
