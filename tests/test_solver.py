@@ -228,6 +228,14 @@ OFFICIAL_SOLVERS = {
 }
 
 
+# Backbones no official codebase trained SOLO with: SOLOv2's official recipe, as every SOLOv2 row.
+NEW_BACKBONES = {
+    "SOLOv2/Light_448_MobileNetV3_3x.yaml": "SOLOv2/Light_448_R50_3x.yaml",
+    "SOLOv2/RegNetX_4GF_3x.yaml": "SOLOv2/R50_3x.yaml",
+    "SOLOv2/RegNetY_4GF_3x.yaml": "SOLOv2/R50_3x.yaml",
+}
+
+
 def test_every_coco_config_has_a_row_in_the_official_solver_table():
     families = ("SOLO", "DecoupledSOLO", "SOLOv2")
     ours = {
@@ -236,7 +244,12 @@ def test_every_coco_config_has_a_row_in_the_official_solver_table():
         for path in (CONFIG_DIR / family).glob("*.yaml")
         if not path.name.startswith("Base-")
     }
-    assert ours == set(OFFICIAL_SOLVERS)
+    assert ours == set(OFFICIAL_SOLVERS) | set(NEW_BACKBONES)
+
+
+@pytest.mark.parametrize("config_file", sorted(NEW_BACKBONES))
+def test_new_backbone_configs_keep_the_solver_of_their_resnet_counterpart(config_file):
+    assert solo_cfg(config_file).SOLVER == solo_cfg(NEW_BACKBONES[config_file]).SOLVER
 
 
 @pytest.mark.parametrize("config_file", sorted(OFFICIAL_SOLVERS))

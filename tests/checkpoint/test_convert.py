@@ -29,6 +29,7 @@ import solo
 from helpers import REPO_ROOT, load_script
 from solo.checkpoint import convert
 from solo.checkpoint.convert import ConversionError
+from solo.modeling.bottom_up import MOBILENET_V3_STAGES as STAGES
 from solo.modeling.heads import build_solo_head
 
 ROOT = str(REPO_ROOT)
@@ -725,6 +726,41 @@ def test_torchvision_backbone_numerically_equal(tmp_path, arch, config):
             torch.testing.assert_close(ours[f"res{i + 1}"], y, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize(
+    "config", ["SOLOv2/Light_448_MobileNetV3_3x.yaml", "Shapes/SOLOv2_MobileNetV3.yaml"]
+)
+def test_torchvision_mobilenet_v3_numerically_equal(tmp_path, config):
+    """torchvision's MobileNetV3-Large ImageNet state dict, converted and loaded as MODEL.WEIGHTS,
+    gives torchvision's features at strides 4-32 (FrozenBN and BN configs)."""
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_large(weights=None).eval()
+    _randomize_bn(tv)
+    src, dst = tmp_path / "mobilenet_v3_large.pth", tmp_path / "mobilenet_v3_large.pkl"
+    torch.save(tv.state_dict(), src)
+    cfg = make_cfg(config, ["MODEL.FPN.OUT_CHANNELS", "64"])
+    converted = convert.convert_checkpoint(str(src), str(dst), "torchvision", cfg)
+    assert "features.16.1.running_var" in converted and "classifier.0.weight" not in converted
+
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(dst))  # as MODEL.WEIGHTS would
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ours = model.backbone.bottom_up(x)
+        y, expected = x, {}
+        for index, layer in enumerate(tv.features):
+            y = layer(y)
+            expected.update({name: y for name, (i, _) in STAGES.items() if i == index})
+    for name in ("s1", "s2", "s3", "s4"):
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_torchvision_mobilenet_v3_for_a_resnet_config_names_the_keys():
+    sd = torchvision.models.mobilenet_v3_large(weights=None).state_dict()
+    with pytest.raises(ConversionError, match=r"missing from the conversion.*res2"):
+        convert.convert_loaded(sd, "torchvision", make_cfg("SOLOv2/Light_448_R18_3x.yaml"))
+
+
 def test_torchvision_resnext_for_x101():
     """torchvision's (and open-mmlab's) ResNeXt-101 64x4d names fit the X101 config's body."""
     with torch.device("meta"):
@@ -904,7 +940,11 @@ def test_wrappers_and_prefixes_are_unwrapped(source_state_dicts, source, wrapper
     [
         ("mmdet", "official", r"mmdetection 2\.x/3\.x SOLO-family checkpoint \(--source mmdet\)"),
         ("official", "mmdet", r"WXinlong/SOLO .*\(--source official\)"),
-        ("torchvision", "official", r"torchvision ImageNet ResNet checkpoint \(--source torch"),
+        (
+            "torchvision",
+            "official",
+            r"torchvision ImageNet \(ResNet, MobileNetV3\) checkpoint \(--",
+        ),
         ("official", "adelaidet", r"\(--source official\)"),
         ("adelaidet", "mmdet", r"AdelaiDet .*\(--source adelaidet\)"),
     ],

@@ -99,6 +99,14 @@ def add_solo_config(cfg):
     # the crops), so that memory follows the objects' areas on large images.
     cfg.TEST.MASK_FORMAT = "bitmask"
 
+    # Bottom-up networks other than ResNet (solo/modeling/bottom_up.py: MobileNetV3, RegNet),
+    # for which Detectron2 has no YAML keys. Norm: "FrozenBN" (Detectron2's RegNet COCO
+    # configs), "BN", "SyncBN" (RegNet also "GN").
+    cfg.MODEL.BOTTOM_UP = CN()
+    cfg.MODEL.BOTTOM_UP.NORM = "FrozenBN"
+    # Outputs fed to the FPN: "s1"-"s4" at strides 4-32 (RegNet's names; MobileNetV3 too).
+    cfg.MODEL.BOTTOM_UP.OUT_FEATURES = ["s1", "s2", "s3", "s4"]
+
     # "SGD" (Detectron2's, the official recipe) or "ADAMW" (see solo/solver.py).
     cfg.SOLVER.OPTIMIZER = "SGD"
 

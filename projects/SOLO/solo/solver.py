@@ -57,17 +57,30 @@ def build_solo_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def optimizer_param_groups(cfg, model: torch.nn.Module) -> list:
-    """Detectron2's parameter groups (``get_default_optimizer_params`` with ``BASE_LR``,
-    ``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``), in which the trainable
-    gamma/beta of :class:`FrozenStatsBatchNorm2d` count as norm parameters, as BatchNorm's do
-    (Detectron2 lists the norm types it knows; this one is ours)."""
-    solver = cfg.SOLVER
+    """:func:`solo_param_groups` with ``SOLVER.BASE_LR``, ``WEIGHT_DECAY_NORM``,
+    ``BIAS_LR_FACTOR`` and ``WEIGHT_DECAY_BIAS``."""
+    s = cfg.SOLVER
+    return solo_param_groups(
+        model, s.BASE_LR, s.WEIGHT_DECAY_NORM, s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS
+    )
+
+
+def solo_param_groups(
+    model: torch.nn.Module,
+    base_lr: float = None,
+    weight_decay_norm: float = None,
+    bias_lr_factor: float = 1.0,
+    weight_decay_bias: float = None,
+) -> list:
+    """Detectron2's parameter groups (``get_default_optimizer_params``, same arguments), in
+    which the trainable gamma/beta of :class:`FrozenStatsBatchNorm2d` count as norm parameters,
+    as BatchNorm's do (Detectron2 lists the norm types it knows; this one is ours)."""
     groups = get_default_optimizer_params(
         model,
-        base_lr=solver.BASE_LR,
-        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
-        bias_lr_factor=solver.BIAS_LR_FACTOR,
-        weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
+        base_lr=base_lr,
+        weight_decay_norm=weight_decay_norm,
+        bias_lr_factor=bias_lr_factor,
+        weight_decay_bias=weight_decay_bias,
     )
     norm_params = {
         p: name
@@ -75,7 +88,7 @@ def optimizer_param_groups(cfg, model: torch.nn.Module) -> list:
         if isinstance(module, FrozenStatsBatchNorm2d)
         for name, p in module.named_parameters(recurse=False)
     }
-    if not norm_params:
+    if not norm_params or weight_decay_norm is None:
         return groups
     regrouped = []
     for group in groups:
@@ -83,10 +96,23 @@ def optimizer_param_groups(cfg, model: torch.nn.Module) -> list:
         regrouped += [{**group, "params": others}] if others else []
         for p in (p for p in group["params"] if p in norm_params):
             # Detectron2's order: the norm's decay, then the "bias" override if there is one.
-            bias_decay = solver.WEIGHT_DECAY_BIAS if norm_params[p] == "bias" else None
-            decay = solver.WEIGHT_DECAY_NORM if bias_decay is None else bias_decay
+            bias_decay = weight_decay_bias if norm_params[p] == "bias" else None
+            decay = weight_decay_norm if bias_decay is None else bias_decay
             regrouped.append({**group, "params": [p], "weight_decay": decay})
     return reduce_param_groups(regrouped)
+
+
+def full_model_clipped_optimizer(
+    optimizer_class, params, *, max_norm=None, norm_type: float = 2.0, **kwargs
+) -> torch.optim.Optimizer:
+    """``optimizer_class(params, **kwargs)`` clipping the norm of all gradients together at
+    ``max_norm`` (``None``: no clipping) before each step, as ``CLIP_TYPE "full_model"`` does for
+    YAML configs: the optimizer of SOLO's LazyConfig files (``configs/common/optim.py``), with
+    ``params`` from :func:`solo_param_groups`."""
+    optimizer = optimizer_class(params, **kwargs)
+    if max_norm is not None:
+        optimizer.__class__ = _with_full_model_clipping(type(optimizer), max_norm, norm_type)
+    return optimizer
 
 
 def _with_full_model_clipping(optimizer_class, max_norm: float, norm_type: float):

@@ -13,7 +13,8 @@ Five sources (``SOURCES``):
   (``SOLOHead``, ``DecoupledSOLOHead``, ``DecoupledSOLOLightHead``, ``SOLOV2Head`` with its
   ``mask_feature_head``), mmcv ``ConvModule`` towers (``conv``, ``gn``, DCN ``conv_offset``).
 * ``torchvision``: ImageNet ResNet / ResNeXt state dicts (also the torchvision-named
-  ``open-mmlab://resnext101_64x4d``) -> a Detectron2 ``.pkl`` for ``MODEL.WEIGHTS``.
+  ``open-mmlab://resnext101_64x4d``) and MobileNetV3-Large (``features.*`` kept for
+  :class:`solo.modeling.bottom_up.MobileNetV3`) -> a Detectron2 ``.pkl`` for ``MODEL.WEIGHTS``.
 * ``solo``: this project's own models saved by other code than Detectron2's checkpointer
   (``torch.save`` of a DDP / ``torch.compile`` / Lightning-wrapped model, EMA copies): names are
   kept, the wrappers removed, the result checked and written as a plain Detectron2 checkpoint.
@@ -330,18 +331,23 @@ RULES: Dict[str, List[Rule]] = {
     + _MMDET_HEAD_RULES,
     # ImageNet backbones keep Detectron2's prefix-free ImageNet names (``res2.0.conv1.weight``);
     # the checkpointer's matching heuristics put them under ``backbone.bottom_up``.
-    "torchvision": _COMMON_RULES + resnet_rules("", "") + [(r"fc\.(?:weight|bias)", None)],
+    # MobileNetV3 keeps torchvision's names (``features.N.*``); its classifier is dropped.
+    "torchvision": _COMMON_RULES
+    + resnet_rules("", "")
+    + [(r"fc\.(?:weight|bias)", None)]
+    + [(r"features\.\d+\..+", r"\g<0>"), (r"classifier\.\d+\.(?:weight|bias)", None)],
     # Our own names, kept (BatchNorm counters included: a BN backbone of ours has them).
     "solo": [(r"(?:backbone|head)\..+", r"\g<0>")],
 }
 
-#: Where the stem conv ends up, per source (to fold input normalisation into it).
+#: Where the stem conv ends up, per source (to fold input normalisation into it): the first of
+#: the names that the converted checkpoint has (torchvision: ResNet, then MobileNetV3).
 STEM_KEY = {
-    "official": "backbone.bottom_up.stem.conv1.weight",
-    "adelaidet": "backbone.bottom_up.stem.conv1.weight",
-    "mmdet": "backbone.bottom_up.stem.conv1.weight",
-    "torchvision": "stem.conv1.weight",
-    "solo": "backbone.bottom_up.stem.conv1.weight",
+    "official": ("backbone.bottom_up.stem.conv1.weight",),
+    "adelaidet": ("backbone.bottom_up.stem.conv1.weight",),
+    "mmdet": ("backbone.bottom_up.stem.conv1.weight",),
+    "torchvision": ("stem.conv1.weight", "features.0.0.weight"),
+    "solo": ("backbone.bottom_up.stem.conv1.weight",),
 }
 #: mmdet's SOLO configs normalise like the official ones: RGB (``to_rgb`` / ``bgr_to_rgb``),
 #: ImageNet mean and std.
@@ -407,7 +413,7 @@ DESCRIPTIONS = {
     "official": "WXinlong/SOLO (mmdetection v1)",
     "adelaidet": "AdelaiDet (Detectron2) SOLOv2",
     "mmdet": "mmdetection 2.x/3.x SOLO-family",
-    "torchvision": "torchvision ImageNet ResNet",
+    "torchvision": "torchvision ImageNet (ResNet, MobileNetV3)",
     "solo": "SOLO for Detectron2 (this project)",
 }
 
@@ -785,6 +791,8 @@ def check_against_model(
 
 def check_config(cfg, source: str):
     """Settings of the target config that must match how the source network was built."""
+    if "resnet" not in cfg.MODEL.BACKBONE.NAME:
+        return  # the ResNet keys below do not describe another bottom-up network
     r, wanted = cfg.MODEL.RESNETS, STRIDE_IN_1X1[source]
     # Shapes do not tell where a bottleneck strides, so a wrong setting would load silently.
     if wanted is not None and r.DEPTH >= 50 and bool(r.STRIDE_IN_1X1) != wanted:
@@ -863,9 +871,10 @@ def convert_loaded(
     """
     _check_source(source)
     converted = convert_state_dict(unwrap_state_dict(loaded, origin), source, origin)
-    stem = STEM_KEY[source]
-    if stem not in converted:
-        raise ConversionError(f"{origin}: has no stem conv ({stem!r} after renaming).")
+    stem = next((k for k in STEM_KEY[source] if k in converted), None)
+    if stem is None:
+        names = " or ".join(repr(k) for k in STEM_KEY[source])
+        raise ConversionError(f"{origin}: has no stem conv ({names} after renaming).")
     if cfg is None:
         return converted
 
@@ -883,8 +892,10 @@ def convert_loaded(
     else:
         expected = model_shapes(cfg)
     if source == "torchvision":
-        # Only the ResNet body comes from ImageNet; DCN offset convs start at zero by design.
-        check_against_model(converted, expected, "backbone.bottom_up.", r"\.conv2_offset\.", origin)
+        # Only the bottom-up network comes from ImageNet; DCN offset convs start at zero by
+        # design, and BatchNorm step counters (BN MobileNetV3) at zero.
+        optional = r"\.conv2_offset\.|\.num_batches_tracked$"
+        check_against_model(converted, expected, "backbone.bottom_up.", optional, origin)
     else:
         check_against_model(converted, expected, origin=origin)
     return converted

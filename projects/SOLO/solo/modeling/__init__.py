@@ -2,6 +2,7 @@
 post-processing. Importing it registers ``SOLO``, the heads and the SOLO backbone."""
 
 from . import backbone  # noqa: F401  (registers build_solo_resnet_fpn_backbone)
+from . import bottom_up  # noqa: F401  (registers the MobileNetV3 and RegNet FPN backbones)
 from .heads import SOLO_HEAD_REGISTRY, build_solo_head
 from .meta_arch import SOLO
 from .panoptic import PanopticSOLOv2, SOLOv2SemSegHead

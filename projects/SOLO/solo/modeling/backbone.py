@@ -13,6 +13,7 @@ with ``norm_eval=True``, ``requires_grad=True``): statistics fixed, gamma/beta t
 weight-decayed) in the stages that ``MODEL.BACKBONE.FREEZE_AT`` leaves trainable.
 """
 
+from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
-from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
+from detectron2.modeling.backbone.resnet import DeformBottleneckBlock, ResNet
 
 from .layers import DeformConv
 
@@ -96,16 +97,21 @@ class FoldedFrozenBNConv2d(Conv2d):
         return self.activation(x) if self.activation is not None else x
 
 
-def make_stages_deformable(resnet: nn.Module, cfg) -> nn.Module:
-    """Turn, in place, the bottleneck blocks of the stages chosen by
-    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` into Detectron2's ``DeformBottleneckBlock``: same
-    parameter names, ``conv2`` a :class:`solo.layers.DeformConv` (torchvision's
-    ``deform_conv2d``; Detectron2's needs ``detectron2._C``) with the 3x3 conv's weights and norm,
-    and a zero-initialised ``conv2_offset`` (Detectron2's initialisation). Returns ``resnet``.
+def make_stages_deformable(
+    resnet: nn.Module,
+    deform_on_per_stage: Sequence[bool],
+    modulated: bool = False,
+    num_groups: int = 1,
+) -> nn.Module:
+    """Turn, in place, the bottleneck blocks of the stages chosen by ``deform_on_per_stage``
+    (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``, res2-res5) into Detectron2's
+    ``DeformBottleneckBlock``: same parameter names, ``conv2`` a :class:`solo.layers.DeformConv`
+    (torchvision's ``deform_conv2d``; Detectron2's needs ``detectron2._C``) with the 3x3 conv's
+    weights and norm, and a zero-initialised ``conv2_offset`` (Detectron2's initialisation).
+    ``modulated``/``num_groups``: ``MODEL.RESNETS.DEFORM_MODULATED``/``DEFORM_NUM_GROUPS``.
+    Returns ``resnet``.
     """
-    modulated = cfg.MODEL.RESNETS.DEFORM_MODULATED
-    num_groups = cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS
-    for index, deformable in enumerate(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
+    for index, deformable in enumerate(deform_on_per_stage):
         stage = getattr(resnet, f"res{index + 2}", None)
         for block in stage if deformable and stage is not None else ():
             conv = block.conv2
@@ -125,6 +131,26 @@ def make_stages_deformable(resnet: nn.Module, cfg) -> nn.Module:
             block.deform_modulated = modulated
             block.__class__ = DeformBottleneckBlock  # its forward, for the modules set above
     return resnet
+
+
+def solo_resnet(
+    resnet: ResNet,
+    *,
+    deform_on_per_stage: Sequence[bool] = (False, False, False, False),
+    deform_modulated: bool = False,
+    deform_num_groups: int = 1,
+    trainable_affine_norm: bool = False,
+) -> ResNet:
+    """SOLO's changes to a Detectron2 ``ResNet`` built with ``FrozenBN`` or another norm and no
+    deformable stages, in place: :func:`make_stages_deformable`,
+    :func:`make_frozen_norm_affine_trainable` (if ``trainable_affine_norm``: the official
+    ResNet's norm) and :func:`fold_frozen_batchnorm_convs`. Returns ``resnet``.
+    The LazyConfig files call it on ``L(ResNet)``; YAML configs through
+    :func:`build_solo_resnet_fpn_backbone`."""
+    make_stages_deformable(resnet, deform_on_per_stage, deform_modulated, deform_num_groups)
+    if trainable_affine_norm:
+        make_frozen_norm_affine_trainable(resnet)
+    return fold_frozen_batchnorm_convs(resnet)
 
 
 def fold_frozen_batchnorm_convs(module: nn.Module) -> nn.Module:
@@ -147,18 +173,21 @@ def fold_frozen_batchnorm_convs(module: nn.Module) -> nn.Module:
 @BACKBONE_REGISTRY.register()
 def build_solo_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """Detectron2's ResNet-FPN backbone built without deformable stages (and with ``FrozenBN``
-    for ``MODEL.RESNETS.NORM: "FrozenBNTrainableAffine"``), then :func:`make_stages_deformable`,
-    :func:`make_frozen_norm_affine_trainable` (that norm only) and
-    :func:`fold_frozen_batchnorm_convs` on the ResNet."""
+    for ``MODEL.RESNETS.NORM: "FrozenBNTrainableAffine"``), then :func:`solo_resnet` with the
+    ``MODEL.RESNETS`` deformable-stage keys on the ResNet."""
+    r = cfg.MODEL.RESNETS
     plain = cfg.clone()
     plain.defrost()
     plain.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False] * 4
-    trainable_affine = cfg.MODEL.RESNETS.NORM == TRAINABLE_AFFINE_NORM
+    trainable_affine = r.NORM == TRAINABLE_AFFINE_NORM
     if trainable_affine:
         plain.MODEL.RESNETS.NORM = "FrozenBN"
     backbone = build_resnet_fpn_backbone(plain, input_shape)
-    resnet = make_stages_deformable(backbone.bottom_up, cfg)
-    if trainable_affine:
-        make_frozen_norm_affine_trainable(resnet)
-    fold_frozen_batchnorm_convs(resnet)
+    solo_resnet(
+        backbone.bottom_up,
+        deform_on_per_stage=r.DEFORM_ON_PER_STAGE,
+        deform_modulated=r.DEFORM_MODULATED,
+        deform_num_groups=r.DEFORM_NUM_GROUPS,
+        trainable_affine_norm=trainable_affine,
+    )
     return backbone

@@ -1,0 +1,178 @@
+"""LazyConfig files (configs/**/*.py) build the models of their YAML twins, with the same
+schedule and optimizer; tools/lazyconfig_train_net.py trains and evaluates them."""
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
+from detectron2.utils.events import EventStorage
+
+from helpers import CONFIG_DIR, force_candidates, load_script, random_batch, solo_cfg
+from solo.solver import build_solo_optimizer
+
+# YAML config -> its LazyConfig twin; every head family, the light heads, the new backbones.
+TWINS = {
+    "SOLO/R50_1x.yaml": "SOLO/R50_1x.py",
+    "DecoupledSOLO/R50_1x.yaml": "DecoupledSOLO/R50_1x.py",
+    "DecoupledSOLO/Light_R50_3x.yaml": "DecoupledSOLO/Light_R50_3x.py",
+    "SOLOv2/R50_1x.yaml": "SOLOv2/R50_1x.py",
+    "SOLOv2/Light_448_R50_3x.yaml": "SOLOv2/Light_448_R50_3x.py",
+    "SOLOv2/Light_448_MobileNetV3_3x.yaml": "SOLOv2/Light_448_MobileNetV3_3x.py",
+    "SOLOv2/RegNetX_4GF_3x.yaml": "SOLOv2/RegNetX_4GF_3x.py",
+    "SOLOv2/RegNetY_4GF_3x.yaml": "SOLOv2/RegNetY_4GF_3x.py",
+    "Shapes/SOLOv2_R18.yaml": "Shapes/SOLOv2_R18.py",
+    "Shapes/SOLOv2_MobileNetV3.yaml": "Shapes/SOLOv2_MobileNetV3.py",
+}
+
+
+def lazy_cfg(name, overrides=()):
+    return LazyConfig.apply_overrides(LazyConfig.load(str(CONFIG_DIR / name)), list(overrides))
+
+
+def twin_models(yaml_file):
+    cfg = solo_cfg(yaml_file)
+    lazy = lazy_cfg(TWINS[yaml_file])
+    # Channels-last is a CPU memory layout (MODEL.SOLO.CHANNELS_LAST_ON_CPU): follow the YAML's.
+    lazy.model.channels_last = cfg.MODEL.SOLO.CHANNELS_LAST_ON_CPU and lazy.model.channels_last
+    cfg.MODEL.SOLO.CHANNELS_LAST_ON_CPU = lazy.model.channels_last
+    torch.manual_seed(0)
+    yaml_model = build_model(cfg)
+    lazy_model = instantiate(lazy.model)
+    return cfg, lazy, yaml_model, lazy_model
+
+
+@pytest.mark.parametrize("yaml_file", sorted(TWINS))
+def test_lazy_config_builds_the_yaml_model(yaml_file):
+    """Same state-dict keys and shapes, same inference parameters; with the same weights, the
+    same losses on a seeded batch and the same instances on a seeded image."""
+    cfg, lazy, yaml_model, lazy_model = twin_models(yaml_file)
+    yaml_state = yaml_model.state_dict()
+    lazy_state = lazy_model.state_dict()
+    assert list(lazy_state) == list(yaml_state)
+    assert all(lazy_state[k].shape == v.shape for k, v in yaml_state.items())
+    assert vars(lazy_model.postprocessor) == vars(yaml_model.postprocessor)
+    assert vars(lazy_model.target_assigner) == vars(yaml_model.target_assigner)
+    trainable = [n for n, p in yaml_model.named_parameters() if p.requires_grad]
+    assert [n for n, p in lazy_model.named_parameters() if p.requires_grad] == trainable
+    lazy_model.load_state_dict(yaml_state)
+    for attr in ("input_format", "focal_alpha", "focal_gamma", "cate_loss_weight"):
+        assert getattr(lazy_model, attr) == getattr(yaml_model, attr), attr
+    torch.testing.assert_close(lazy_model.pixel_mean, yaml_model.pixel_mean)
+    torch.testing.assert_close(lazy_model.pixel_std, yaml_model.pixel_std)
+
+    batch = random_batch([((96, 128), 3), ((64, 96), 2)], cfg.MODEL.SOLO.NUM_CLASSES, seed=2)
+    losses = []
+    for model in (yaml_model, lazy_model):
+        model.train()
+        with EventStorage():
+            losses.append({k: v.item() for k, v in model(batch).items()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 80, 112), np.uint8))
+    results = []
+    for model in (yaml_model, lazy_model):
+        force_candidates(model)
+        model.eval()
+        with torch.no_grad():
+            results.append(model([{"image": image}])[0]["instances"])
+    assert len(results[0]) > 0 and len(results[0]) == len(results[1])
+    torch.testing.assert_close(results[0].scores, results[1].scores)
+    assert torch.equal(results[0].pred_masks, results[1].pred_masks)
+
+
+@pytest.mark.parametrize("yaml_file", sorted(TWINS))
+def test_lazy_config_has_the_yaml_schedule_and_optimizer(yaml_file):
+    cfg, lazy, yaml_model, lazy_model = twin_models(yaml_file)
+    assert lazy.train.max_iter == cfg.SOLVER.MAX_ITER
+    yaml_optimizer = build_solo_optimizer(cfg, yaml_model)
+    lazy.optimizer.params.model = lazy_model
+    lazy_optimizer = instantiate(lazy.optimizer)
+    assert type(lazy_optimizer).__name__ == type(yaml_optimizer).__name__
+
+    def hyper(optimizer, model):
+        names = {p: n for n, p in model.named_parameters()}
+        keys = ("lr", "weight_decay", "momentum", "betas", "eps")
+        return {
+            names[p]: {k: g.get(k, optimizer.defaults.get(k)) for k in keys}
+            for g in optimizer.param_groups
+            for p in g["params"]
+        }
+
+    assert hyper(lazy_optimizer, lazy_model) == hyper(yaml_optimizer, yaml_model)
+    scheduler = build_lr_scheduler(cfg, yaml_optimizer)
+    multiplier = instantiate(lazy.lr_multiplier)
+    for it in (
+        0,
+        1,
+        cfg.SOLVER.WARMUP_ITERS // 2,
+        cfg.SOLVER.WARMUP_ITERS,
+        cfg.SOLVER.MAX_ITER - 1,
+    ):
+        expected = scheduler._multiplier(it / cfg.SOLVER.MAX_ITER)
+        assert multiplier(it / lazy.train.max_iter) == pytest.approx(expected), it
+
+
+@pytest.mark.parametrize(
+    "name", ["SOLOv2/ViTDet_B_3x.py", "SOLOv2/Swin_T_3x.py", "SOLOv2/MViTv2_T_3x.py"]
+)
+def test_transformer_backbones_feed_every_level_of_the_head(name):
+    pytest.importorskip("timm")
+    lazy = lazy_cfg(name)
+    shapes = instantiate(lazy.model.backbone).output_shape()
+    strides = [shapes[f].stride for f in lazy.model.head_in_features]
+    assert strides == [4, 8, 16, 32, 64] and len({shapes[f].channels for f in shapes}) == 1
+
+
+def test_config_without_a_section_is_refused_naming_it(tmp_path):
+    tool = load_script("tools/lazyconfig_train_net.py", "lazyconfig_train_net")
+    tool.register_shapes_datasets()
+    lazy = lazy_cfg("Shapes/SOLOv2_R18.py")
+    del lazy["optimizer"]
+    with pytest.raises(tool.LazyConfigError, match=r"x.py has no \['optimizer'\]"):
+        tool.check_lazy_config(lazy, "x.py", train=True)
+    lazy = lazy_cfg("Shapes/SOLOv2_R18.py", ["dataloader.train.dataset.names=['nope']"])
+    with pytest.raises(tool.LazyConfigError, match=r"dataset 'nope' is not registered"):
+        tool.check_lazy_config(lazy, "x.py", train=True)
+    with pytest.raises(tool.LazyConfigError, match=r"--eval-only needs weights"):
+        tool.check_lazy_config(lazy_cfg("Shapes/SOLOv2_R18.py"), "x.py", train=False)
+
+
+def test_lazyconfig_train_net_trains_the_shapes_recipe_then_evaluates_its_checkpoint(tmp_path):
+    from detectron2.engine import default_argument_parser
+
+    from solo.data.shapes import register_shapes_datasets
+
+    register_shapes_datasets(
+        str(tmp_path / "data"), splits={"shapes_lazy": dict(num_images=4, seed=5)}
+    )
+    tool = load_script("tools/lazyconfig_train_net.py", "lazyconfig_train_net")
+    out = tmp_path / "run"
+    overrides = [
+        "dataloader.train.dataset.names=['shapes_lazy']",
+        "dataloader.test.dataset.names=['shapes_lazy']",
+        "dataloader.evaluator.dataset_name=shapes_lazy",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.total_batch_size=2",
+        "train.max_iter=3",
+        "train.amp.enabled=False",
+        f"train.output_dir={out}",
+    ]
+    argv = ["--config-file", str(CONFIG_DIR / "Shapes/SOLOv2_R18.py"), *overrides]
+    trainer = tool.main(default_argument_parser().parse_args(argv))
+    assert trainer.iter == 3 and (out / "model_final.pth").is_file()
+    assert torch.isfinite(torch.tensor(trainer.storage.history("total_loss").latest()))
+    results = trainer.storage.latest()  # the final evaluation, written by EvalHook
+    assert any(k.startswith("segm/AP") for k in results)
+
+    argv = [*argv[:2], "--eval-only", *overrides, f"train.init_checkpoint={out}/model_final.pth"]
+    evaluated = tool.main(default_argument_parser().parse_args(argv))
+    assert set(evaluated["segm"]) >= {"AP", "AP50"}
+    # Strict loading: weights of another model are refused, not evaluated.
+    other = tmp_path / "other.pth"
+    torch.save({"model": {"head.cate_pred.weight": torch.zeros(1)}}, other)
+    argv[-1] = f"train.init_checkpoint={other}"
+    with pytest.raises(Exception, match="head.cate_pred.weight"):
+        tool.main(default_argument_parser().parse_args(argv))
