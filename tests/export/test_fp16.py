@@ -44,7 +44,7 @@ def test_fp16_file_runs_on_cpu_with_the_fp32_best_instances(head_name, tmp_path)
     path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
     half = ExportedModel(convert_fp16(path, precision_path(path, "fp16")))
     assert half.metadata["precision"] == "fp16"
-    for seed, size in enumerate([(97, 133), (64, 200)]):
+    for seed, size in enumerate([(97, 133)]):
         inputs = [{"image": image(size, seed)}]
         with torch.no_grad():
             (expected,) = [r["instances"] for r in model(inputs)]
