@@ -24,7 +24,7 @@ What :class:`SOLOCOCOEvaluator` adds to ``COCOEvaluator``:
   detections after the 100th of an image: 150 perfect ones would score 66.3 AP, not 100);
 * 0 AP instead of NaN when the model predicts nothing for a dataset that has objects
   (precision is 0 at every recall, as COCO scores a category without detections; NaN breaks
-  best-checkpoint selection and plots);
+  best-checkpoint selection and plots); the LVIS evaluator does the same;
 * ground truth without ``area``, ``iscrowd`` or ``bbox`` (hand-written or converted JSON files,
   on which pycocotools fails with ``KeyError: 'area'`` / ``'bbox'`` after the whole inference) is
   completed when the evaluator is built, as Detectron2's ``convert_to_coco_json`` derives them:
@@ -131,7 +131,8 @@ def _lvis(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
 
         def evaluate(self):
             with numpy_float_alias_for_lvis():
-                return super().evaluate()
+                results = super().evaluate()
+            return _zero_instead_of_nan(results, self._do_evaluation)
 
     return SOLOLVISEvaluator(
         dataset_name,
@@ -283,12 +284,17 @@ class SOLOCOCOEvaluator(COCOEvaluator):
     def evaluate(self, img_ids=None):
         results = super().evaluate(img_ids)
         has_objects = self._do_evaluation and len(self._coco_api.getAnnIds()) > 0
-        for task, metrics in (results or {}).items():
-            # Detectron2 returns all-NaN metrics exactly when a task had no detection at all.
-            if has_objects and metrics and all(math.isnan(v) for v in metrics.values()):
-                logger.warning(f"No {task} predictions above the score threshold: AP is 0.")
-                results[task] = {metric: 0.0 for metric in metrics}
-        return results
+        return _zero_instead_of_nan(results, has_objects)
+
+
+def _zero_instead_of_nan(results, has_objects: bool):
+    """0 AP for a task without any detection on ground truth with objects (Detectron2's COCO and
+    LVIS evaluators return all-NaN metrics exactly then)."""
+    for task, metrics in (results or {}).items():
+        if has_objects and metrics and all(math.isnan(v) for v in metrics.values()):
+            logger.warning(f"No {task} predictions above the score threshold: AP is 0.")
+            results[task] = {metric: 0.0 for metric in metrics}
+    return results
 
 
 def _check_segmentations(coco_api, source: str) -> None:
