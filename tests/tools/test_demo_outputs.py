@@ -304,3 +304,19 @@ def test_labels_stay_inside_the_image_and_never_overlap(drawing):
         for b in rects[i + 1 :]:
             assert not drawing._overlaps(a, b), (a, b)
     assert corners[-1] == (60, 40)  # a free place is kept as asked
+
+
+def test_predictor_gives_coco_results_in_the_test_datasets_ids(weights):
+    """Predictor.coco_results: DATASETS.TEST[0] is shapes_val, whose category ids are 1..3."""
+    from solo.data import register_builtin_datasets
+
+    register_builtin_datasets()
+    predictor = Predictor(solo_cfg("Shapes/SOLOv2_R18.yaml", SMALL + ["MODEL.WEIGHTS", weights]))
+    instances = predictor(blob_image(3))["instances"]
+    results = predictor.coco_results(instances, image_id=7, polygons=True)
+    assert len(results) == len(instances) > 0
+    assert [r["category_id"] for r in results] == [c + 1 for c in instances.pred_classes.tolist()]
+    assert {r["image_id"] for r in results} == {7}
+    first = mask_util.decode(results[0]["segmentation"]).astype(bool)
+    np.testing.assert_array_equal(first, instances.pred_masks[0].numpy())
+    assert all(r["polygons"] for r in results)
