@@ -8,7 +8,14 @@ import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from helpers import REPO_ROOT, SHAPES_CONFIG, SMALL_SHAPES_OPTS, load_train_net, read_metrics
+from helpers import (
+    REPO_ROOT,
+    SHAPES_CONFIG,
+    SMALL_SHAPES_OPTS,
+    load_script,
+    load_train_net,
+    read_metrics,
+)
 from solo.data import register_builtin_datasets, register_coco_format_datasets
 from solo.data.shapes import SHAPES_CATEGORIES, ShapesSplit, generate_shapes_split
 
@@ -98,3 +105,22 @@ def test_two_cpu_processes_both_register_the_datasets_of_the_command_line(coco_f
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dist_url='auto'" in proc.stdout
     assert (tmp_path / "ddp" / "model_final.pth").is_file()
+
+
+@pytest.mark.parametrize("script", ["demo/demo.py", "tools/export_model.py"])
+def test_demo_and_export_tool_register_the_datasets_of_their_config(script, tmp_path, capsys):
+    """Both read DATASETS.COCO_FORMAT before building a model: a missing JSON is named."""
+    tool = load_script(script, "register_" + script.replace("/", "_").replace(".py", ""))
+    argv = ["--config-file", str(REPO_ROOT / SHAPES_CONFIG)]
+    argv += ["--input", str(tmp_path)] if script.startswith("demo") else ["--output", str(tmp_path)]
+    argv += ["DATASETS.COCO_FORMAT", "[['tool_val', 'no/such.json', '.']]"]
+    argv += ["DATASETS.TEST", "('tool_val',)", "MODEL.WEIGHTS", str(tmp_path / "m.pth")]
+    (tmp_path / "a.png").write_bytes(b"")  # inputs and weights are checked first: exist
+    (tmp_path / "m.pth").write_bytes(b"")
+    with pytest.raises((SystemExit, ValueError)) as info:
+        tool.main(argv)
+    message = str(info.value) + capsys.readouterr().err
+    assert (
+        "DATASETS.COCO_FORMAT: dataset 'tool_val': JSON file 'no/such.json' does not exist"
+        in message
+    )
