@@ -4,10 +4,13 @@ train_net picks a free port by default and warns when CPU processes outnumber th
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 import warnings
 import pytest
 
-from helpers import capture_warnings, load_script
+from helpers import REPO_ROOT, capture_warnings, load_script
 from solo.utils import cli
 
 OVERRIDES = ["MODEL.WEIGHTS", "m.pth", "OUTPUT_DIR", "out", "DATASETS.TEST", "('a',)"]
@@ -109,3 +112,21 @@ def test_known_startup_warnings_are_hidden_and_others_are_not():
         "`torch.jit.script` is deprecated",
         "something else",
     ]
+
+
+@pytest.mark.parametrize("script", ["train_net.py", "tools/convert_checkpoint.py"])
+def test_scripts_start_without_known_warnings(script):
+    """Importing detectron2.modeling / fvcore.nn printed torch.jit.script deprecations twice."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_the_demo_names_a_missing_webcam():
+    demo = load_script("demo/demo.py", "cli_demo_webcam")
+    if any(os.path.exists(f"/dev/video{i}") for i in range(4)):
+        pytest.skip("this machine has a video device")
+    with pytest.raises(demo.DemoError, match="cannot open the webcam"):
+        demo.open_capture(None)
