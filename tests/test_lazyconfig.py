@@ -35,11 +35,10 @@ def lazy_cfg(name, overrides=()):
 def twin_models(yaml_file):
     cfg = solo_cfg(yaml_file)
     lazy = lazy_cfg(TWINS[yaml_file])
-    # Channels-last is a CPU memory layout (MODEL.SOLO.CHANNELS_LAST_ON_CPU): follow the YAML's.
-    lazy.model.channels_last = cfg.MODEL.SOLO.CHANNELS_LAST_ON_CPU and lazy.model.channels_last
-    cfg.MODEL.SOLO.CHANNELS_LAST_ON_CPU = lazy.model.channels_last
     torch.manual_seed(0)
     yaml_model = build_model(cfg)
+    # Channels-last is a CPU memory layout, on by default on CPU: the same as the YAML model's.
+    lazy.model.channels_last = yaml_model.channels_last
     lazy_model = instantiate(lazy.model)
     return cfg, lazy, yaml_model, lazy_model
 
