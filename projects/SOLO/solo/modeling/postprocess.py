@@ -41,9 +41,9 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
+from ..structures import CroppedMasks
 from .heads.base import CandidateMaskProbs
 from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, matrix_nms_from_iou, points_nms
-from ..structures import CroppedMasks
 from .paste import paste_masks
 
 NMS_TYPES = ("matrix", "mask")
