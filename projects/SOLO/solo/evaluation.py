@@ -48,7 +48,7 @@ import pycocotools.mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import convert_to_coco_json
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 from detectron2.utils.file_io import PathManager
@@ -59,6 +59,7 @@ from .structures import CroppedMasks
 __all__ = [
     "EVALUATORS",
     "SOLOCOCOEvaluator",
+    "SOLOLVISEvaluator",
     "build_solo_evaluator",
     "complete_coco_annotations",
 ]
@@ -113,8 +114,6 @@ def _coco(cfg, dataset_name: str, output_folder: str) -> "SOLOCOCOEvaluator":
 
 def _lvis(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
     _require("lvis", "lvis", dataset_name)
-    from detectron2.evaluation import LVISEvaluator
-
     max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
     if max_dets < LVIS_DETECTIONS_PER_IMAGE:
         logger.warning(
@@ -124,22 +123,23 @@ def _lvis(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
             f"TEST.DETECTIONS_PER_IMAGE {LVIS_DETECTIONS_PER_IMAGE} (configs/LVIS do)."
         )
     _check_lvis_category_ids(dataset_name)
-
-    class SOLOLVISEvaluator(LVISEvaluator):
-        """``LVISEvaluator`` whose evaluation runs with the ``np.float`` alias that ``lvis``
-        0.5.3 (its last release) uses and NumPy 1.24 removed."""
-
-        def evaluate(self):
-            with numpy_float_alias_for_lvis():
-                results = super().evaluate()
-            return _zero_instead_of_nan(results, self._do_evaluation)
-
     return SOLOLVISEvaluator(
         dataset_name,
         tasks=("bbox", "segm"),
         output_dir=output_folder,
         max_dets_per_image=max_dets,
     )
+
+
+class SOLOLVISEvaluator(LVISEvaluator):
+    """Detectron2's ``LVISEvaluator`` (same arguments) whose evaluation runs with the ``np.float``
+    alias that ``lvis`` 0.5.3 (its last release) uses and NumPy 1.24 removed, and that gives 0 AP
+    instead of NaN when the model predicts nothing for ground truth with objects."""
+
+    def evaluate(self):
+        with numpy_float_alias_for_lvis():
+            results = super().evaluate()
+        return _zero_instead_of_nan(results, self._do_evaluation)
 
 
 @contextmanager
