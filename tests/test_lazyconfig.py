@@ -175,3 +175,59 @@ def test_lazyconfig_train_net_trains_the_shapes_recipe_then_evaluates_its_checkp
     argv[-1] = f"train.init_checkpoint={other}"
     with pytest.raises(Exception, match="head.cate_pred.weight"):
         tool.main(default_argument_parser().parse_args(argv))
+
+
+# Detectron2's transformer backbones, shrunk (a few narrow blocks) to run in seconds.
+SMALL_HEAD = [
+    "model.backbone.out_channels=64", "model.head.channels=64", "model.head.num_convs=1",
+    "model.head.mask_kernel_channels=32", "model.head.mask_feature_channels=32",
+    "model.num_classes=5", "model.head.num_grids=[12,10,8,6,4]",
+    "model.target_assigner.scale_ranges=[[1,24],[12,48],[24,96],[48,192],[96,2048]]",
+    "model.postprocessor.nms_pre=100",
+]  # fmt: skip
+SMALL_TRANSFORMERS = {
+    "SOLOv2/ViTDet_B_3x.py": [
+        "model.backbone.net.img_size=128", "model.backbone.net.embed_dim=64",
+        "model.backbone.net.depth=2", "model.backbone.net.num_heads=2",
+        "model.backbone.net.window_size=4", "model.backbone.net.window_block_indexes=[0]",
+        "model.backbone.square_pad=128",
+    ],
+    "SOLOv2/Swin_T_3x.py": [
+        "model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.depths=[1,1,1,1]",
+        "model.backbone.bottom_up.num_heads=[1,1,2,2]",
+    ],
+    "SOLOv2/MViTv2_T_3x.py": [
+        "model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.depth=4",
+        "model.backbone.bottom_up.last_block_indexes=[0,1,2,3]",
+        "model.backbone.bottom_up.adaptive_window_size=8",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_TRANSFORMERS))
+def test_transformer_backbone_trains_and_predicts_independently_of_the_batch(name):
+    pytest.importorskip("timm")
+    lazy = lazy_cfg(name, SMALL_HEAD + SMALL_TRANSFORMERS[name])
+    torch.manual_seed(0)
+    model = instantiate(lazy.model)
+    lazy.optimizer.params.model = model
+    optimizer = instantiate(lazy.optimizer)
+    batch = random_batch([((96, 128), 3), ((80, 112), 2)], 5, seed=1)
+    model.train()
+    for _ in range(2):
+        with EventStorage():
+            losses = model(batch)
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    force_candidates(model)
+    model.eval()
+    images = [b["image"] for b in random_batch([((75, 120), 1), ((96, 64), 1)], 5, seed=4)]
+    with torch.no_grad():
+        together = [r["instances"] for r in model([{"image": im} for im in images])]
+        alone = [model([{"image": im}])[0]["instances"] for im in images]
+    for batched, single in zip(together, alone):
+        assert len(single) > 0 and torch.equal(batched.pred_classes, single.pred_classes)
+        torch.testing.assert_close(batched.scores, single.scores, rtol=0, atol=1e-5)
+        assert torch.equal(batched.pred_masks, single.pred_masks)

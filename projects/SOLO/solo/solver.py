@@ -71,6 +71,8 @@ def solo_param_groups(
     weight_decay_norm: float = None,
     bias_lr_factor: float = 1.0,
     weight_decay_bias: float = None,
+    lr_factor_func=None,
+    overrides: dict = None,
 ) -> list:
     """Detectron2's parameter groups (``get_default_optimizer_params``, same arguments), in
     which the trainable gamma/beta of :class:`FrozenStatsBatchNorm2d` count as norm parameters,
@@ -81,6 +83,8 @@ def solo_param_groups(
         weight_decay_norm=weight_decay_norm,
         bias_lr_factor=bias_lr_factor,
         weight_decay_bias=weight_decay_bias,
+        lr_factor_func=lr_factor_func,
+        overrides=overrides,
     )
     norm_params = {
         p: name
