@@ -37,6 +37,7 @@ def test_every_shipped_config_sets_no_key_that_solo_ignores(config_file):
         ("MODEL.ANCHOR_GENERATOR.SIZES", "[[16]]", "MODEL.ANCHOR_GENERATOR.SIZES"),
         ("MODEL.KEYPOINT_ON", "True", "SOLO predicts no keypoints"),
         ("MODEL.MASK_ON", "False", "SOLO always segments masks"),
+        ("MODEL.LOAD_PROPOSALS", "True", "SOLO uses no proposals"),
     ],
 )
 def test_detectron2_keys_that_solo_would_ignore_are_refused_when_the_model_is_built(

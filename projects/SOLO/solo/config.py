@@ -254,7 +254,8 @@ def check_unread_detectron2_keys(cfg) -> None:
     """Refuse Detectron2 keys that a SOLO model would silently ignore.
 
     ``MODEL.KEYPOINT_ON`` True (SOLO predicts no keypoints), ``MODEL.MASK_ON`` False (SOLO
-    predicts masks, always), and any key of the R-CNN / RetinaNet nodes
+    predicts masks, always), ``MODEL.LOAD_PROPOSALS`` True (the data loader would load proposal
+    files the model never reads), and any key of the R-CNN / RetinaNet nodes
     (:data:`OTHER_ARCHITECTURES_NODES`) changed from Detectron2's default, e.g.
     ``MODEL.ROI_HEADS.NUM_CLASSES`` set where SOLO reads ``MODEL.SOLO.NUM_CLASSES``.
 
@@ -266,6 +267,8 @@ def check_unread_detectron2_keys(cfg) -> None:
         problems.append("MODEL.KEYPOINT_ON=True (SOLO predicts no keypoints; set it False)")
     if not cfg.MODEL.MASK_ON:
         problems.append("MODEL.MASK_ON=False (SOLO always segments masks; set it True)")
+    if cfg.MODEL.LOAD_PROPOSALS:
+        problems.append("MODEL.LOAD_PROPOSALS=True (SOLO uses no proposals; set it False)")
     defaults = get_detectron2_cfg().MODEL
     for node in OTHER_ARCHITECTURES_NODES:
         if node not in cfg.MODEL or node not in defaults:
