@@ -6,7 +6,7 @@ import torch
 
 from helpers import HEADS, build, force_candidates, tiny_cfg
 from solo.export import ExportedModel, export_model
-from solo.export.quantize import FP16_SCORE_ATOL, convert_fp16, network_scopes, precision_path
+from solo.export.quantize import FP16_SCORE_ATOL, convert_fp16, in_network, precision_path
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e .[export])")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
@@ -79,6 +79,6 @@ def test_fp16_graph_is_valid_with_float32_io_and_post_processing(tmp_path):
     inferred = onnx.shape_inference.infer_shapes(proto)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     for node in inferred.graph.node:
-        if not network_scopes(node.name) and node.op_type not in ("Cast", "Identity"):
+        if not in_network(node.name) and node.op_type not in ("Cast", "Identity"):
             half_inputs = [name for name in node.input if types.get(name) == FLOAT16]
             assert not half_inputs, f"{node.name} ({node.op_type}) reads float16 {half_inputs}"

@@ -9,7 +9,7 @@ from solo.export import ExportedModel, ExportError, export_model
 from solo.export.quantize import (
     calibration_inputs,
     check_registered,
-    network_scopes,
+    in_network,
     precision_path,
     prediction_convs,
     quantize_int8,
@@ -37,7 +37,7 @@ def test_int8_model_keeps_prediction_layers_and_post_processing_float(tmp_path):
     keep_float = prediction_convs(float_graph)
     # The category logits, the mask kernels and the mask features (all levels) are read by the
     # post-processing; backbone and tower convolutions are not.
-    assert keep_float and all(network_scopes(name) for name in keep_float)
+    assert keep_float and all(in_network(name) for name in keep_float)
     assert any("cate_pred" in name for name in keep_float)
     assert not any(name.startswith("/backbone/") for name in keep_float)
     exported = ExportedModel(path)
@@ -49,7 +49,7 @@ def test_int8_model_keeps_prediction_layers_and_post_processing_float(tmp_path):
     assert len(int8_weights) > 10 and not int8_weights & keep_float
     # The post-processing reads no dequantized (int8-rounded) tensor.
     for node in graph.node:
-        if not network_scopes(node.name) and node.op_type not in (
+        if not in_network(node.name) and node.op_type not in (
             "QuantizeLinear",
             "DequantizeLinear",
         ):
@@ -160,25 +160,18 @@ def test_export_tool_refuses_int8_without_dataset_for_other_formats_and_for_dcn(
     config = tmp_path / "tiny.yaml"
     config.write_text(cfg.dump())
     common = ["--config-file", str(config), "--output", str(tmp_path), "--allow-random-weights"]
+    no_weights = ["MODEL.WEIGHTS", ""]
     with pytest.raises(SystemExit, match="needs --calibration-dataset"):
-        export_tool.main(common + ["--quantize", "int8", "MODEL.WEIGHTS", ""])
+        export_tool.main(common + ["--quantize", "int8"] + no_weights)
+    int8 = ["--quantize", "int8", "--calibration-dataset", "shapes_train"]
     with pytest.raises(SystemExit, match="use --format onnx"):
-        export_tool.main(
-            common + ["--format", "torchscript", "--quantize", "int8", "--calibration-dataset",
-                      "shapes_train", "MODEL.WEIGHTS", ""]
-        )  # fmt: skip
+        export_tool.main(common + ["--format", "torchscript"] + int8 + no_weights)
     with pytest.raises(SystemExit, match="--verify checks exactness"):
-        export_tool.main(
-            common + ["--quantize", "int8", "--calibration-dataset", "shapes_train", "--verify",
-                      "MODEL.WEIGHTS", ""]
-        )  # fmt: skip
+        export_tool.main(common + int8 + ["--verify"] + no_weights)
     dcn = ["MODEL.SOLO.TOWER_DCN", "DCNv2", "MODEL.SOLO.TOWER_DCN_LAYERS", "last"]
-    with pytest.raises(SystemExit, match=r"deformable convolutions.*--format pt2.*only full precision"):
-        export_tool.main(
-            common + ["--quantize", "int8", "--calibration-dataset", "shapes_train",
-                      "MODEL.WEIGHTS", ""] + dcn
-        )  # fmt: skip
+    with pytest.raises(SystemExit, match="deformable convolutions.*pt2.*only full precision"):
+        export_tool.main(common + int8 + no_weights + dcn)
     with pytest.raises(ExportError, match="'nope' is not a registered dataset"):
         export_tool.main(
-            common + ["--quantize", "int8", "--calibration-dataset", "nope", "MODEL.WEIGHTS", ""]
+            common + ["--quantize", "int8", "--calibration-dataset", "nope"] + no_weights
         )

@@ -11,8 +11,8 @@ OpenVINO both run with INT8 kernels (``ExportedModel(path)`` or ``runtime="openv
 
 FP16 converts the backbone and head to float16 with float32 inputs and outputs; the
 post-processing (everything outside the ``/backbone`` and ``/head`` scopes of the traced graph:
-sigmoid scores, sums of mask probabilities, Matrix NMS) stays float32, as in eager inference
-under autocast.
+sigmoid scores, sums of mask probabilities, Matrix NMS) stays float32, as the eager
+post-processor accumulates its sums in float32 under autocast.
 """
 
 import json
@@ -28,7 +28,7 @@ __all__ = [
     "calibration_inputs",
     "check_registered",
     "convert_fp16",
-    "network_scopes",
+    "in_network",
     "precision_report",
     "precision_path",
     "prediction_convs",
@@ -50,7 +50,7 @@ FP16_MASK_TOL = 1e-2
 NETWORK_SCOPES = ("/backbone/", "/head/")
 
 
-def network_scopes(name: str) -> bool:
+def in_network(name: str) -> bool:
     """Whether an ONNX node (by its traced name) belongs to the backbone or head."""
     return name.startswith(NETWORK_SCOPES)
 
@@ -80,7 +80,7 @@ def prediction_convs(graph) -> Set[str]:
             for node in consumers.get(tensor, []):
                 if node.op_type in ("Conv", "Shape"):
                     continue
-                if not network_scopes(node.name):
+                if not in_network(node.name):
                     return True
                 stack.extend(node.output)
         return False
@@ -176,7 +176,7 @@ def quantize_int8(float_path: str, output_path: str, calibration: List[np.ndarra
     proto = onnx.load(float_path)
     _inline_initializer_aliases(proto.graph)
     keep_float = prediction_convs(proto.graph)
-    convs = [n.name for n in proto.graph.node if n.op_type == "Conv" and network_scopes(n.name)]
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv" and in_network(n.name)]
     to_quantize = [name for name in convs if name not in keep_float]
     if not to_quantize:
         raise ExportError(f"{float_path} has no backbone or head convolution to quantize.")
@@ -222,7 +222,7 @@ def convert_fp16(float_path: str, output_path: str) -> str:
     # Identity nodes at the root alias weights shared between levels (a head's convolutions
     # run once per level): they take the precision of the convolutions they feed.
     postprocessing = [
-        n.name for n in proto.graph.node if not network_scopes(n.name) and n.op_type != "Identity"
+        n.name for n in proto.graph.node if not in_network(n.name) and n.op_type != "Identity"
     ]
     half = convert_float_to_float16(proto, keep_io_types=True, node_block_list=postprocessing)
     _sort_topologically(half.graph)  # the converter appends its Cast nodes at the end
