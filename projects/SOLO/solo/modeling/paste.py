@@ -25,6 +25,7 @@ kernel).
 """
 
 import logging
+import math
 import numpy as np
 from typing import Dict, Iterator, List, Optional
 import torch
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 # region: a bilinear combination of values <= t * (1 - margin) stays below t after float rounding
 # (its weights sum to 1 within a few ulp per stage).
 THRESH_MARGIN = 1e-4
+# The shortcut runs when its resizes cover at most this fraction of the whole masks' pixels
+# (masks spread over the image gain nothing from it, and it has more steps).
+REGION_WORK = 0.5
 # ATen resizes outputs with H + W <= 128 with its channels-last kernel, which rounds differently
 # from the generic one: crops (and images, for the shortcut) must be larger.
 MIN_GENERIC_SIDES = 129
@@ -77,6 +81,19 @@ def paste_masks(
     """
     output_size = (int(output_size[0]), int(output_size[1]))
     image_size = (int(image_size[0]), int(image_size[1]))
+    plan = _worthwhile_plan(probs, padded_size, image_size, output_size, mask_thresh)
+    if plan is None:
+        parts = _full_parts(probs, padded_size, image_size, output_size, mask_thresh, chunk_size)
+    else:
+        budget = chunk_size * max(math.prod(padded_size), math.prod(output_size))
+        parts = _region_parts(probs, plan, image_size, output_size, mask_thresh, budget)
+    if plan is None and not compact:  # whole masks written in place, as they are computed
+        out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
+        boxes = [torch.zeros((0, 4), device=probs.device)]
+        for index, _, part in parts:
+            out[index] = part
+            boxes.append(masks_to_boxes(part).tensor)
+        return out, Boxes(torch.cat(boxes))
     k = len(probs)
     boxes = torch.zeros((k, 4), device=probs.device)
     if compact:
@@ -84,9 +101,7 @@ def paste_masks(
         out = None
     else:
         out = torch.zeros((k, *output_size), dtype=torch.bool, device=probs.device)
-    for index, origin, part in _binary_parts(
-        probs, padded_size, image_size, output_size, mask_thresh, chunk_size
-    ):
+    for index, origin, part in parts:
         local = masks_to_boxes(part).tensor  # (G, 4)
         nonempty = local[:, 2:3] > 0
         boxes[index] = torch.where(nonempty, local + origin.repeat(1, 2).to(local), local)
@@ -119,11 +134,10 @@ def masks_to_boxes(masks: torch.Tensor) -> Boxes:
     return Boxes(boxes * cols.any(dim=1, keepdim=True))
 
 
-def _binary_parts(probs, padded_size, image_size, output_size, thresh, chunk_size):
-    """Yields ``(index, origin, part)``: (G,) int64 instance indices, (G, 2) int64 (x0, y0) and
-    (G, h, w) bool masks: instance ``index[g]``'s output mask on rows y0.., columns x0.. (False
-    elsewhere)."""
-    two_stages = tuple(image_size) != tuple(output_size)
+def _worthwhile_plan(probs, padded_size, image_size, output_size, thresh):
+    """The regions (:func:`_plan_regions`) when the shortcut applies and saves work (they cost
+    at most :data:`REGION_WORK` of the whole masks' resizes), else None."""
+    two_stages = image_size != output_size
     usable = (
         len(probs) > 0
         and probs.dtype == torch.float32
@@ -134,18 +148,30 @@ def _binary_parts(probs, padded_size, image_size, output_size, thresh, chunk_siz
         and region_paste_support(probs.device)
     )
     if not usable:
-        yield from _full_parts(probs, padded_size, image_size, output_size, thresh, chunk_size)
-        return
-    budget = chunk_size * max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])
-    for index, origin, values, keep in _region_values(
-        probs, image_size, output_size, thresh, budget
-    ):
+        return None
+    plan = _plan_regions(probs, image_size, output_size, thresh)
+    rows, cols, index = plan
+    work = 16 * (rows["crop"][1] - rows["crop"][0]) * (cols["crop"][1] - cols["crop"][0])
+    full = math.prod(padded_size)
+    if two_stages:  # stage 2 anchored at (0, 0)
+        work = work + rows["out"][1] * cols["out"][1]
+        full += math.prod(output_size)
+    return plan if int(work[index].sum()) <= REGION_WORK * len(probs) * full else None
+
+
+def _region_parts(probs, plan, image_size, output_size, thresh, budget):
+    """:func:`_full_parts`' contract from the regions: each part is False outside its
+    instances' output ranges."""
+    for index, origin, values, keep in _region_values(probs, plan, image_size, output_size, budget):
         yield index, origin, (values > thresh) & _inside(values.shape, origin, keep)
 
 
 def _full_parts(probs, padded_size, image_size, output_size, thresh, chunk_size):
-    """The whole masks, ``chunk_size`` at a time (small chunks: the full-resolution floats exist
-    for a few instances at a time and the chunk's memory is reused, not page-faulted afresh)."""
+    """Yields ``(index, origin, part)``: (G,) int64 instance indices, (G, 2) int64 (x0, y0) and
+    (G, h, w) bool masks, instance ``index[g]``'s output mask on rows y0.., columns x0.. (False
+    elsewhere); here the whole masks, ``chunk_size`` at a time (small chunks: the full-resolution
+    floats exist for a few instances at a time and the chunk's memory is reused, not
+    page-faulted afresh)."""
     h, w = image_size
     for start in range(0, len(probs), chunk_size):
         part = resize(probs[start : start + chunk_size][None], tuple(padded_size))[:, :, :h, :w]
@@ -167,17 +193,23 @@ def _inside(shape, origin, keep) -> torch.Tensor:
     return in_rows[:, :, None] & in_cols[:, None, :]
 
 
-def _region_values(probs, image_size, output_size, thresh, budget) -> Iterator:
+def _plan_regions(probs, image_size, output_size, thresh):
+    """Per instance and axis (:func:`_axis_plan`), from the low-resolution samples that may pass
+    ``thresh``; returns (rows, cols, indices of the instances with a non-empty region)."""
+    low = probs > thresh - THRESH_MARGIN * abs(thresh)
+    rows = _axis_plan(low.any(dim=2), image_size[0], output_size[0])
+    cols = _axis_plan(low.any(dim=1), image_size[1], output_size[1])
+    return rows, cols, (rows["nonempty"] & cols["nonempty"]).nonzero()[:, 0]
+
+
+def _region_values(probs, plan, image_size, output_size, budget) -> Iterator:
     """Float output values of the instances whose region is not empty, in groups of similar
     size. Yields ``(index, origin, values, ((y0, y1), (x0, x1)))``: (G,) indices, (G, 2) int64
     (x, y) output position of each instance's values[g, 0, 0], (G, h, w) values and the (G,)
     absolute output ranges where they are exact (outside them the mask is False)."""
     h4, w4 = probs.shape[1:]
     two_stages = tuple(image_size) != tuple(output_size)
-    low = probs > thresh - THRESH_MARGIN * abs(thresh)
-    rows = _axis_plan(low.any(dim=2), image_size[0], output_size[0])
-    cols = _axis_plan(low.any(dim=1), image_size[1], output_size[1])
-    index = (rows["nonempty"] & cols["nonempty"]).nonzero()[:, 0]
+    rows, cols, index = plan
     if len(index) == 0:
         return
     n_of = (rows["crop"][1] - rows["crop"][0]).tolist()
@@ -337,8 +369,9 @@ def _probe(device) -> bool:
     for output_size in [image, (67, 203), (141, 97), (90, 211)]:
         ref = torch.cat([_reference(p[None], padded, image, output_size) for p in probs])
         seen = torch.zeros_like(ref, dtype=torch.bool)
+        plan = _plan_regions(probs, image, output_size, thresh)
         for index, origin, values, ((y0, y1), (x0, x1)) in _region_values(
-            probs, image, output_size, thresh, 1 << 30
+            probs, plan, image, output_size, 1 << 30
         ):
             for g, i in enumerate(index.tolist()):
                 a, b, c, d = int(y0[g]), int(y1[g]), int(x0[g]), int(x1[g])
