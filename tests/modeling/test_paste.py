@@ -10,9 +10,17 @@ import torch
 
 from detectron2.structures import Boxes
 
+import solo.modeling.paste as paste
 from solo.modeling.layers import resize
 from solo.modeling.paste import masks_to_boxes, paste_masks, region_paste_support
 from solo.structures import CroppedMasks
+
+
+@pytest.fixture(autouse=True)
+def region_whenever_possible(monkeypatch):
+    """The region shortcut wherever it applies, also where it would save no work (the blobs
+    below cover much of their images): these tests compare it with the whole-mask resize."""
+    monkeypatch.setattr(paste, "REGION_WORK", float("inf"))
 
 
 def full_paste(probs, padded_size, image_size, output_size, mask_thresh, chunk_size=4):
@@ -56,6 +64,18 @@ def assert_same_as_full(probs, padded, image, output, thresh, chunk_size=4):
     assert isinstance(compact, CroppedMasks) and len(compact) == len(probs)
     assert torch.equal(compact.tensor, expected_masks)
     assert torch.equal(compact_boxes.tensor, expected_boxes.tensor)
+
+
+def test_shortcut_is_taken_for_small_masks_and_not_for_masks_spread_over_the_image(monkeypatch):
+    monkeypatch.setattr(paste, "REGION_WORK", 0.5)
+    gen = torch.Generator().manual_seed(0)
+    spread = resize(torch.rand((1, 4, 12, 20), generator=gen), (48, 80))[0]
+    small = torch.zeros((4, 48, 80))
+    small[:, 10:14, 30:35] = 0.9
+    for probs, region in ((spread, False), (small, True)):
+        plan = paste._worthwhile_plan(probs, (192, 320), (190, 317), (190, 317), 0.5)
+        assert (plan is not None) == region
+        assert_same_as_full(probs, (192, 320), (190, 317), (190, 317), 0.5)
 
 
 def test_region_paste_is_exact_on_this_build():
