@@ -18,7 +18,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 
-from solo.checkpoint import SOLOCheckpointer
+from solo.checkpoint import build_inference_model
 from solo.engine.checks import check_run_config
 from solo.engine.trainer import Trainer, setup
 from solo.utils.cli import check_processes, parse_args, use_free_port_by_default
@@ -30,13 +30,10 @@ def main(args):
         check_run_config(
             cfg, train=False, world_size=comm.get_world_size(), uses_weights=not args.resume
         )
-        model = Trainer.build_model(cfg)
         # Strict: a checkpoint that only partly fits the model (e.g. trained with another
         # NUM_CLASSES), no MODEL.WEIGHTS, or --resume without a checkpoint is an error, not a
         # warning and an evaluation of random weights.
-        SOLOCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        model = build_inference_model(cfg, resume=args.resume, save_dir=cfg.OUTPUT_DIR)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))

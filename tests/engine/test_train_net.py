@@ -86,7 +86,7 @@ def test_amp_on_cpu_trains_in_bfloat16_where_native_else_float32(
     bfloat16 trainer, or float32 with a warning where bfloat16 would be emulated."""
     from detectron2.engine import SimpleTrainer
 
-    import solo.engine
+    import solo.engine.train_loop
 
     opts = SMALL + ["OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", "True"]
     opts += ["SOLVER.MAX_ITER", "3", "MODEL.DEVICE", "cpu"]
@@ -94,13 +94,13 @@ def test_amp_on_cpu_trains_in_bfloat16_where_native_else_float32(
     args.opts = opts
     cfg = train_net.setup(args)
 
-    monkeypatch.setattr(solo.engine, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(solo.engine.train_loop, "cpu_has_native_bfloat16", lambda: False)
     with capture_warnings(caplog, "solo.engine"):
         trainer = train_net.Trainer(cfg)
     assert type(trainer._trainer) is SimpleTrainer
     assert "without native bfloat16" in caplog.text
 
-    monkeypatch.setattr(solo.engine, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(solo.engine.train_loop, "cpu_has_native_bfloat16", lambda: True)
     trainer = train_net.Trainer(cfg)
     assert type(trainer._trainer) is solo.engine.CPUAutocastTrainer
     seen = []

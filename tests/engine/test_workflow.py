@@ -373,14 +373,14 @@ def test_cpu_autocast_trainer_keeps_simple_trainer_options(zero_grad_before_forw
 
 
 def test_amp_trainer_for_a_cpu_model_keeps_its_options(monkeypatch):
-    import solo.engine
+    import solo.engine.train_loop
 
     model, data = GradientsAtForward(), [torch.randn(2, 4)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     built = SimpleTrainer(model, data, optimizer, gather_metric_period=3,
                           zero_grad_before_forward=True, async_write_metrics=True)  # fmt: skip
     for native, expected in ((True, CPUAutocastTrainer), (False, SimpleTrainer)):
-        monkeypatch.setattr(solo.engine, "cpu_has_native_bfloat16", lambda: native)
+        monkeypatch.setattr(solo.engine.train_loop, "cpu_has_native_bfloat16", lambda: native)
         trainer = solo.engine.trainer_for_cpu_amp(built)
         assert type(trainer) is expected
         assert (trainer.gather_metric_period, trainer.zero_grad_before_forward) == (3, True)
