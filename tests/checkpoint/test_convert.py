@@ -997,7 +997,7 @@ def test_mmdet_2x_published_file(tmp_path, mmdet_small, caplog):
     """mmdet 2.x publish_model.py: torch's legacy (non-zip) format, meta.CLASSES."""
     cfg, model, sd = mmdet_small
     meta = {"mmdet_version": "2.25.0", "CLASSES": COCO_CLASSES, "epoch": 36, "iter": 1}
-    with caplog.at_level("INFO", logger="solo.checkpoint.convert"):
+    with caplog.at_level("INFO", logger="solo.checkpoint.verify"):
         converted, written = _convert_file(
             tmp_path,
             {"meta": meta, "state_dict": sd},
@@ -1129,7 +1129,7 @@ def test_class_names_in_another_order_are_reported(mmdet_small, caplog):
     names = list(COCO_CLASSES)
     names[1], names[2] = names[2], names[1]
     loaded = {"meta": {"dataset_meta": {"classes": names}}, "state_dict": sd}
-    with caplog.at_level("WARNING", logger="solo.checkpoint.convert"):
+    with caplog.at_level("WARNING", logger="solo.checkpoint.verify"):
         convert.convert_loaded(loaded, "mmdet", cfg, "x.pth", model=model)
     assert "2 class names differ from coco_2017_val's thing_classes" in caplog.text
     assert "1: 'car' vs 'bicycle'" in caplog.text
