@@ -89,8 +89,8 @@ def check_config(cfg, source: str):
         style = "MSRA/caffe-style (stride in the 1x1 conv)" if wanted else "pytorch-style"
         raise ConversionError(
             f"{source} ResNets are {style}: the target config needs "
-            f"MODEL.RESNETS.STRIDE_IN_1X1 {wanted} (e.g. --opts MODEL.RESNETS.STRIDE_IN_1X1 "
-            f"{wanted}). Shapes would match, outputs would not."
+            f"MODEL.RESNETS.STRIDE_IN_1X1 {wanted} (e.g. MODEL.RESNETS.STRIDE_IN_1X1 "
+            f"{wanted} after the tool's arguments). Shapes would match, outputs would not."
         )
 
 
@@ -122,7 +122,8 @@ def check_class_names(names: Sequence[str], cfg, origin: str = "the checkpoint")
         raise ConversionError(
             f"{origin} was trained on {len(names)} classes ({shown}) but the config has "
             f"MODEL.SOLO.NUM_CLASSES {num_classes}: use a config for {len(names)} classes "
-            f"(e.g. --opts MODEL.SOLO.NUM_CLASSES {len(names)} with a matching DATASETS.TEST)."
+            f"(e.g. MODEL.SOLO.NUM_CLASSES {len(names)} after the arguments, with a matching "
+            f"DATASETS.TEST)."
         )
     logger.info("%s: %d classes: %s.", origin, len(names), shown)
     if not cfg.DATASETS.TEST:
