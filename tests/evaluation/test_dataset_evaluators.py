@@ -128,9 +128,14 @@ def test_lvis_category_ids_that_are_not_1_to_n_are_refused(tmp_path, registered)
         build_solo_evaluator(solo_cfg(opts=["TEST.DETECTIONS_PER_IMAGE", "300"]), name)
 
 
-def test_perfect_predictions_on_cityscapes_data_score_ap_100(tmp_path, registered):
+def test_perfect_predictions_on_cityscapes_data_score_ap_100_leaving_no_file_in_the_cwd(
+    tmp_path, registered, monkeypatch
+):
     from cityscapesscripts.helpers.labels import labels
 
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # cityscapesscripts writes matches.json into the cwd
     image_dir, gt_dir = write_shapes_as_cityscapes(tmp_path)
     name = registered(
         "shapes_as_cityscapes_val",
@@ -149,6 +154,7 @@ def test_perfect_predictions_on_cityscapes_data_score_ap_100(tmp_path, registere
     assert len(classes) == 3  # car, person, truck
     results = evaluate(evaluator, records)
     assert results["segm"]["AP"] == pytest.approx(100.0)
+    assert list(workdir.iterdir()) == [] and workdir == type(workdir).cwd()
     assert results["segm"]["AP50"] == pytest.approx(100.0)
 
 

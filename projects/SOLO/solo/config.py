@@ -224,6 +224,7 @@ def _check_inference_keys(c):
     if c.NMS_PRE < 1:
         raise ValueError(f"MODEL.SOLO.NMS_PRE must be >= 1, got {c.NMS_PRE}.")
 
+
 #: Detectron2's nodes of other architectures (R-CNN, RetinaNet, keypoints), which SOLO never
 #: reads: a value changed from Detectron2's default would be silently ignored.
 OTHER_ARCHITECTURES_NODES = (

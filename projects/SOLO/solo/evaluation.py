@@ -43,17 +43,23 @@ import logging
 import math
 import numpy as np
 import os
+import tempfile
 from contextlib import contextmanager
 import pycocotools.mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import convert_to_coco_json
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    COCOEvaluator,
+    DatasetEvaluator,
+    LVISEvaluator,
+)
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 from detectron2.utils.file_io import PathManager
 
-from .data import compress_rle, ensure_panoptic_shapes_dataset, mask_areas
+from .data import compress_rle, mask_areas
 from .structures import CroppedMasks
 
 __all__ = [
@@ -158,8 +164,6 @@ def numpy_float_alias_for_lvis():
 
 def _cityscapes_instance(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluator:
     _require("cityscapesscripts", "cityscapes", dataset_name)
-    from detectron2.evaluation import CityscapesInstanceEvaluator
-
     from cityscapesscripts.helpers.labels import name2label
 
     metadata = MetadataCatalog.get(dataset_name)
@@ -174,7 +178,22 @@ def _cityscapes_instance(cfg, dataset_name: str, output_folder: str) -> DatasetE
             f"names {unknown}. Register it as Detectron2's builtin Cityscapes datasets do "
             "(load_cityscapes_instances, evaluator_type='cityscapes_instance', gt_dir=...)."
         )
-    return CityscapesInstanceEvaluator(dataset_name)
+    return SOLOCityscapesInstanceEvaluator(dataset_name)
+
+
+class SOLOCityscapesInstanceEvaluator(CityscapesInstanceEvaluator):
+    """Detectron2's evaluator, run in a scratch directory: cityscapesscripts writes its
+    ``matches.json`` into the current working directory (hard-coded), which would leave a file in
+    the user's checkout after every evaluation."""
+
+    def evaluate(self):
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory(prefix="cityscapes_eval_") as scratch:
+            os.chdir(scratch)
+            try:
+                return super().evaluate()
+            finally:
+                os.chdir(cwd)
 
 
 #: evaluator_type (dataset metadata) -> ``build(cfg, dataset_name, output_folder)``; one entry per
@@ -189,7 +208,6 @@ def _coco_panoptic(cfg, dataset_name: str, output_folder: str) -> DatasetEvaluat
         )
     from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
-    ensure_panoptic_shapes_dataset(dataset_name)  # the evaluators read its files directly
     return DatasetEvaluators(
         [
             COCOPanopticEvaluator(dataset_name, output_folder),
