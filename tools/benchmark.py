@@ -2,7 +2,7 @@
 """Benchmark SOLO / Decoupled SOLO / SOLOv2 (inference, training, data loading), optionally
 against Detectron2's Mask R-CNN R50-FPN on the same machine, input and thread count.
 
-Protocol and examples: README, "Benchmark". The JSON report is :class:`Report` (times in ms
+Protocol, examples and figures: docs/benchmarks.md. The JSON report is :class:`Report` (times in ms
 unless named ``_s``, memory in MB).
 """
 

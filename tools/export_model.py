@@ -124,6 +124,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(args):
     cfg = get_solo_cfg(args.config_file, args.opts)
+    if cfg.TEST.AUG.ENABLED:
+        raise SystemExit(
+            "TEST.AUG.ENABLED True: test-time augmentation runs the eager model on several views "
+            "and is not part of an exported graph (one view). Export with TEST.AUG.ENABLED False."
+        )
     cfg.MODEL.DEVICE = "cpu"  # exported on CPU; ExportedModel(device="cuda") runs on GPU
     cfg.freeze()
     return cfg

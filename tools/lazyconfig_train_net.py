@@ -38,6 +38,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from solo.checkpoint import SOLOCheckpointer
 from solo.data import ensure_shapes_dataset, register_shapes_datasets
 from solo.engine.train_loop import CPUAutocastTrainer
+from solo.utils.cli import check_processes, use_free_port_by_default
 
 logger = logging.getLogger("solo")
 
@@ -174,7 +175,10 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    use_free_port_by_default(parser)
+    args = parser.parse_args()
+    check_processes(args.num_gpus, args.num_machines, args.dist_url, torch.cuda.is_available())
     launch(
         main,
         args.num_gpus,

@@ -213,6 +213,14 @@ def export_tool():
     return load_script("tools/export_model.py", "export_model_tool")
 
 
+def test_export_tool_refuses_test_time_augmentation_it_cannot_export(export_tool, tmp_path):
+    config = str(REPO_ROOT / "configs/Shapes/SOLOv2_R18.yaml")
+    argv = ["--config-file", config, "--output", str(tmp_path), "--allow-random-weights"]
+    with pytest.raises(SystemExit, match="TEST.AUG.ENABLED True: .* not part of an exported"):
+        export_tool.main(argv + ["TEST.AUG.ENABLED", "True"])
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_export_tool_refuses_empty_and_missing_weights(export_tool, tmp_path):
     config = str(REPO_ROOT / "configs/SOLOv2/Light_448_R18_3x.yaml")
     common = ["--config-file", config, "--output", str(tmp_path)]

@@ -352,3 +352,13 @@ def test_calibrated_model_sends_nms_pre_candidates_to_nms(calibration, benchmark
     scores = out["instances"].scores
     assert len(scores) == result["instances_out"] and scores.max() <= calibration.CATE_SCORE_MAX
     assert len(out["instances"].pred_classes.unique()) > 1  # spread over the classes
+
+
+def test_benchmark_refuses_test_time_augmentation_instead_of_timing_one_view():
+    config = str(REPO_ROOT / "configs/Shapes/SOLOv2_R18.yaml")
+    with pytest.raises(ValueError, match="TEST.AUG.ENABLED True: the benchmark times single-view"):
+        solo.utils.benchmark_parts.benchmark_cfg(
+            "ours", "inference", config, ["TEST.AUG.ENABLED", "True"], "cpu"
+        )
+    cfg = solo.utils.benchmark_parts.benchmark_cfg("ours", "inference", config, [], "cpu")
+    assert not cfg.TEST.AUG.ENABLED and cfg.MODEL.WEIGHTS == ""

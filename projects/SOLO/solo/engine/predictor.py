@@ -13,10 +13,9 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
-from ..checkpoint import SOLOCheckpointer
+from ..checkpoint import build_inference_model
 from ..data import stretch_to_8bit
 from ..export import ExportedModel, is_exported_model_file
 from ..modeling import SOLOWithTTA
@@ -95,9 +94,7 @@ class Predictor(DefaultPredictor):
             self.model = ExportedModel(cfg.MODEL.WEIGHTS, device=cfg.MODEL.DEVICE)
             self.model.check_config(cfg)
         else:
-            self.model = build_model(self.cfg)
-            self.model.eval()
-            SOLOCheckpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+            self.model = build_inference_model(self.cfg)
             if cfg.TEST.AUG.ENABLED:  # TEST.AUG's sizes and flip, as train_net --eval-only
                 self.model = SOLOWithTTA(cfg, self.model)
         if cfg.INPUT.MIN_SIZE_TEST == 0:

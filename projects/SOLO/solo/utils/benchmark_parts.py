@@ -62,6 +62,11 @@ def benchmark_cfg(model: str, task: str, config_file: str, opts: Sequence[str], 
         add_solo_config(cfg)
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
+        if cfg.TEST.AUG.ENABLED:
+            raise ValueError(
+                "TEST.AUG.ENABLED True: the benchmark times single-view inference (test-time "
+                "augmentation is not timed); set TEST.AUG.ENABLED False."
+            )
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
     return cfg
