@@ -2,6 +2,11 @@
 torch or detectron2: the file's metadata is its contract (docs/deploy.md, "The file's contract").
 
     python docs/onnxruntime_example.py exported/model.onnx image.jpg
+
+The image is run at the size given. To get what Predictor and the demo report, first resize it
+as the model was tested (shorter side INPUT.MIN_SIZE_TEST, longer at most INPUT.MAX_SIZE_TEST:
+the "config" entry of the metadata; Detectron2's ResizeShortestEdge) and pass the original size
+as the output size, as the exported model's runtime does.
 """
 
 import json

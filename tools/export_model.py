@@ -59,6 +59,8 @@ RUNTIME_OPTIONS = {
     "openvino": dict(runtime="openvino"),
     "openvino_bf16": dict(runtime="openvino", precision="bf16"),
 }
+# --quantize int8 without --calibration-images: this many images (or all of a smaller dataset).
+DEFAULT_CALIBRATION_IMAGES = 100
 # --verify: the sample's size, then these scales of it.
 VERIFY_SCALES = (0.75, 1.3)
 
@@ -96,7 +98,11 @@ def get_parser() -> argparse.ArgumentParser:
         help="registered dataset whose images calibrate --quantize (e.g. shapes_train)",
     )
     parser.add_argument(
-        "--calibration-images", type=int, default=100, metavar="N", help="images to calibrate on"
+        "--calibration-images",
+        type=int,
+        metavar="N",
+        help=f"images to calibrate on (default: {DEFAULT_CALIBRATION_IMAGES}, or all of a smaller "
+        "dataset)",
     )
     parser.add_argument(
         "--precision",
@@ -183,7 +189,10 @@ def reduce_precision(args, cfg, float_path: str) -> str:
     loader = Trainer.build_test_loader(cfg, args.calibration_dataset)
     float_model = ExportedModel(float_path)
     calibration = quantize.calibration_inputs(
-        loader, args.calibration_images, lambda image: float_model.graph_input(image)[0]
+        loader,
+        DEFAULT_CALIBRATION_IMAGES if args.calibration_images is None else args.calibration_images,
+        lambda image: float_model.graph_input(image)[0],
+        allow_fewer=args.calibration_images is None,
     )
     return quantize.quantize_int8(
         float_path, quantize.precision_path(float_path, "int8"), calibration

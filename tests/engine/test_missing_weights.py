@@ -28,3 +28,25 @@ def test_other_missing_weights_keep_the_short_message(tmp_path):
     cfg.MODEL.WEIGHTS = str(tmp_path / "model_final.pth")
     with pytest.raises(RunConfigError, match=r"model_final.pth' does not exist\.$"):
         check_weights_file(cfg)
+
+
+def test_weights_that_name_a_directory_are_refused_naming_a_file_in_it(tmp_path):
+    cfg = solo_cfg("SOLOv2/R50_3x.yaml")
+    cfg.MODEL.WEIGHTS = str(tmp_path)
+    with pytest.raises(
+        RunConfigError, match=r"is a directory: give a file in it \(it holds none\)"
+    ):
+        check_weights_file(cfg)
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    with pytest.raises(RunConfigError, match=r"is a directory: .*e\.g\. .*model_final\.pth\."):
+        check_weights_file(cfg)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_instead_of_a_torch_traceback(tmp_path):
+    from solo.checkpoint import CheckpointMismatchError, build_inference_model
+
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    cfg = solo_cfg("Shapes/SOLOv2_R18.yaml", ["MODEL.WEIGHTS", str(text)])
+    with pytest.raises(CheckpointMismatchError, match=r"notes.png' is not a checkpoint .*\.pth"):
+        build_inference_model(cfg)

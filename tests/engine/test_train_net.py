@@ -148,3 +148,25 @@ def test_two_process_cpu_ddp_trains_and_keeps_ranks_in_sync(shapes_root, tmp_pat
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RANKS_IN_SYNC 2" in proc.stdout
+
+
+def test_eval_only_from_the_runs_config_yaml_keeps_it_and_saves_its_own_next_to_it(tmp_path):
+    """``--eval-only --config-file OUTPUT_DIR/config.yaml`` with overrides: Detectron2 saved the
+    evaluation's config over the run's record (also when the evaluation then failed)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    written = solo_engine_trainer.get_solo_cfg(str(REPO_ROOT / CONFIG), ["OUTPUT_DIR", str(run)])
+    (run / "config.yaml").write_text(written.dump())
+    original = (run / "config.yaml").read_text()
+    parser = default_argument_parser()
+    args = parser.parse_args(
+        ["--config-file", str(run / "config.yaml"), "--eval-only", "MODEL.SOLO.SCORE_THRESH", "0.3"]
+    )
+    cfg = solo_engine_trainer.setup(args)
+    assert cfg.MODEL.SOLO.SCORE_THRESH == 0.3
+    assert (run / "config.yaml").read_text() == original
+    assert "SCORE_THRESH: 0.3" in (run / "config_eval.yaml").read_text()
+    # Training (or another OUTPUT_DIR) writes config.yaml as Detectron2 does.
+    with solo_engine_trainer.keep_run_config(str(run / "config.yaml"), str(run), eval_only=False):
+        (run / "config.yaml").write_text("changed")
+    assert (run / "config.yaml").read_text() == "changed"

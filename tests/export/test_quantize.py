@@ -70,6 +70,18 @@ def test_calibration_takes_n_images_and_names_a_dataset_too_small():
         calibration_inputs(batches, 0, pad)
 
 
+def test_default_calibration_count_uses_a_smaller_dataset_whole():
+    """The export tool's default count (no --calibration-images) takes all images of a smaller
+    dataset; a count the user gave is still refused when the dataset is smaller."""
+    batches = [[{"image": image((40, 50), i)}] for i in range(3)]
+    pad = lambda im: im[None]  # noqa: E731
+    assert len(calibration_inputs(batches, 100, pad, allow_fewer=True)) == 3
+    with pytest.raises(ExportError, match="has only 3 images"):
+        calibration_inputs(batches, 100, pad)
+    with pytest.raises(ExportError, match="has only 0 images"):
+        calibration_inputs([], 100, pad, allow_fewer=True)
+
+
 def test_unregistered_calibration_dataset_is_named_with_the_registered_ones():
     with pytest.raises(ExportError, match="'no_such_set' is not a registered dataset.*coco_2017"):
         check_registered("no_such_set")

@@ -5,6 +5,8 @@ paper symbol is given where the paper names the quantity. Variants (Decoupled SO
 DCN) change only a few keys in their YAML files.
 """
 
+import difflib
+import re
 import torch
 
 from detectron2.config import CfgNode as CN
@@ -160,13 +162,44 @@ def get_solo_cfg(config_file=None, opts=()):
 
     cfg = get_cfg()
     add_solo_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
     opts = list(opts)
-    cfg.merge_from_list(opts)
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
+    except (AssertionError, KeyError) as e:
+        raise _unknown_key_error(cfg, e, config_file) from e
     if not torch.cuda.is_available() and "MODEL.DEVICE" not in opts[::2]:
         cfg.MODEL.DEVICE = "cpu"
     return cfg
+
+
+class UnknownConfigKeyError(KeyError):
+    """A config key that Detectron2 and SOLO do not have (yacs' "Non-existent key"), with the
+    closest keys that exist."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _unknown_key_error(cfg, error: Exception, config_file) -> Exception:
+    """yacs' ``Non-existent key: X`` (a misspelled key) with the closest existing keys; other
+    errors (renamed keys, wrong types) unchanged."""
+    message = str(error.args[0]) if error.args else str(error)
+    match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", message)
+    if match is None:
+        return error
+    key = match.group(1)
+
+    def keys(node, prefix=""):
+        for name, value in node.items():
+            full = prefix + name
+            yield from keys(value, full + ".") if isinstance(value, dict) else (full,)
+
+    close = difflib.get_close_matches(key, list(keys(cfg)), n=3, cutoff=0.75)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    source = f"config file '{config_file}' or the overrides" if config_file else "the overrides"
+    return UnknownConfigKeyError(f"Unknown config key {key} (in {source}).{hint}")
 
 
 def check_solo_config(cfg):

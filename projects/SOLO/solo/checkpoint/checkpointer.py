@@ -19,6 +19,7 @@
 
 import logging
 import os
+import pickle
 import uuid
 from typing import Any, Sequence
 import torch
@@ -116,7 +117,15 @@ class SOLOCheckpointer(DetectionCheckpointer):
                 "(demo/demo.py and Predictor accept it as MODEL.WEIGHTS); train, fine-tune or "
                 "evaluate with train_net.py from the .pth checkpoint it was exported from."
             )
-        loaded = super()._load_file(filename)
+        try:
+            loaded = super()._load_file(filename)
+        except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError) as e:
+            # torch.load of a file that is not a checkpoint: "KeyError: 101", "invalid load key".
+            raise CheckpointMismatchError(
+                f"'{filename}' is not a checkpoint that torch.load or Detectron2 can read "
+                f"({type(e).__name__}: {e}): give a .pth written by train_net.py or "
+                "tools/convert_checkpoint.py, or a Detectron2 .pkl."
+            ) from e
         nested = [
             k
             for k, v in loaded.get("model", {}).items()

@@ -166,6 +166,13 @@ def _check_device(cfg) -> None:
 def check_weights_file(cfg) -> None:
     """A local ``MODEL.WEIGHTS`` must exist (Detectron2 asserts it after building everything)."""
     weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and os.path.isdir(weights):
+        found = sorted(f for f in os.listdir(weights) if f.endswith((".pth", ".pkl", ".onnx")))
+        raise RunConfigError(
+            f"MODEL.WEIGHTS '{weights}' is a directory: give a file in it"
+            + (f", e.g. {os.path.join(weights, found[-1])}" if found else " (it holds none)")
+            + "."
+        )
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise RunConfigError(f"MODEL.WEIGHTS '{weights}' does not exist.{_how_to_make(weights)}")
 

@@ -208,6 +208,32 @@ RUN_LOGGERS = ("detectron2", "fvcore", "solo")
 _run_handlers = []
 
 
+@contextmanager
+def keep_run_config(config_file: str, output_dir: str, eval_only: bool):
+    """``--eval-only --config-file OUTPUT_DIR/config.yaml`` (how a run is evaluated again):
+    Detectron2's ``default_setup`` saves the config it runs with over that very file, so the
+    training run's record would take the evaluation's overrides, also those of an evaluation
+    that then fails. The run's file is kept; the evaluation's config is saved next to it as
+    ``config_eval.yaml``."""
+    target = os.path.join(output_dir, "config.yaml") if output_dir else ""
+    same = (
+        eval_only
+        and comm.is_main_process()
+        and os.path.isfile(target)
+        and os.path.isfile(config_file)
+        and os.path.samefile(config_file, target)
+    )
+    kept = open(target).read() if same else None
+    try:
+        yield
+    finally:
+        if kept is not None:
+            if os.path.isfile(target):
+                os.replace(target, os.path.join(output_dir, "config_eval.yaml"))
+            with open(target, "w") as f:
+                f.write(kept)
+
+
 def setup(args):
     cfg = get_solo_cfg(args.config_file, args.opts)
     cfg.freeze()
@@ -218,7 +244,8 @@ def setup(args):
         logging.getLogger(name).removeHandler(handler)
     setup_logger.cache_clear()
     before = {name: list(logging.getLogger(name).handlers) for name in RUN_LOGGERS}
-    default_setup(cfg, args)
+    with keep_run_config(args.config_file, cfg.OUTPUT_DIR, args.eval_only):
+        default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="solo")
     _run_handlers[:] = [
         (name, handler)

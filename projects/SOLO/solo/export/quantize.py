@@ -103,7 +103,10 @@ def check_registered(dataset_name: str) -> None:
 
 
 def calibration_inputs(
-    batches: Iterable[List[dict]], num_images: int, pad: Callable[[torch.Tensor], torch.Tensor]
+    batches: Iterable[List[dict]],
+    num_images: int,
+    pad: Callable[[torch.Tensor], torch.Tensor],
+    allow_fewer: bool = False,
 ) -> List[np.ndarray]:
     """The first ``num_images`` images of a test loader as padded graph inputs.
 
@@ -113,9 +116,12 @@ def calibration_inputs(
         num_images: how many to take.
         pad: (3, H, W) image -> (1, 3, Hp, Wp) float32 graph input (``pad_image`` with the
             export's metadata).
+        allow_fewer: a smaller dataset is used whole (the default count of the export tool)
+            instead of refused (a count the user asked for).
 
     Raises:
-        ExportError: the loader has fewer than ``num_images`` images, or ``num_images < 1``.
+        ExportError: the loader has fewer than ``num_images`` images (unless ``allow_fewer``),
+            or ``num_images < 1``.
     """
     if num_images < 1:
         raise ExportError(f"--calibration-images must be >= 1, got {num_images}.")
@@ -124,6 +130,9 @@ def calibration_inputs(
         inputs += [pad(d["image"].float()).numpy() for d in batch]
         if len(inputs) >= num_images:
             return inputs[:num_images]
+    if allow_fewer and inputs:
+        logger.info("Calibrating on all %d images of the dataset.", len(inputs))
+        return inputs
     raise ExportError(
         f"--calibration-images {num_images}: the calibration dataset has only {len(inputs)} "
         "images; ask for at most that many."
