@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml requirements.txt
 	$(PIP) install -q -r requirements.txt
 	@if [ "$(SKIP_DETECTRON2)" != "1" ]; then $(PIP) install -q "sal-detectron2==0.7.2"; \
 	  else echo "SKIP_DETECTRON2=1: using the detectron2 already importable by $(PY)"; fi
-	$(PIP) install -q --no-build-isolation -e ".[export,deploy,lvis,cityscapes,panoptic]" "numpy<2"
+	$(PIP) install -q --no-build-isolation -e ".[export,deploy,lvis,cityscapes,panoptic,transformers]" "numpy<2"
 	$(PY) -c "import detectron2, solo; print('detectron2', detectron2.__version__, '| solo ready')"
 	@touch $(STAMP)
 
