@@ -379,3 +379,21 @@ def write_shapes_as_cityscapes(root, num_images=3, seed=0, image_size=(256, 320)
         polygons = {"imgHeight": image_size[0], "imgWidth": image_size[1], "objects": objects}
         (gt_dir / "shapes" / f"{stem}_gtFine_polygons.json").write_text(json.dumps(polygons))
     return str(image_dir), str(gt_dir)
+
+
+def random_image(size, seed):
+    """A seeded (3, H, W) uint8 image of random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
+
+
+def spread_scores_model(head_name):
+    """A tiny model (``tiny_cfg``) whose every cell is a candidate, with spread-out category
+    scores (``force_candidates`` alone ties them within 1e-4), so that runtimes whose kernels
+    round differently (OpenVINO ~3e-4, float16) cannot reorder the best candidates."""
+    model = build(tiny_cfg(head_name))
+    force_candidates(model, logit=-3.0)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model.head.cate_pred.weight.normal_(std=0.3)
+    return model.eval()

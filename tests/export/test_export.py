@@ -8,7 +8,16 @@ import torch
 
 from detectron2.utils.visualizer import Visualizer
 
-from helpers import HEADS, REPO_ROOT, build, force_candidates, load_script, shapes_cache, tiny_cfg
+from helpers import (
+    HEADS,
+    REPO_ROOT,
+    build,
+    force_candidates,
+    load_script,
+    random_image,
+    shapes_cache,
+    tiny_cfg,
+)
 from solo.export import (
     ExportedModel,
     ExportError,
@@ -34,11 +43,6 @@ def forced_model(head_name, opts=()):
     return model.eval()
 
 
-def image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
-
-
 def eager(model, inputs):
     with torch.no_grad():
         return [r["instances"] for r in model(inputs)]
@@ -54,7 +58,7 @@ def test_fixed_size_postprocess_equals_eager_postprocessor(head_name):
     """The in-graph post-processing as plain PyTorch: same instances as SOLOPostProcessor."""
     model = forced_model(head_name)
     module = SOLOExportModule(model, LARGE_K0).eval()
-    img = image(SAMPLE_SIZE, seed=1)
+    img = random_image(SAMPLE_SIZE, seed=1)
     (expected,) = eager(model, [{"image": img}])
     padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
     with torch.no_grad():
@@ -73,7 +77,7 @@ def test_more_candidates_than_k0_keeps_the_best_category_scores():
     k0 = 40
     model = forced_model("SOLOv2Head")
     module = SOLOExportModule(model, k0).eval()
-    img = image(SAMPLE_SIZE, seed=2)
+    img = random_image(SAMPLE_SIZE, seed=2)
     padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
     with torch.no_grad():
         scores, labels, masks, num_det, num_cand = module(padded)
@@ -105,11 +109,15 @@ def test_greedy_mask_nms_is_refused_with_the_key_to_change(tmp_path):
 def test_exported_model_matches_eager_at_other_input_sizes(head_name, fmt, tmp_path):
     model = forced_model(head_name)
     path = export_model(
-        model, fmt, str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
+        model,
+        fmt,
+        str(tmp_path),
+        sample_image=random_image(SAMPLE_SIZE, 0),
+        max_candidates=LARGE_K0,
     )
     exported = ExportedModel(path)
     for seed, (size, (out_h, out_w)) in enumerate(OTHER_SIZES):
-        inputs = [{"image": image(size, seed + 10), "height": out_h, "width": out_w}]
+        inputs = [{"image": random_image(size, seed + 10), "height": out_h, "width": out_w}]
         (expected,) = eager(model, inputs)
         (actual,) = [r["instances"] for r in exported(inputs)]
         assert actual.image_size == (out_h, out_w)
@@ -124,7 +132,7 @@ def test_image_without_candidates_gives_typed_empty_instances(tmp_path):
     # Untrained weights: category scores near the 0.01 prior, none above SCORE_THRESH.
     model = build(tiny_cfg("SOLOv2Head")).eval()
     exported = ExportedModel(export_model(model, "onnx", str(tmp_path)))
-    img = image((70, 90), seed=3)
+    img = random_image((70, 90), seed=3)
     (expected,) = eager(model, [{"image": img}])
     (actual,) = [r["instances"] for r in exported([{"image": img}])]
     assert len(expected) == len(actual) == 0 and exported.last_num_candidates == [0]
@@ -140,7 +148,7 @@ def test_runtime_warns_when_candidates_exceed_k0(tmp_path, caplog):
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="solo.export"):
-            exported([{"image": image(SAMPLE_SIZE, 4)}])
+            exported([{"image": random_image(SAMPLE_SIZE, 4)}])
     finally:
         logger.removeHandler(caplog.handler)
     assert exported.last_num_candidates[0] > 30
@@ -158,11 +166,15 @@ def test_deformable_model_exports_to_pt2_and_is_refused_by_onnx(tmp_path):
     with pytest.raises(ExportError, match="--format pt2"):
         export_model(model, "onnx", str(tmp_path))
     path = export_model(
-        model, "pt2", str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
+        model,
+        "pt2",
+        str(tmp_path),
+        sample_image=random_image(SAMPLE_SIZE, 0),
+        max_candidates=LARGE_K0,
     )
     exported = ExportedModel(path)
     size, (out_h, out_w) = OTHER_SIZES[0]
-    inputs = [{"image": image(size, 5), "height": out_h, "width": out_w}]
+    inputs = [{"image": random_image(size, 5), "height": out_h, "width": out_w}]
     (expected,) = eager(model, inputs)
     assert_same_predictions(expected, exported(inputs)[0]["instances"])
 
@@ -244,7 +256,7 @@ def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(exp
     config = tmp_path / "tiny.yaml"
     config.write_text(cfg.dump())
     sample = tmp_path / "sample.png"
-    cv2.imwrite(str(sample), image(SAMPLE_SIZE, 7).permute(1, 2, 0).numpy())
+    cv2.imwrite(str(sample), random_image(SAMPLE_SIZE, 7).permute(1, 2, 0).numpy())
     common = [
         "--config-file",
         str(config),
@@ -336,8 +348,8 @@ def test_exported_shapes_model_coco_ap_equals_eager(tmp_path):
         MetadataCatalog.remove(name)
     assert results["eager"]["AP"] > 20
     assert results["exported"] == pytest.approx(results["eager"], abs=1e-6)
-    instances = exported([{"image": image((128, 160), 6)}])[0]["instances"]
-    canvas = Visualizer(image((128, 160), 6).permute(1, 2, 0).numpy())
+    instances = exported([{"image": random_image((128, 160), 6)}])[0]["instances"]
+    canvas = Visualizer(random_image((128, 160), 6).permute(1, 2, 0).numpy())
     assert canvas.draw_instance_predictions(instances).get_image().shape == (128, 160, 3)
 
 
@@ -352,7 +364,7 @@ def test_tracing_or_exporting_the_eager_model_is_refused_naming_the_export_tool(
     from detectron2.export import TracingAdapter
 
     model = build(tiny_cfg("SOLOv2Head")).eval()
-    inputs = [{"image": image((64, 96), seed=8).float()}]
+    inputs = [{"image": random_image((64, 96), seed=8).float()}]
     adapter = TracingAdapter(model, inputs)
     with pytest.raises(RuntimeError, match="tools/export_model.py.*solo.export"):
         torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
@@ -383,7 +395,7 @@ def test_plain_onnxruntime_runs_the_file_at_any_size_because_the_graph_pads(tmp_
     path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for seed, size in enumerate([(120, 160), (97, 133), (33, 250), (20, 20), (200, 65)]):
-        img = image(size, seed + 20)
+        img = random_image(size, seed + 20)
         outputs = session.run(None, {"image": img[None].float().numpy()})
         scores, labels, masks, num_det, _ = map(torch.from_numpy, outputs)
         (expected,) = eager(model, [{"image": img}])
@@ -426,7 +438,7 @@ def test_files_of_metadata_version_1_still_run_with_their_outside_padding(tmp_pa
     onnx.save(proto, path)
     exported = ExportedModel(path)
     assert not exported.pads_in_graph
-    inputs = [{"image": image((120, 160), 21)}]
+    inputs = [{"image": random_image((120, 160), 21)}]
     assert_same_predictions(eager(model, inputs)[0], exported(inputs)[0]["instances"])
     # Version 1 torch.export programs padded to 3 blocks (96 px) where eager pads to 64: such a
     # file now refuses a thumbnail with the reason (it returned other instances silently).
@@ -434,7 +446,7 @@ def test_files_of_metadata_version_1_still_run_with_their_outside_padding(tmp_pa
         p.value = json.dumps({**v1, "min_blocks": 3})
     onnx.save(proto, path)
     with pytest.raises(ExportError, match="at least 65 pixels, got 40x90.*eager model pads"):
-        ExportedModel(path)([{"image": image((40, 90), 22)}])
+        ExportedModel(path)([{"image": random_image((40, 90), 22)}])
 
 
 def test_a_device_the_runtime_did_not_get_is_an_error_naming_the_package(tmp_path):
@@ -464,11 +476,15 @@ def test_pt2_is_exact_on_small_images_and_names_its_size_limit_before_running(tm
     model = forced_model("SOLOv2Head")
     exported = ExportedModel(
         export_model(
-            model, "pt2", str(tmp_path), sample_image=image(SAMPLE_SIZE, 0), max_candidates=LARGE_K0
+            model,
+            "pt2",
+            str(tmp_path),
+            sample_image=random_image(SAMPLE_SIZE, 0),
+            max_candidates=LARGE_K0,
         )
     )
     for seed, size in enumerate([(40, 50), (64, 64), (20, 90), (130, 70)]):
-        inputs = [{"image": image(size, seed + 30)}]
+        inputs = [{"image": random_image(size, seed + 30)}]
         assert_same_predictions(eager(model, inputs)[0], exported(inputs)[0]["instances"])
     panorama = torch.zeros((3, 40, 8200), dtype=torch.uint8)
     with pytest.raises(ExportError, match="sides up to 8192 pixels.*got 40x8200"):
@@ -481,7 +497,7 @@ def test_export_tool_verify_that_compared_nothing_fails(export_tool, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(tiny_cfg("SOLOv2Head").dump())
     sample = tmp_path / "sample.png"
-    cv2.imwrite(str(sample), image((64, 96), 9).permute(1, 2, 0).numpy())
+    cv2.imwrite(str(sample), random_image((64, 96), 9).permute(1, 2, 0).numpy())
     argv = ["--config-file", str(config), "--format", "torchscript", "--output", str(tmp_path)]
     argv += ["--sample-image", str(sample), "--verify", "--allow-random-weights"]
     with pytest.raises(SystemExit, match="--verify compared nothing"):
@@ -497,7 +513,7 @@ def test_export_tool_verify_without_sample_uses_the_first_test_image(export_tool
     config = tmp_path / "tiny.yaml"
     config.write_text(tiny_cfg("SOLOv2Head").dump())
     sample = tmp_path / "first.png"
-    cv2.imwrite(str(sample), image((64, 96), 10).permute(1, 2, 0).numpy())
+    cv2.imwrite(str(sample), random_image((64, 96), 10).permute(1, 2, 0).numpy())
     name = "export_verify_first_image"
     DatasetCatalog.register(name, lambda: [{"file_name": str(sample), "image_id": 0}])
     argv = ["--config-file", str(config), "--format", "torchscript", "--output", str(tmp_path)]

@@ -4,7 +4,7 @@ inputs, outputs and post-processing, checked with onnx.checker and run by ONNX R
 import pytest
 import torch
 
-from helpers import HEADS, build, force_candidates, tiny_cfg
+from helpers import HEADS, random_image, spread_scores_model
 from solo.export import ExportedModel, export_model
 from solo.export.quantize import FP16_SCORE_ATOL, convert_fp16, in_network, precision_path
 
@@ -18,34 +18,18 @@ LARGE_K0 = 1500
 TOP = 5
 
 
-def spread_model(head_name):
-    """Random weights with candidates of spread-out scores (not all tied near one value, as
-    force_candidates alone makes them), so that float16 rounding cannot reorder the best."""
-    model = build(tiny_cfg(head_name))
-    force_candidates(model, logit=-3.0)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        model.head.cate_pred.weight.normal_(std=0.3)
-    return model.eval()
-
-
-def image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
-
-
 def mask_iou(a, b):
     return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
 
 
 @pytest.mark.parametrize("head_name", HEADS)
 def test_fp16_file_runs_on_cpu_with_the_fp32_best_instances(head_name, tmp_path):
-    model = spread_model(head_name)
+    model = spread_scores_model(head_name)
     path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
     half = ExportedModel(convert_fp16(path, precision_path(path, "fp16")))
     assert half.metadata["precision"] == "fp16"
     for seed, size in enumerate([(97, 133)]):
-        inputs = [{"image": image(size, seed)}]
+        inputs = [{"image": random_image(size, seed)}]
         with torch.no_grad():
             (expected,) = [r["instances"] for r in model(inputs)]
         (actual,) = [r["instances"] for r in half(inputs)]
@@ -65,7 +49,7 @@ def test_fp16_file_runs_on_cpu_with_the_fp32_best_instances(head_name, tmp_path)
 
 
 def test_fp16_graph_is_valid_with_float32_io_and_post_processing(tmp_path):
-    path = export_model(spread_model("SOLOv2Head"), "onnx", str(tmp_path))
+    path = export_model(spread_scores_model("SOLOv2Head"), "onnx", str(tmp_path))
     half_path = convert_fp16(path, precision_path(path, "fp16"))
     proto = onnx.load(half_path)
     onnx.checker.check_model(proto, full_check=True)  # also: nodes topologically sorted

@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from helpers import HEADS, REPO_ROOT, build, force_candidates, load_script, tiny_cfg
+from helpers import (
+    HEADS,
+    REPO_ROOT,
+    build,
+    load_script,
+    random_image,
+    spread_scores_model,
+    tiny_cfg,
+)
 from solo.export import ExportedModel, ExportError, compare_predictions, export_model
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
@@ -19,38 +27,24 @@ SIZES = [((97, 133), (97, 133)), ((160, 96), (160, 96)), ((64, 200), (128, 400))
 LARGE_K0 = 1500
 
 
-def spread_model(head_name):
-    """Random weights with hundreds of candidates whose scores are spread out: OpenVINO's float32
-    kernels differ from PyTorch's by up to ~3e-4 in a score (ONNX Runtime's by ~1e-6), so the
-    order of candidates closer than that is undecidable; force_candidates alone ties them within
-    1e-4."""
-    model = build(tiny_cfg(head_name))
-    force_candidates(model, logit=-3.0)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        model.head.cate_pred.weight.normal_(std=0.3)
-    return model.eval()
-
-
-def image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
-
-
 def cpu_has(capability):
     return capability in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @pytest.mark.parametrize("head_name", HEADS)
 def test_openvino_f32_equals_eager_at_three_sizes(head_name, tmp_path):
-    model = spread_model(head_name)
+    model = spread_scores_model(head_name)
     path = export_model(
-        model, "onnx", str(tmp_path), sample_image=image(SIZES[0][0], 0), max_candidates=LARGE_K0
+        model,
+        "onnx",
+        str(tmp_path),
+        sample_image=random_image(SIZES[0][0], 0),
+        max_candidates=LARGE_K0,
     )
     exported = ExportedModel(path, runtime="openvino")
     assert exported.runtime == "openvino" and exported.precision == "f32"
     for seed, (size, (out_h, out_w)) in enumerate(SIZES):
-        inputs = [{"image": image(size, seed + 20), "height": out_h, "width": out_w}]
+        inputs = [{"image": random_image(size, seed + 20), "height": out_h, "width": out_w}]
         with torch.no_grad():
             (expected,) = [r["instances"] for r in model(inputs)]
         (actual,) = [r["instances"] for r in exported(inputs)]
@@ -66,14 +60,14 @@ def test_openvino_f32_equals_eager_at_three_sizes(head_name, tmp_path):
 def test_openvino_reduced_precision_runs_where_the_cpu_has_it(precision, tmp_path):
     """bf16/f16 are opt-in: on a CPU with the capability they run (same number of outputs,
     scores close to f32's); without it they are refused naming the capability."""
-    model = spread_model("SOLOv2Head")
+    model = spread_scores_model("SOLOv2Head")
     path = export_model(model, "onnx", str(tmp_path), max_candidates=LARGE_K0)
     capability = {"bf16": "BF16", "f16": "FP16"}[precision]
     if not cpu_has(capability):
         with pytest.raises(ExportError, match=f"needs a CPU with {capability} support"):
             ExportedModel(path, runtime="openvino", precision=precision)
         return
-    inputs = [{"image": image((97, 133), 3)}]
+    inputs = [{"image": random_image((97, 133), 3)}]
     reduced = ExportedModel(path, runtime="openvino", precision=precision)(inputs)[0]["instances"]
     full = ExportedModel(path, runtime="openvino")(inputs)[0]["instances"]
     assert len(full) > 0 and len(reduced) > 0

@@ -4,7 +4,15 @@ int8``): what stays float, the flow end to end with its AP report, and the error
 import pytest
 import torch
 
-from helpers import REPO_ROOT, build, force_candidates, load_script, shapes_cache, tiny_cfg
+from helpers import (
+    REPO_ROOT,
+    build,
+    force_candidates,
+    load_script,
+    random_image,
+    shapes_cache,
+    tiny_cfg,
+)
 from solo.export import ExportedModel, ExportError, export_model
 from solo.export.quantize import (
     calibration_inputs,
@@ -17,11 +25,6 @@ from solo.export.quantize import (
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e .[export])")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
-
-
-def image(size, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,9 @@ def test_int8_model_keeps_prediction_layers_and_post_processing_float(tmp_path):
     assert any("cate_pred" in name for name in keep_float)
     assert not any(name.startswith("/backbone/") for name in keep_float)
     exported = ExportedModel(path)
-    calibration = [exported.graph_input(image((96, 128), seed))[0].numpy() for seed in range(2)]
+    calibration = [
+        exported.graph_input(random_image((96, 128), seed))[0].numpy() for seed in range(2)
+    ]
     int8_path = quantize_int8(path, precision_path(path, "int8"), calibration)
     graph = onnx.load(int8_path).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
@@ -56,12 +61,12 @@ def test_int8_model_keeps_prediction_layers_and_post_processing_float(tmp_path):
             assert not set(node.input) & dequantized, node.name
     int8 = ExportedModel(int8_path)
     assert int8.metadata["precision"] == "int8"
-    instances = int8([{"image": image((96, 128), 5)}])[0]["instances"]
+    instances = int8([{"image": random_image((96, 128), 5)}])[0]["instances"]
     assert len(instances) > 0 and instances.scores.dtype == torch.float32
 
 
 def test_calibration_takes_n_images_and_names_a_dataset_too_small():
-    batches = [[{"image": image((40, 50), i)}] for i in range(3)]
+    batches = [[{"image": random_image((40, 50), i)}] for i in range(3)]
     pad = lambda im: im[None]  # noqa: E731
     assert [x.shape for x in calibration_inputs(batches, 2, pad)] == [(1, 3, 40, 50)] * 2
     with pytest.raises(ExportError, match="has only 3 images"):
@@ -73,7 +78,7 @@ def test_calibration_takes_n_images_and_names_a_dataset_too_small():
 def test_default_calibration_count_uses_a_smaller_dataset_whole():
     """The export tool's default count (no --calibration-images) takes all images of a smaller
     dataset; a count the user gave is still refused when the dataset is smaller."""
-    batches = [[{"image": image((40, 50), i)}] for i in range(3)]
+    batches = [[{"image": random_image((40, 50), i)}] for i in range(3)]
     pad = lambda im: im[None]  # noqa: E731
     assert len(calibration_inputs(batches, 100, pad, allow_fewer=True)) == 3
     with pytest.raises(ExportError, match="has only 3 images"):
