@@ -397,3 +397,25 @@ def spread_scores_model(head_name):
         torch.manual_seed(1)
         model.head.cate_pred.weight.normal_(std=0.3)
     return model.eval()
+
+
+def instances_as_annotations(instances):
+    """Detectron2 dataset annotations (XYXY boxes, compressed RLE masks) of predicted
+    ``Instances``: pseudo ground truth, so that a model scores high AP on it and any change of
+    its predictions shows as a lower AP."""
+    import pycocotools.mask as mask_util
+
+    from detectron2.structures import BoxMode
+
+    masks = instances.pred_masks.permute(1, 2, 0).numpy().astype("uint8")
+    rles = mask_util.encode(masks.copy(order="F"))
+    return [
+        dict(
+            bbox=box.tolist(),
+            bbox_mode=BoxMode.XYXY_ABS,
+            category_id=int(label),
+            segmentation={"size": rle["size"], "counts": rle["counts"].decode()},
+            iscrowd=0,
+        )
+        for box, label, rle in zip(instances.pred_boxes.tensor, instances.pred_classes, rles)
+    ]

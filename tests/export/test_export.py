@@ -13,6 +13,7 @@ from helpers import (
     REPO_ROOT,
     build,
     force_candidates,
+    instances_as_annotations,
     load_script,
     random_image,
     shapes_cache,
@@ -279,29 +280,15 @@ def test_export_tool_verifies_a_checkpoint_and_refuses_one_that_does_not_fit(exp
 def pseudo_ground_truth(dicts, model, per_image):
     """The shapes images annotated with the eager model's own best ``per_image`` predictions:
     its AP is then high, and any difference of the exported predictions lowers it."""
-    from pycocotools import mask as mask_util
 
     from detectron2.data.detection_utils import read_image
-    from detectron2.structures import BoxMode
 
     annotated = []
     for d in dicts:
         img = torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy())
         (pred,) = eager(model, [{"image": img}])
         pred = pred[:per_image]
-        rles = mask_util.encode(
-            pred.pred_masks.permute(1, 2, 0).numpy().astype("uint8").copy(order="F")
-        )
-        annotations = [
-            dict(
-                bbox=box.tolist(),
-                bbox_mode=BoxMode.XYXY_ABS,
-                category_id=int(label),
-                segmentation={"size": rle["size"], "counts": rle["counts"].decode()},
-                iscrowd=0,
-            )
-            for box, label, rle in zip(pred.pred_boxes.tensor, pred.pred_classes, rles)
-        ]
+        annotations = instances_as_annotations(pred)
         annotated.append(
             {
                 **{k: d[k] for k in ("file_name", "height", "width", "image_id")},

@@ -8,6 +8,7 @@ from helpers import (
     REPO_ROOT,
     build,
     force_candidates,
+    instances_as_annotations,
     load_script,
     random_image,
     shapes_cache,
@@ -95,27 +96,15 @@ def test_unregistered_calibration_dataset_is_named_with_the_registered_ones():
 def pseudo_labelled(dicts, model, per_image=10):
     """The images annotated with the float model's own best predictions, so that its AP is high
     and quantization errors show as a lower AP."""
-    from pycocotools import mask as mask_util
 
     from detectron2.data.detection_utils import read_image
-    from detectron2.structures import BoxMode
 
     records = []
     for d in dicts:
         img = torch.as_tensor(read_image(d["file_name"], "RGB").transpose(2, 0, 1).copy())
         with torch.no_grad():
             pred = model([{"image": img}])[0]["instances"][:per_image]
-        rles = mask_util.encode(pred.pred_masks.permute(1, 2, 0).numpy().astype("uint8").copy("F"))
-        annotations = [
-            dict(
-                bbox=box.tolist(),
-                bbox_mode=BoxMode.XYXY_ABS,
-                category_id=int(label),
-                segmentation={"size": rle["size"], "counts": rle["counts"].decode()},
-                iscrowd=0,
-            )
-            for box, label, rle in zip(pred.pred_boxes.tensor, pred.pred_classes, rles)
-        ]
+        annotations = instances_as_annotations(pred)
         keys = ("file_name", "height", "width", "image_id")
         records.append({**{k: d[k] for k in keys}, "annotations": annotations})
     return records
