@@ -20,6 +20,7 @@ from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
+from solo.utils.benchmark_calibration import MASK_EXTENTS
 from solo.utils.benchmark_parts import (
     EXPORT_FORMATS,
     benchmark_cfg,
@@ -45,7 +46,7 @@ from solo.utils.synthetic import make_image, train_inputs
 
 logger = logging.getLogger("benchmark")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 MASK_FORMATS = {"dense": "bitmask", "cropped": "cropped"}  # --masks: TEST.MASK_FORMAT
@@ -71,9 +72,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-process", action="store_true", help="no subprocess per model")
     parser.add_argument(
         "--runtime",
+        nargs="+",
         choices=("pytorch", *EXPORT_FORMATS),
-        default="pytorch",
-        help="inference: also time ours exported to this runtime (solo.export), next to eager",
+        default=["pytorch"],
+        metavar="RUNTIME",
+        help="inference: also time ours exported to these runtimes (solo.export), each in its "
+        f"own process, next to eager in the same run; any of {', '.join(EXPORT_FORMATS)}",
     )
     parser.add_argument(
         "--masks",
@@ -81,6 +85,14 @@ def get_parser() -> argparse.ArgumentParser:
         default="dense",
         help="inference: our masks as (N, H, W) bool or as CroppedMasks (TEST.MASK_FORMAT "
         "cropped); both: each in its own process, peak memory and times compared",
+    )
+    parser.add_argument(
+        "--mask-extent",
+        choices=MASK_EXTENTS,
+        default=None,
+        help="inference, SOLOv2: calibrated masks as object-sized ellipses (default) or as the "
+        "random kernels make them, fields over the whole image (the default with --runtime: "
+        "an exported graph does not carry the calibration's hook)",
     )
     add_opts_argument(parser)  # KEY VALUE pairs for the SOLO config, after the flags
     return parser
@@ -97,8 +109,25 @@ def check_args(args: argparse.Namespace):
         raise SystemExit(
             "--device cuda: CUDA is not available on this machine (torch sees no GPU)."
         )
-    if args.runtime != "pytorch" and args.task != "inference":
-        raise SystemExit(f"--runtime {args.runtime} times inference only; use --task inference.")
+    # "pytorch" is eager, always measured; the others are exported models timed next to it.
+    args.runtime = list(dict.fromkeys(r for r in args.runtime if r != "pytorch"))
+    if args.runtime and args.task != "inference":
+        raise SystemExit(
+            f"--runtime {' '.join(args.runtime)} times inference only; use --task inference."
+        )
+    if args.mask_extent is not None and args.task != "inference":
+        raise SystemExit(
+            f"--mask-extent {args.mask_extent} concerns inference only; use --task inference."
+        )
+    if args.mask_extent is None:
+        args.mask_extent = "image" if args.runtime else "objects"
+    if args.mask_extent == "objects" and args.runtime:
+        raise SystemExit(
+            f"--mask-extent objects with --runtime {' '.join(args.runtime)}: the object-sized "
+            "masks come from a forward hook that an exported graph does not carry, so eager and "
+            "exported models would do different work. Use --mask-extent image (the default "
+            "with --runtime)."
+        )
     if args.masks != "dense" and args.task != "inference":
         raise SystemExit(f"--masks {args.masks} concerns inference only; use --task inference.")
 
@@ -121,6 +150,7 @@ class Job:
     seed: int
     conv_gflops_per_s: Optional[float]
     runtime: str = "pytorch"  # or an exported model's runtime (solo.export)
+    mask_extent: str = "objects"  # SOLOv2 calibrated masks (solo.utils.benchmark_calibration)
 
 
 @dataclass
@@ -139,11 +169,12 @@ class Report:
     machine: dict
     conv_probe: Optional[dict]
     ratio: Optional[float]  # ours / Mask R-CNN: total latency, s/iter or s/image
-    runtime: str  # "pytorch", or the runtime of models["ours_<runtime>"]
-    runtime_ratio: Optional[float]  # exported / eager total latency
+    runtimes: List[str]  # exported runtimes, each measured as models["ours_<runtime>"]
+    runtime_ratios: Dict[str, Optional[float]]  # per runtime: exported / eager total latency
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
     masks: str = "dense"  # --masks; "both": models["ours_cropped"] next to models["ours"]
+    mask_extent: str = "objects"  # --mask-extent: SOLOv2's calibrated masks
     masks_ratios: Optional[Dict[str, float]] = None  # ours_cropped / ours, every figure
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
@@ -166,8 +197,10 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
 
     h, w = job.input_size
     batched = [{"image": make_image(h, w, job.seed), "height": h, "width": w}]
-    calibrate = calibrate_mask_rcnn if job.model == "mask_rcnn" else calibrate_solo
-    calibration = calibrate(model, batched)
+    if job.model == "mask_rcnn":
+        calibration = calibrate_mask_rcnn(model, batched)
+    else:
+        calibration = calibrate_solo(model, batched, job.mask_extent)
     if job.runtime != "pytorch":
         return run_exported(job, model, batched, calibration, memory)
     memory.start()
@@ -374,10 +407,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.task == "inference":
         probe = conv_probe(args.input_size, args.device, args.threads)
         logger.info(f"Conv probe: {probe['gflops_per_s']} GFLOP/s")
-    exported = f"ours_{args.runtime}" if args.runtime != "pytorch" else None
+    exported = {f"ours_{runtime}": runtime for runtime in args.runtime}
     cropped = "ours_cropped" if args.masks == "both" else None
     models = {}
-    for name in filter(None, ("ours", cropped, exported, args.compare)):
+    for name in filter(None, ("ours", cropped, *exported, args.compare)):
         logger.info(f"Measuring {name} ({args.task}) ...")
         opts = tuple(args.opts)
         if name == cropped or (name == "ours" and args.masks == "cropped"):
@@ -387,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.threads,
             tuple(args.input_size), args.batch_size, args.repeats, args.warmup,
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
-            args.runtime if name == exported else "pytorch",
+            exported.get(name, "pytorch"), args.mask_extent,
         )  # fmt: skip
         # A fresh spawn process per model: its own peak memory and CUDA context (a failure there
         # is raised here). Not for data: loader workers forked from it abort at shutdown.
@@ -399,12 +432,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                     models[name] = pool.submit(run_job, job).result()
         except Exception as e:  # noqa: B902 - an export failure keeps the other figures
-            if name != exported:
+            if name not in exported:
                 raise
             logger.error(f"{name} failed, reported in the JSON: {type(e).__name__}: {e}")
-            models[name] = {"name": name, "runtime": args.runtime, "error": f"{e!r}"}
+            models[name] = {"name": name, "runtime": exported[name], "error": f"{e!r}"}
     ratios = compute_ratios(models["ours"], models.get("mask_rcnn"))
-    runtime_ratios = compute_ratios(models.get(exported), models["ours"])
+    runtime_ratios = {
+        runtime: compute_ratios(models[name], models["ours"]).get(HEADLINE["inference"])
+        for name, runtime in exported.items()
+    }
     report = Report(
         task=args.task,
         config_file=args.config_file,
@@ -417,18 +453,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         machine=machine_info(args.threads, args.device),
         conv_probe=probe,
         ratio=ratios.get(HEADLINE[args.task]),
-        runtime=args.runtime,
-        runtime_ratio=runtime_ratios.get(HEADLINE["inference"]),
+        runtimes=list(args.runtime),
+        runtime_ratios=runtime_ratios,
         ratios=ratios,
         models=models,
         masks=args.masks,
+        mask_extent=args.mask_extent,
         masks_ratios=compute_ratios(models[cropped], models["ours"]) if cropped else None,
     )
     print(format_table(report))
     if report.ratio is not None:
         print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}")
-    if report.runtime_ratio is not None:
-        print(f"ratio {args.runtime} / pytorch (inference): {report.runtime_ratio}")
+    for runtime, ratio in report.runtime_ratios.items():
+        print(f"ratio {runtime} / pytorch (inference): {ratio}")
     if report.masks_ratios:
         for key in ("memory_mb.peak", "latency_ms.total.median", "latency_ms.postprocess.median"):
             print(f"ratio cropped / dense masks, {key}: {report.masks_ratios.get(key)}")

@@ -176,6 +176,33 @@ def test_chunk_size_does_not_change_the_result(kind):
 
 
 @pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+def test_a_cell_candidate_for_several_classes_gets_its_mask_computed_once(kind):
+    """Class 1 scores just below class 0 everywhere: every class-0 candidate cell is a class-1
+    candidate too. The post-processor asks the head for each cell's mask once per call and still
+    matches the official get_seg_single, which computes one mask per (cell, class)."""
+    outputs = random_outputs(kind, 13, cate_mean=-2.0)
+    for x in outputs.cate_logits:
+        x[:, 1] = x[:, 0] - 0.05
+    head_probs = mask_probs_of(kind, outputs)
+    requested = []
+
+    def mask_probs(image, levels, cells, size):
+        pairs = list(zip(levels.tolist(), cells.tolist()))
+        requested.append(pairs)
+        return head_probs(image, levels, cells, size)
+
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES)
+    results = post(outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+    shared = 0
+    for image, (result, out_size) in enumerate(zip(results, OUTPUT_SIZES)):
+        assert_same(result, run_reference(kind, outputs, image, out_size))
+        labels = result.pred_classes.tolist()
+        shared += min(labels.count(0), labels.count(1))
+    assert shared > 0  # both classes of a cell reach the output
+    assert all(len(set(pairs)) == len(pairs) for pairs in requested)
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
 def test_pred_boxes_are_the_tight_boxes_of_the_final_masks(kind):
     results = run_ours(kind, random_outputs(kind, 5))
     for result in results:

@@ -109,21 +109,27 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     )
 
 
-@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
-def test_exported_runtime_is_timed_next_to_eager_with_the_same_instances(
-    benchmark, tmp_path, runtime
+def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_instances(
+    benchmark, tmp_path
 ):
-    if runtime == "onnxruntime":
-        pytest.importorskip("onnxruntime")
-    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", runtime)
-    assert set(report["models"]) == {"ours", f"ours_{runtime}"} and report["runtime"] == runtime
-    eager, exported = report["models"]["ours"], report["models"][f"ours_{runtime}"]
-    assert exported["runtime"] == runtime and exported["export_file_mb"] > 0
-    # The exported graph sees the same calibrated weights: the same number of instances out.
-    assert exported["calibration"]["instances_out"] == eager["calibration"]["instances_out"] > 0
-    assert exported["calibration"]["candidates"] <= exported["calibration"]["max_candidates"]
-    expected = exported["latency_ms"]["total"]["median"] / eager["latency_ms"]["total"]["median"]
-    assert report["runtime_ratio"] == pytest.approx(expected, rel=1e-3)
+    pytest.importorskip("onnxruntime")
+    runtimes = ["torchscript", "onnxruntime"]
+    # "pytorch" (eager) is always measured; naming it or a runtime twice changes nothing.
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "pytorch", *runtimes,
+                 "torchscript", "MODEL.SOLO.NMS_PRE", "400")  # fmt: skip
+    assert report["runtimes"] == runtimes and report["opts"] == ["MODEL.SOLO.NMS_PRE", "400"]
+    assert set(report["models"]) == {"ours", *(f"ours_{r}" for r in runtimes)}
+    eager = report["models"]["ours"]
+    assert eager["calibration"]["nms_pre"] == 400
+    for runtime in runtimes:
+        exported = report["models"][f"ours_{runtime}"]
+        assert exported["runtime"] == runtime and exported["export_file_mb"] > 0
+        # The exported graph sees the same calibrated weights: the same number of instances out.
+        assert exported["calibration"]["instances_out"] == eager["calibration"]["instances_out"] > 0
+        assert exported["calibration"]["candidates"] <= exported["calibration"]["max_candidates"]
+        total = exported["latency_ms"]["total"]["median"]
+        expected = total / eager["latency_ms"]["total"]["median"]
+        assert report["runtime_ratios"][runtime] == pytest.approx(expected, rel=1e-3)
     assert report["ratio"] is None
 
 
@@ -145,7 +151,7 @@ def test_a_failed_export_is_reported_and_keeps_the_eager_figures(benchmark, tmp_
     monkeypatch.setattr(benchmark, "run_exported", failing_export)
     report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "torchscript")
     assert "cannot export this model" in report["models"]["ours_torchscript"]["error"]
-    assert report["runtime_ratio"] is None
+    assert report["runtime_ratios"] == {"torchscript": None}
     assert report["models"]["ours"]["latency_ms"]["total"]["median"] > 0
 
 
@@ -352,6 +358,46 @@ def test_calibrated_model_sends_nms_pre_candidates_to_nms(calibration, benchmark
     scores = out["instances"].scores
     assert len(scores) == result["instances_out"] and scores.max() <= calibration.CATE_SCORE_MAX
     assert len(out["instances"].pred_classes.unique()) > 1  # spread over the classes
+
+
+def test_object_masks_make_solov2_masks_object_sized_instead_of_image_wide_fields(
+    calibration, benchmark
+):
+    cfg = tiny_cfg("SOLOv2Head", opts=["MODEL.SOLO.NMS_PRE", 60])
+    batched = [{"image": benchmark.make_image(128, 160, seed=0)}]
+    reports, models = {}, {}
+    for extent in calibration.MASK_EXTENTS:
+        torch.manual_seed(0)
+        models[extent] = build_model(cfg).eval()
+        reports[extent] = calibration.calibrate_solo(models[extent], batched, extent)
+    objects, fields = reports["objects"]["output_masks"], reports["image"]["output_masks"]
+    assert reports["objects"]["candidates_before_nms"] >= 0.95 * 60
+    assert objects["instances"] > 10 and fields["instances"] > 10
+    # An ellipse with axes at most OBJECT_SIDES[1] of the sides covers <= pi/4 * 0.4^2 ~ 0.126.
+    assert 0 < objects["min_area_fraction"] and objects["max_area_fraction"] < 0.13
+    assert fields["mean_area_fraction"] > 2 * objects["mean_area_fraction"]
+    # The hook stays on the head: a later inference gives the same object-sized masks.
+    assert calibration.mask_extent_report(models["objects"], batched) == objects
+
+
+def test_object_masks_leave_solo_v1_and_decoupled_masks_to_their_coverage_calibration(
+    calibration,
+):
+    model = build_model(tiny_cfg("DecoupledSOLOHead")).eval()
+    assert calibration.add_object_masks(model, (96, 128)) is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mask-extent", "objects", "--runtime", "onnxruntime"], "hook that an exported graph"),
+        (["--task", "train", "--mask-extent", "image"], "concerns inference only"),
+    ],
+    ids=["objects_with_runtime", "train"],
+)
+def test_mask_extent_is_refused_where_it_cannot_apply(benchmark, args, message):
+    with pytest.raises(SystemExit, match=message):
+        benchmark.main(["--config-file", TINY_CONFIG, *args])
 
 
 def test_benchmark_refuses_test_time_augmentation_instead_of_timing_one_view():

@@ -82,18 +82,18 @@ def paste_masks(
     output_size = (int(output_size[0]), int(output_size[1]))
     image_size = (int(image_size[0]), int(image_size[1]))
     plan = _worthwhile_plan(probs, padded_size, image_size, output_size, mask_thresh)
+    if plan is None and not compact:  # whole masks thresholded straight into the output
+        out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
+        boxes = [torch.zeros((0, 4), device=probs.device)]
+        for start, values in _full_values(probs, padded_size, image_size, output_size, chunk_size):
+            part = torch.gt(values, mask_thresh, out=out[start : start + len(values)])
+            boxes.append(masks_to_boxes(part).tensor)
+        return out, Boxes(torch.cat(boxes))
     if plan is None:
         parts = _full_parts(probs, padded_size, image_size, output_size, mask_thresh, chunk_size)
     else:
         budget = chunk_size * max(math.prod(padded_size), math.prod(output_size))
         parts = _region_parts(probs, plan, image_size, output_size, mask_thresh, budget)
-    if plan is None and not compact:  # whole masks written in place, as they are computed
-        out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
-        boxes = [torch.zeros((0, 4), device=probs.device)]
-        for index, _, part in parts:
-            out[index] = part
-            boxes.append(masks_to_boxes(part).tensor)
-        return out, Boxes(torch.cat(boxes))
     k = len(probs)
     boxes = torch.zeros((k, 4), device=probs.device)
     if compact:
@@ -166,20 +166,27 @@ def _region_parts(probs, plan, image_size, output_size, thresh, budget):
         yield index, origin, (values > thresh) & _inside(values.shape, origin, keep)
 
 
-def _full_parts(probs, padded_size, image_size, output_size, thresh, chunk_size):
-    """Yields ``(index, origin, part)``: (G,) int64 instance indices, (G, 2) int64 (x0, y0) and
-    (G, h, w) bool masks, instance ``index[g]``'s output mask on rows y0.., columns x0.. (False
-    elsewhere); here the whole masks, ``chunk_size`` at a time (small chunks: the full-resolution
-    floats exist for a few instances at a time and the chunk's memory is reused, not
-    page-faulted afresh)."""
+def _full_values(probs, padded_size, image_size, output_size, chunk_size):
+    """Yields ``(start, values)``: the float output values (G, *output_size) of instances
+    start.. start + G, the whole masks as the official code computes them, ``chunk_size`` at a
+    time (small chunks: the full-resolution floats exist for a few instances at a time and the
+    chunk's memory is reused, not page-faulted afresh)."""
     h, w = image_size
     for start in range(0, len(probs), chunk_size):
         part = resize(probs[start : start + chunk_size][None], tuple(padded_size))[:, :, :h, :w]
         if (h, w) != tuple(output_size):
             part = resize(part, tuple(output_size))
-        index = torch.arange(start, start + part.shape[1], device=probs.device)
+        yield start, part[0]
+
+
+def _full_parts(probs, padded_size, image_size, output_size, thresh, chunk_size):
+    """Yields ``(index, origin, part)``: (G,) int64 instance indices, (G, 2) int64 (x0, y0) and
+    (G, h, w) bool masks, instance ``index[g]``'s output mask on rows y0.., columns x0.. (False
+    elsewhere); here the whole masks (:func:`_full_values`)."""
+    for start, values in _full_values(probs, padded_size, image_size, output_size, chunk_size):
+        index = torch.arange(start, start + len(values), device=probs.device)
         origin = torch.zeros((len(index), 2), dtype=torch.long, device=probs.device)
-        yield index, origin, part[0] > thresh
+        yield index, origin, values > thresh
 
 
 def _inside(shape, origin, keep) -> torch.Tensor:

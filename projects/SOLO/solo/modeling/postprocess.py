@@ -82,7 +82,9 @@ def mask_areas_and_sums(probs: torch.Tensor, mask_thresh: float, in_place: bool 
     allocating a copy (the eager path's candidate chunks are not used afterwards)."""
     masks = probs > mask_thresh
     areas = masks.flatten(1).sum(dim=1)
-    inside = probs.mul_(masks) if in_place else probs * masks
+    # Zeroing outside the masks gives the same values as multiplying by them (probabilities are
+    # >= 0) without converting the bool masks to float first.
+    inside = probs.masked_fill_(~masks, 0) if in_place else torch.where(masks, probs, 0)
     return masks, areas, inside.flatten(1).sum(dim=1, dtype=torch.float32)
 
 
@@ -223,11 +225,17 @@ class SOLOPostProcessor:
         pool, num_candidates = [], 0
         for start in range(0, len(cand_scores), self.chunk_size):
             part = slice(start, start + self.chunk_size)
+            # A cell above the threshold for several classes is one mask: computed once. The
+            # candidates are in cell order (nonzero() of (cells, classes)), so repeats are
+            # consecutive.
+            unique, first, inverse = _consecutive_unique(flat_cells[part])
             with record_function("solo.postprocess.mask_probs"):
-                probs = mask_probs(image, levels[part], cells[part], stride4_size)
+                probs = mask_probs(image, levels[part][first], cells[part][first], stride4_size)
             with record_function("solo.postprocess.nms"):
                 # In place: the heads return fresh tensors.
                 masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, True)
+                if len(unique) < len(inverse):
+                    masks, areas, inside = masks[inverse], areas[inverse], inside[inverse]
                 keep = areas > min_areas[part]
                 rescored = rescore(cand_scores[part][keep], areas[keep], inside[keep])
             with record_function("solo.postprocess.candidates"):
@@ -269,7 +277,12 @@ class SOLOPostProcessor:
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.mask_probs"):
-            probs = mask_probs(image, levels[candidates], cells[candidates], stride4_size)
+            unique, first, inverse = _unique(flat_cells[candidates])
+            if len(unique) < len(inverse):  # unique: in ascending order of cells
+                chosen = candidates[first]
+                probs = mask_probs(image, levels[chosen], cells[chosen], stride4_size)[inverse]
+            else:
+                probs = mask_probs(image, levels[candidates], cells[candidates], stride4_size)
 
         result = Instances(output_size)
         with record_function("solo.postprocess.paste"):
@@ -354,6 +367,24 @@ class SOLOPostProcessor:
         num_detections = final.sum().clamp(max=k2)
         chosen = order[det]
         return det_scores, labels[chosen], probs[chosen], num_detections, num_candidates
+
+
+def _consecutive_unique(values: torch.Tensor):
+    """(unique values, index of each one's first occurrence, inverse) of ``values`` (K,) whose
+    repeats are consecutive: ``values == unique[inverse]`` and ``unique == values[first]``."""
+    unique, inverse, counts = torch.unique_consecutive(
+        values, return_inverse=True, return_counts=True
+    )
+    first = counts.cumsum(0) - counts
+    return unique, first, inverse
+
+
+def _unique(values: torch.Tensor):
+    """:func:`_consecutive_unique` for repeats anywhere in ``values`` (K,)."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(len(values), device=values.device)
+    first = torch.full_like(unique, len(values)).scatter_reduce_(0, inverse, positions, "amin")
+    return unique, first, inverse
 
 
 def _concat(parts):

@@ -9,9 +9,14 @@ a real image, and say what they did.
 * SOLO: per class, ``cate_pred``'s weight and bias are rescaled so that, after point NMS, about
   ``nms_pre`` (cell, class) candidates in all, spread evenly over the classes, score between the
   score threshold and :data:`CATE_SCORE_MAX`; SOLO v1 / Decoupled mask convs are rescaled so that
-  every mask covers :data:`MASK_COVERAGE` of the image with sharp logits (SOLOv2's dynamic
-  kernels need nothing). The candidate count is read from the ``solo/num_candidates`` scalar the
-  post-processor writes into an active ``EventStorage``.
+  every mask covers :data:`MASK_COVERAGE` of the image with sharp logits. SOLOv2's random
+  dynamic kernels give masks that are noise fields over the whole image; with
+  ``mask_extent="objects"`` (:class:`ObjectMasks`) a forward hook on the head rewrites its
+  kernels and mask features in place, after the head has computed them, so that every cell's
+  mask is an object-sized ellipse near the cell, as a trained model's are (the paste and the
+  cropped masks then do a real image's work; the dynamic convolutions, Matrix NMS and the
+  head's own computation cost the same). The candidate count is read from the
+  ``solo/num_candidates`` scalar the post-processor writes into an active ``EventStorage``.
 * Mask R-CNN: RPN and box-regression deltas zeroed (proposals = anchors), with
   ``ROI_HEADS.SCORE_THRESH_TEST 0`` set by the caller: the ROI heads see the full
   ``POST_NMS_TOPK_TEST`` proposals and ``TEST.DETECTIONS_PER_IMAGE`` detections come out.
@@ -34,6 +39,9 @@ MASK_LOGIT_STD = 3.0  # spread of those masks' logits: maskness ~0.9, as a train
 CATE_SCORE_MAX = 0.9  # calibrated candidates score from the score threshold up to this
 ATTEMPTS = 5  # rounds of raising the candidate target until ~nms_pre pass the area filter too
 CANDIDATES_SCALAR = "solo/num_candidates"
+MASK_EXTENTS = ("objects", "image")  # SOLOv2 calibrated masks: object-sized, or the random fields
+OBJECT_SIDES = (0.05, 0.4)  # object ellipses' axes, fraction of the image's sides (log-uniform)
+OBJECT_LOGIT = 5.0  # their mask logits: +5 inside (probability 0.993), -5 outside
 
 
 def _logit(p: float) -> float:
@@ -110,6 +118,89 @@ def calibrate_masks(head: nn.Module, outputs) -> bool:
     return True
 
 
+class ObjectMasks:
+    """Forward hook of a SOLOv2 head making every cell's mask an object-sized ellipse.
+
+    Channel e of the mask features becomes an ellipse of logit +OBJECT_LOGIT (else
+    -OBJECT_LOGIT) with a seeded random centre inside the image and axes in
+    :data:`OBJECT_SIDES` of its sides; every cell's kernel becomes the one-hot vector (weight in
+    [1, 2], which varies the maskness) of the ellipse whose centre is nearest to the cell's
+    centre. Masks are then a real image's size and near their cell; cells sharing an ellipse have
+    the same mask, as neighbouring cells of one object do. Both rewrites are in place (no extra
+    memory) and cost one fill of the mask features.
+
+    Args:
+        image_size: (h, w) of the image inside the padded canvas, pixels.
+        seed: seeds the ellipses and the kernel weights.
+    """
+
+    def __init__(self, image_size: Sequence[int], seed: int = 0):
+        self.image_size = tuple(int(v) for v in image_size)
+        self.seed = seed
+
+    def __call__(self, module, inputs, outputs):
+        kernels, features = outputs.mask_outputs
+        gen = torch.Generator().manual_seed(self.seed)
+        channels, (h4, w4) = features.shape[1], features.shape[-2:]
+        h, w = self.image_size
+        centres = torch.rand((channels, 2), generator=gen, dtype=torch.float64) * torch.tensor(
+            [h, w], dtype=torch.float64
+        )
+        low, high = (math.log(v) for v in OBJECT_SIDES)
+        axes = torch.exp(low + (high - low) * torch.rand((channels, 2), generator=gen))
+        axes = axes.double() * torch.tensor([h, w], dtype=torch.float64) / 2
+        features.fill_(-OBJECT_LOGIT)
+        rows = (torch.arange(h4, dtype=torch.float64) + 0.5) * 4
+        cols = (torch.arange(w4, dtype=torch.float64) + 0.5) * 4
+        for e in range(channels):  # E small writes, each over its ellipse's box only
+            (cy, cx), (ay, ax) = centres[e].tolist(), axes[e].tolist()
+            r0, r1 = max(int((cy - ay) / 4), 0), min(int((cy + ay) / 4) + 2, h4)
+            c0, c1 = max(int((cx - ax) / 4), 0), min(int((cx + ax) / 4) + 2, w4)
+            dy = ((rows[r0:r1] - cy) / ay) ** 2
+            dx = ((cols[c0:c1] - cx) / ax) ** 2
+            inside = (dy[:, None] + dx[None, :]) <= 1
+            patch = torch.where(inside, OBJECT_LOGIT, -OBJECT_LOGIT).to(features)
+            features[:, e, r0:r1, c0:c1] = patch
+        for k in kernels:
+            s = k.shape[-1]
+            grid = (torch.arange(s, dtype=torch.float64) + 0.5) / s
+            cells = torch.stack(torch.meshgrid(grid * h, grid * w, indexing="ij"), dim=-1)
+            nearest = torch.cdist(cells.view(-1, 2), centres).argmin(dim=1).view(1, 1, s, s)
+            weights = 1 + torch.rand((1, 1, s, s), generator=gen)
+            k.zero_().scatter_(
+                1,
+                nearest.expand(len(k), 1, s, s).to(k.device),
+                weights.expand(len(k), 1, s, s).to(k),
+            )
+        return None
+
+
+def add_object_masks(model: nn.Module, image_size: Sequence[int], seed: int = 0):
+    """Register :class:`ObjectMasks` on ``model.head`` when its masks come from dynamic kernels
+    (SOLOv2); returns the hook's handle, or None for heads with mask convs (calibrated by
+    :func:`calibrate_masks`)."""
+    if model.head.prediction_layers().masks:
+        return None
+    return model.head.register_forward_hook(ObjectMasks(image_size, seed))
+
+
+def mask_extent_report(model: nn.Module, batched: List[dict]) -> dict:
+    """Mean, min and max fraction of the image covered by the output masks of one inference."""
+    with torch.no_grad():
+        instances = model(batched[:1])[0]["instances"]
+    if not len(instances):
+        return {"instances": 0}
+    masks = instances.pred_masks
+    masks = masks.tensor if hasattr(masks, "tensor") else masks
+    covered = masks.flatten(1).float().mean(dim=1)
+    return {
+        "instances": len(instances),
+        "mean_area_fraction": round(float(covered.mean()), 4),
+        "min_area_fraction": round(float(covered.min()), 4),
+        "max_area_fraction": round(float(covered.max()), 4),
+    }
+
+
 def count_candidates(model: nn.Module, batched: List[dict]) -> Tuple[int, int]:
     """(candidates before ``nms_pre`` in image 0, instances out) of one inference, the former
     read from the post-processor's ``solo/num_candidates`` event-storage scalar."""
@@ -125,18 +216,29 @@ def count_candidates(model: nn.Module, batched: List[dict]) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def calibrate_solo(model: nn.Module, batched: List[dict]) -> dict:
+def calibrate_solo(model: nn.Module, batched: List[dict], mask_extent: str = "image") -> dict:
     """Calibrate a random-weight SOLO ``model`` (eval mode) on ``batched[0]`` so that about
     ``nms_pre`` candidates reach NMS and about ``max_per_image`` instances come out.
 
+    ``mask_extent`` (:data:`MASK_EXTENTS`): SOLOv2's masks as object-sized ellipses
+    (:class:`ObjectMasks`, a hook left on the head) or as its random kernels make them
+    ("image": fields over the whole image). SOLO v1 / Decoupled masks cover
+    :data:`MASK_COVERAGE` either way.
+
     Returns:
         what was done: ``candidates_before_nms`` (= min(candidates, nms_pre)),
-        ``instances_out``, and the settings.
+        ``instances_out``, the output masks' area fractions and the settings.
     Raises:
         RuntimeError: when the post-processor records no candidate count.
+        ValueError: an unknown ``mask_extent``.
     """
+    if mask_extent not in MASK_EXTENTS:
+        raise ValueError(f"mask_extent={mask_extent!r} is not one of {MASK_EXTENTS}.")
     post, head = model.postprocessor, model.head
     images = model.preprocess_image(batched[:1])
+    hook = None
+    if mask_extent == "objects":
+        hook = add_object_masks(model, images.image_sizes[0])
     features = model.backbone(images.tensor)
     head_inputs = [features[f] for f in model.head_in_features]
     outputs = head(head_inputs)
@@ -168,8 +270,14 @@ def calibrate_solo(model: nn.Module, batched: List[dict]) -> dict:
         "masks": (
             {"mask_coverage": MASK_COVERAGE, "mask_logit_std": MASK_LOGIT_STD}
             if masks_calibrated
-            else "unchanged (SOLOv2: dynamic kernels)"
+            else (
+                {"objects": "one ellipse per mask-feature channel", "sides": OBJECT_SIDES}
+                if hook is not None
+                else "unchanged (SOLOv2: random dynamic kernels, fields over the whole image)"
+            )
         ),
+        "mask_extent": mask_extent,
+        "output_masks": mask_extent_report(model, batched),
     }
 
 

@@ -93,8 +93,10 @@ class SOLOv2Head(SOLOHeadBase):
         offsets = [0]
         for k in kernels:
             offsets.append(offsets[-1] + k.shape[-2] * k.shape[-1])
-        all_kernels = torch.cat([k[image].flatten(1) for k in kernels], dim=1)  # (E, sum S^2)
-        selected = all_kernels[:, cells + cells.new_tensor(offsets[:-1])[levels]].t()
+        all_kernels = torch.cat([k[image].flatten(1) for k in kernels], dim=1).t()  # (sum S^2, E)
+        # Rows gathered into a contiguous (K, E) operand: the product is faster than on a
+        # transposed view.
+        selected = all_kernels[cells + cells.new_tensor(offsets[:-1])[levels]]
         features = mask_features[image]
         logits = selected @ features.flatten(1)
         probs = logits.view(-1, *features.shape[-2:]).sigmoid_()  # in place: a fresh product
