@@ -181,6 +181,25 @@ def test_new_backbone_exports_to_onnx_with_the_eager_predictions(config_file, tm
     assert len(expected) > 0 and compare_predictions(expected, actual) == []
 
 
+def test_mobilenet_v3_with_frozen_bn_exports_to_onnx_with_the_eager_predictions(tmp_path):
+    """The COCO MobileNetV3 config (FrozenBN, FREEZE_AT 2) at two sizes other than the sample's.
+    Seeded random FrozenBN statistics: identity ones shrink the features to ties."""
+    pytest.importorskip("onnxruntime")
+    model = small_model("SOLOv2/Light_448_MobileNetV3_3x.yaml")
+    assert any(type(m) is FrozenBatchNorm2d for m in model.backbone.modules())
+    _randomise_norms(model, seed=2)
+    force_candidates(model)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randint(0, 256, (3, 97, 133), generator=generator).to(torch.uint8)
+    exported = ExportedModel(export_model(model, "onnx", str(tmp_path), sample, 1500))
+    for size in [(128, 96), (75, 150)]:
+        image = torch.randint(0, 256, (3, *size), generator=generator).to(torch.uint8)
+        (expected,) = predict(model, [image])
+        (actual,) = [r["instances"] for r in exported([{"image": image}])]
+        assert len(expected) > 0 and compare_predictions(expected, actual) == [], size
+
+
 def test_levels_the_head_cannot_find_are_named_with_the_key_to_set():
     opts = SMALL + ["MODEL.SOLO.IN_FEATURES", "['s1', 's2', 's3', 's4', 's5']"]
     with pytest.raises(ValueError, match=r"MODEL.SOLO.IN_FEATURES .*'s1'.*outputs \['p2', 'p3'"):

@@ -28,7 +28,9 @@ Public API (``from solo.export import ...``)::
 
 What is in the graph (batch 1, dynamic H and W): normalisation, padding (bottom/right, to the
 backbone's size divisibility and at least ``min_blocks`` times it, with the 0 that the eager
-model pads normalised images with: the same function), backbone, head, and the fixed-size path
+model pads normalised images with: the same function; a backbone with square padding, ViTDet's
+``square_pad``, gets every image padded to that square, and ``ExportedModel`` refuses larger
+images, which the eager model would crop), backbone, head, and the fixed-size path
 of ``SOLOPostProcessor``: point NMS, the
 top K0 (cell, class) scores with a validity mask (the official multi-label candidates), the masks
 of those K0 only, area filter and maskness by masking, the top ``NMS_PRE``, Matrix NMS as matrix
@@ -54,6 +56,11 @@ model's canvas, exactly). With a torch that cannot export sizes obliviously (see
 ``formats.MIN_BLOCKS``) programs pad to 3 blocks where the eager model pads to 2, and images
 with a side of at most 2 blocks are refused with the reason instead of giving other results.
 Files of version 1 (the graph took an input padded outside it) still load and run.
+
+Backbones whose Detectron2 code freezes the sample's sizes into a trace
+(:mod:`solo.export.traceable`): MViTv2's attention is replaced, in the exported copy, by one
+computing the same values from traced sizes; ViT exports only with square padding and MViTv2
+only without absolute position embeddings (others are refused, naming the setting to use).
 
 Tracing or exporting the eager ``SOLO`` model itself (``torch.jit.trace``, Detectron2's
 ``TracingAdapter``, ``torch.onnx.export``, ``torch.export``) raises an error that points here:

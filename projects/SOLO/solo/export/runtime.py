@@ -123,6 +123,8 @@ class ExportedModel:
         self.mask_thresh = self.metadata["mask_thresh"]
         self.max_candidates = self.metadata["max_candidates"]
         self.min_blocks = self.metadata["min_blocks"]
+        # The side every image is padded to (a backbone with square padding: ViTDet), else 0.
+        self.square_side = self.metadata.get("square_side", 0)
         # Version 1 files take an input padded outside the graph and record no input range.
         self.pads_in_graph = self.metadata["version"] >= 2
         self.input_range = self.metadata.get("input") or _version1_input_range(self.metadata)
@@ -229,13 +231,22 @@ class ExportedModel:
         padded canvas. Version 1 files take the input padded (:func:`pad_image`).
 
         Raises:
-            ExportError: a side outside what the file can run exactly (``torch.export``
-                programs: at most MAX_SIDE pixels; version 1 programs also at least
-                MIN_BLOCKS - 1 blocks plus one pixel), named before the program's own guard.
+            ExportError: a side outside what the file can run exactly (a backbone with square
+                padding: at most its square; ``torch.export`` programs: at most MAX_SIDE
+                pixels; version 1 programs also at least MIN_BLOCKS - 1 blocks plus one pixel),
+                named before the program's own guard.
         """
         h, w = image.shape[-2:]
         d, low = self.size_divisibility, self.input_range.get("min_side") or 1
         high = self.input_range.get("max_side")
+        side = self.square_side
+        if side and max(h, w) > side:
+            raise ExportError(
+                f"{self.path} pads every image to {side}x{side} (its backbone's square padding, "
+                f"e.g. ViTDet's square_pad); got a {h}x{w} image, which the eager model would "
+                f"crop to {side}x{side}. Resize it to a long side of at most {side} pixels (the "
+                "config's test resizing, max_size, does), or re-export with a larger square_pad."
+            )
         if high and max(h, w) > high:
             raise ExportError(
                 f"{self.path} ({self.format}) takes images with sides up to {high} pixels "
@@ -251,11 +262,14 @@ class ExportedModel:
         x = image.float()
         if min(h, w) < low:
             x = pad_image(x, self.pixel_mean, 1, low)[0]
-            if self._padded(*x.shape[-2:]) != padded_size(h, w, d, EAGER_MIN_BLOCKS * d):
+            eager = self._padded(h, w) if side else padded_size(h, w, d, EAGER_MIN_BLOCKS * d)
+            if self._padded(*x.shape[-2:]) != eager:
                 raise ExportError(_too_small(self.path, h, w, low, d))
         return x[None], self._padded(*x.shape[-2:])
 
     def _padded(self, h: int, w: int) -> Tuple[int, int]:
+        if self.square_side:
+            return self.square_side, self.square_side
         return padded_size(h, w, self.size_divisibility, self.min_blocks * self.size_divisibility)
 
     def run_graph(self, graph_input: torch.Tensor) -> Tuple[torch.Tensor, ...]:

@@ -23,8 +23,9 @@ from .formats import (
     SEMANTIC_OUTPUT,
     ExportError,
 )
-from .module import SOLOExportModule
+from .module import SOLOExportModule, square_canvas
 from .runtime import pad_image
+from .traceable import check_traceable_backbone, replace_mvit_attention_for_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ def _metadata(model, module: SOLOExportModule, cfg, fmt: str, torch_export: bool
     input_format = getattr(model, "input_format", "BGR")
     # torch.export programs: the range of their dynamic shapes (_dynamic_shapes).
     min_side = (EXPORT_MIN_BLOCKS - 1) * d + 1 if torch_export else 1
+    side = module.square_side
+    padded_to = f"a multiple of {d} pixels, at least {module.min_blocks * d}"
+    if side:
+        padded_to = f"{side} x {side} (the backbone's square padding); larger images refused"
     return {
         "version": METADATA_VERSION,
         "format": fmt,
@@ -77,12 +82,13 @@ def _metadata(model, module: SOLOExportModule, cfg, fmt: str, torch_export: bool
             "dtype": "float32",
             "pixels": f"{input_format}, 0-255, not normalised",
             "min_side": min_side,
-            "max_side": MAX_SIDE if torch_export else None,
+            "max_side": side or (MAX_SIDE if torch_export else None),
         },
+        "square_side": side,
         "padding": {
             "where": "in the graph",
             "sides": "bottom and right",
-            "to": f"a multiple of {d} pixels, at least {module.min_blocks * d}",
+            "to": padded_to,
             "value": "0 after normalisation (the pixel mean before)",
         },
         "outputs": {
@@ -132,7 +138,9 @@ def export_model(
 
     Raises:
         ExportError: unknown ``fmt``, greedy mask NMS, missing ``onnx``/``onnxscript`` for ONNX,
-            or a DCN model to ONNX (ONNX Runtime has no deformable convolution: use ``pt2``).
+            a DCN model to ONNX (ONNX Runtime has no deformable convolution: use ``pt2``), or
+            a backbone that cannot export exactly (:mod:`solo.export.traceable`: ViT without
+            square padding, MViTv2 with absolute position embeddings).
         CheckpointMismatchError: MODEL.WEIGHTS does not fit the model built from the config.
     """
     if fmt not in EXPORT_FORMATS:
@@ -142,6 +150,8 @@ def export_model(
     if max_candidates is None:
         max_candidates = model.postprocessor.nms_pre
     uses_torch_export = fmt == "pt2" or (fmt == "onnx" and dynamo)
+    check_traceable_backbone(model.backbone, square_canvas(model.backbone))
+    replace_mvit_attention_for_tracing(model.backbone)  # model is our copy
     # torch.export programs take sides of more than EXPORT_MIN_BLOCKS - 1 blocks
     # (_dynamic_shapes), so rounding up to the size divisibility already reaches the minimum;
     # their symbolic shapes could not prove a further max() with it away.
@@ -156,6 +166,8 @@ def export_model(
         generator = torch.Generator().manual_seed(0)
         sample_image = torch.randint(0, 256, (3, 320, 320), generator=generator)
     x = sample_image.float()[None]
+    if module.square_side:  # the graph takes images up to the square
+        x = x[..., : module.square_side, : module.square_side]
     if uses_torch_export:  # the sample must lie in the program's input range
         x = _fit_sample(x, module)
     os.makedirs(output_dir, exist_ok=True)
@@ -185,18 +197,23 @@ def _size_oblivious():
     return contextlib.nullcontext()
 
 
+def _max_side(module: SOLOExportModule) -> int:
+    """A torch.export program's largest input side: MAX_SIDE, or the backbone's square."""
+    return module.square_side or MAX_SIDE
+
+
 def _dynamic_shapes(module: SOLOExportModule):
     low = (EXPORT_MIN_BLOCKS - 1) * module.size_divisibility + 1
-    h = torch.export.Dim("height", min=low, max=MAX_SIDE)
-    w = torch.export.Dim("width", min=low, max=MAX_SIDE)
+    h = torch.export.Dim("height", min=low, max=_max_side(module))
+    w = torch.export.Dim("width", min=low, max=_max_side(module))
     return {"image": {2: h, 3: w}}
 
 
 def _fit_sample(x: torch.Tensor, module: SOLOExportModule) -> torch.Tensor:
-    """The sample cropped to MAX_SIDE and padded with the pixel mean to the smallest side a
+    """The sample cropped to the largest and padded with the pixel mean to the smallest side a
     torch.export program takes (the exported program does not depend on the sample's size)."""
     low = (EXPORT_MIN_BLOCKS - 1) * module.size_divisibility + 1
-    x = x[..., :MAX_SIDE, :MAX_SIDE]
+    x = x[..., : _max_side(module), : _max_side(module)]
     return pad_image(x[0], module.pixel_mean, 1, low)
 
 
