@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import sys
 import tempfile
 import warnings
@@ -24,11 +25,13 @@ from solo.utils.benchmark_calibration import MASK_EXTENTS
 from solo.utils.benchmark_parts import (
     EXPORT_FORMATS,
     benchmark_cfg,
+    benchmark_image,
     data_loader_seconds,
     describe_model,
     export_for_runtime,
     inference_parts,
     train_dataset_names,
+    trained_weights,
 )
 from solo.utils.cli import add_opts_argument, parse_args
 from solo.utils.measure import (
@@ -87,6 +90,13 @@ def get_parser() -> argparse.ArgumentParser:
         "cropped); both: each in its own process, peak memory and times compared",
     )
     parser.add_argument(
+        "--image",
+        metavar="FILE",
+        help="inference: time this image (read in the config's INPUT.FORMAT, resized to "
+        "--input-size) instead of a synthetic one; with MODEL.WEIGHTS among the overrides, a "
+        "trained model is timed as it is, without calibration",
+    )
+    parser.add_argument(
         "--mask-extent",
         choices=MASK_EXTENTS,
         default=None,
@@ -115,11 +125,23 @@ def check_args(args: argparse.Namespace):
         raise SystemExit(
             f"--runtime {' '.join(args.runtime)} times inference only; use --task inference."
         )
+    if args.image is not None and args.task != "inference":
+        raise SystemExit(f"--image {args.image} concerns inference only; use --task inference.")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise SystemExit(f"--image {args.image}: no such file.")
     if args.mask_extent is not None and args.task != "inference":
         raise SystemExit(
             f"--mask-extent {args.mask_extent} concerns inference only; use --task inference."
         )
-    if args.mask_extent is None:
+    weights = trained_weights(args.opts)
+    if weights and args.mask_extent is not None:
+        raise SystemExit(
+            f"--mask-extent {args.mask_extent} with MODEL.WEIGHTS {weights}: a trained model is "
+            "timed as it is, without calibration; drop --mask-extent."
+        )
+    if weights:
+        args.mask_extent = None
+    elif args.mask_extent is None:
         args.mask_extent = "image" if args.runtime else "objects"
     if args.mask_extent == "objects" and args.runtime:
         raise SystemExit(
@@ -150,7 +172,9 @@ class Job:
     seed: int
     conv_gflops_per_s: Optional[float]
     runtime: str = "pytorch"  # or an exported model's runtime (solo.export)
-    mask_extent: str = "objects"  # SOLOv2 calibrated masks (solo.utils.benchmark_calibration)
+    # SOLOv2 calibrated masks (solo.utils.benchmark_calibration); None: trained weights
+    mask_extent: Optional[str] = "objects"
+    image: Optional[str] = None  # a real image instead of make_image's synthetic one
 
 
 @dataclass
@@ -174,7 +198,8 @@ class Report:
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
     masks: str = "dense"  # --masks; "both": models["ours_cropped"] next to models["ours"]
-    mask_extent: str = "objects"  # --mask-extent: SOLOv2's calibrated masks
+    mask_extent: Optional[str] = "objects"  # --mask-extent; None: trained weights (no calibration)
+    image: Optional[str] = None  # --image
     masks_ratios: Optional[Dict[str, float]] = None  # ours_cropped / ours, every figure
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
@@ -193,12 +218,30 @@ def model_info(job: Job, cfg, model) -> dict:
 
 
 def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
-    from solo.utils.benchmark_calibration import calibrate_mask_rcnn, calibrate_solo
+    from solo.utils.benchmark_calibration import (
+        calibrate_mask_rcnn,
+        calibrate_solo,
+        count_candidates,
+    )
 
     h, w = job.input_size
-    batched = [{"image": make_image(h, w, job.seed), "height": h, "width": w}]
+    if job.image:
+        image = benchmark_image(job.image, cfg.INPUT.FORMAT, job.input_size)
+    else:
+        image = make_image(h, w, job.seed)
+    batched = [{"image": image, "height": h, "width": w}]
     if job.model == "mask_rcnn":
         calibration = calibrate_mask_rcnn(model, batched)
+    elif cfg.MODEL.WEIGHTS:  # a trained model does its own work
+        candidates, instances = count_candidates(model, batched)
+        calibration = {
+            "calibrated": False,
+            "weights": cfg.MODEL.WEIGHTS,
+            "candidates": candidates,
+            "candidates_before_nms": min(candidates, model.postprocessor.nms_pre),
+            "instances_out": instances,
+            "nms_pre": model.postprocessor.nms_pre,
+        }
     else:
         calibration = calibrate_solo(model, batched, job.mask_extent)
     if job.runtime != "pytorch":
@@ -357,6 +400,8 @@ def run_job(job: Job) -> dict:
     """Build one model and run one task on it: the measuring process's entry point."""
     from detectron2.modeling import build_model
 
+    from solo.checkpoint.inference import build_inference_model
+
     setup_logging()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
@@ -366,7 +411,10 @@ def run_job(job: Job) -> dict:
         if job.task == "data":
             return {**model_info(job, cfg, None), **run_data(job, cfg, memory)}
         torch.manual_seed(job.seed)
-        model = build_model(cfg).eval()  # random weights: nothing is loaded
+        if cfg.MODEL.WEIGHTS:  # a trained model (MODEL.WEIGHTS on the command line)
+            model = build_inference_model(cfg)
+        else:
+            model = build_model(cfg).eval()  # random weights: nothing is loaded
         run_task = run_inference if job.task == "inference" else run_train
         return {**model_info(job, cfg, model), **run_task(job, cfg, model, memory)}
     finally:
@@ -420,7 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.threads,
             tuple(args.input_size), args.batch_size, args.repeats, args.warmup,
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
-            exported.get(name, "pytorch"), args.mask_extent,
+            exported.get(name, "pytorch"), args.mask_extent, args.image,
         )  # fmt: skip
         # A fresh spawn process per model: its own peak memory and CUDA context (a failure there
         # is raised here). Not for data: loader workers forked from it abort at shutdown.
@@ -459,6 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         models=models,
         masks=args.masks,
         mask_extent=args.mask_extent,
+        image=args.image,
         masks_ratios=compute_ratios(models[cropped], models["ours"]) if cropped else None,
     )
     print(format_table(report))

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 import solo.utils.benchmark_calibration
 import solo.utils.benchmark_parts
-from helpers import REPO_ROOT, load_script, tiny_cfg
+from helpers import REPO_ROOT, force_candidates, load_script, tiny_cfg
 from solo.modeling.nms import points_nms
 from solo.utils.measure import POSTPROCESS_STAGES
 
@@ -398,6 +399,63 @@ def test_object_masks_leave_solo_v1_and_decoupled_masks_to_their_coverage_calibr
 def test_mask_extent_is_refused_where_it_cannot_apply(benchmark, args, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(["--config-file", TINY_CONFIG, *args])
+
+
+def test_trained_weights_are_timed_as_they_are_on_a_real_image(benchmark, tmp_path):
+    """MODEL.WEIGHTS among the overrides: the checkpoint is loaded (strictly) and timed without
+    calibration, on the --image given; the report's counts are that model's own."""
+    import cv2
+
+    cfg = solo.utils.benchmark_parts.benchmark_cfg(
+        "ours", "inference", str(REPO_ROOT / TINY_CONFIG), [], "cpu"
+    )
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    force_candidates(model)  # instances to count (random weights give none)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    image = benchmark.make_image(96, 128, seed=5)
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), image.permute(1, 2, 0).numpy()[:, :, ::-1])  # RGB config: BGR file
+    report = run(benchmark, tmp_path, "--task", "inference", "--image", str(path),
+                 "MODEL.WEIGHTS", str(weights))  # fmt: skip
+    ours = report["models"]["ours"]
+    with EventStorage() as storage:
+        with torch.no_grad():
+            (out,) = model([{"image": image, "height": 96, "width": 128}])
+        candidates = storage.histories()["solo/num_candidates"].latest()
+    assert ours["calibration"]["calibrated"] is False
+    assert ours["calibration"]["weights"] == str(weights)
+    assert ours["calibration"]["instances_out"] == len(out["instances"]) > 0
+    assert ours["calibration"]["candidates"] == round(candidates)
+    assert report["image"] == str(path) and report["mask_extent"] is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.png"], "--image missing.png: no such file"),
+        (["--task", "train", "--image", TINY_CONFIG], "concerns inference only"),
+        (["--mask-extent", "image", "MODEL.WEIGHTS", "model.pth"], "timed as it is"),
+    ],
+    ids=["missing_image", "image_for_training", "mask_extent_with_weights"],
+)
+def test_image_and_weights_options_are_refused_where_they_cannot_apply(benchmark, args, message):
+    with pytest.raises(SystemExit, match=message):
+        benchmark.main(["--config-file", TINY_CONFIG, *args])
+
+
+def test_trained_weights_for_training_are_refused_naming_the_task():
+    config = str(REPO_ROOT / TINY_CONFIG)
+    with pytest.raises(ValueError, match="trained weights are timed in inference only"):
+        solo.utils.benchmark_parts.benchmark_cfg(
+            "ours", "train", config, ["MODEL.WEIGHTS", "model.pth"], "cpu"
+        )
+    # A config file's own MODEL.WEIGHTS (an ImageNet initialisation) is not loaded.
+    cfg = solo.utils.benchmark_parts.benchmark_cfg(
+        "ours", "train", str(REPO_ROOT / "configs/SOLOv2/R50_3x.yaml"), [], "cpu"
+    )
+    assert cfg.MODEL.WEIGHTS == ""
 
 
 def test_benchmark_refuses_test_time_augmentation_instead_of_timing_one_view():

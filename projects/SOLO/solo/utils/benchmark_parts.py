@@ -4,19 +4,23 @@ per-call times kept."""
 
 import functools
 import logging
+import numpy as np
 import os
 from typing import Callable, Dict, List, Sequence, Tuple
+import torch
 
 from .measure import count_gflops
 
 __all__ = [
     "EXPORT_FORMATS",
     "benchmark_cfg",
+    "benchmark_image",
     "data_loader_seconds",
     "describe_model",
     "export_for_runtime",
     "inference_parts",
     "train_dataset_names",
+    "trained_weights",
 ]
 
 logger = logging.getLogger("benchmark")
@@ -44,7 +48,13 @@ RUNTIME_OPTIONS = {
 
 def benchmark_cfg(model: str, task: str, config_file: str, opts: Sequence[str], device: str):
     """The config of ``model`` "ours" (``config_file`` + ``opts``) or "mask_rcnn" (Detectron2's
-    model zoo, every detection kept; for ``task`` "data" ours' input pipeline), random weights."""
+    model zoo, every detection kept; for ``task`` "data" ours' input pipeline). Random weights,
+    except ours' ``MODEL.WEIGHTS`` given in ``opts`` for inference (a trained model, timed as it
+    is).
+
+    Raises:
+        ValueError: test-time augmentation; trained weights for training or data loading.
+    """
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -67,9 +77,45 @@ def benchmark_cfg(model: str, task: str, config_file: str, opts: Sequence[str], 
                 "TEST.AUG.ENABLED True: the benchmark times single-view inference (test-time "
                 "augmentation is not timed); set TEST.AUG.ENABLED False."
             )
-    cfg.MODEL.WEIGHTS = ""
+        weights = trained_weights(opts)
+        if weights and task != "inference":
+            raise ValueError(
+                f"MODEL.WEIGHTS {weights}: trained weights are timed in inference only "
+                "(training and data loading cost the same with random weights); use --task "
+                "inference or drop MODEL.WEIGHTS."
+            )
+    # Random weights (calibrated, solo.utils.benchmark_calibration), also instead of a config
+    # file's ImageNet initialisation; only MODEL.WEIGHTS given on the command line is loaded.
+    cfg.MODEL.WEIGHTS = trained_weights(opts) if model != "mask_rcnn" else ""
     cfg.MODEL.DEVICE = device
     return cfg
+
+
+def trained_weights(opts: Sequence[str]) -> str:
+    """The last ``MODEL.WEIGHTS`` value of command-line ``opts`` (KEY VALUE pairs), or ""."""
+    pairs = list(opts)
+    values = [pairs[i + 1] for i in range(0, len(pairs) - 1, 2) if pairs[i] == "MODEL.WEIGHTS"]
+    return str(values[-1]) if values else ""
+
+
+def benchmark_image(path: str, image_format: str, size: Sequence[int]) -> torch.Tensor:
+    """``path`` read as a (3, H, W) uint8 tensor in ``image_format`` (the model's
+    ``INPUT.FORMAT``), resized to ``size`` (H, W) when it differs (bilinear, as OpenCV does).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+    """
+    import cv2
+
+    from detectron2.data.detection_utils import read_image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path}: no such file.")
+    image = read_image(path, format=image_format)
+    h, w = (int(v) for v in size)
+    if image.shape[:2] != (h, w):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def describe_model(model: str, config_file: str, cfg, module) -> dict:
