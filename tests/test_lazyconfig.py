@@ -247,8 +247,8 @@ def randomise_relative_positions(model, seed=0):
 def test_transformer_backbone_exports_to_onnx_with_the_eager_predictions(name, tmp_path):
     """ViTDet, Swin-T and MViTv2 export exactly: at two image sizes other than the sample's, the
     ONNX file gives the eager predictions. ViTDet's graph pads every image to its square
-    (square_pad, so all shapes in ViT are constants), and refuses larger images, which the
-    eager model would crop; MViTv2's attention is replaced by one computing its reshapes and
+    (square_pad, so all shapes in ViT are constants), and refuses larger images, as the eager
+    model does; MViTv2's attention is replaced by one computing its reshapes and
     relative positions from the traced sizes (solo.export.traceable)."""
     pytest.importorskip("timm")
     pytest.importorskip("onnxruntime")
@@ -274,6 +274,22 @@ def test_transformer_backbone_exports_to_onnx_with_the_eager_predictions(name, t
     if name == "SOLOv2/ViTDet_B_3x.py":
         with pytest.raises(ExportError, match=r"pads every image to 128x128.*got a 129x96"):
             exported([{"image": torch.zeros(3, 129, 96, dtype=torch.uint8)}])
+
+
+def test_eager_vitdet_refuses_an_image_larger_than_its_square_instead_of_cropping_it():
+    """Detectron2's ImageList crops a single image larger than square_size (silently wrong
+    masks) and fails on a batch: the model refuses both, naming the sizes and the fix."""
+    pytest.importorskip("timm")
+    name = "SOLOv2/ViTDet_B_3x.py"
+    model = instantiate(lazy_cfg(name, SMALL_HEAD + SMALL_TRANSFORMERS[name]).model).eval()
+    small = {"image": torch.zeros(3, 128, 96, dtype=torch.uint8)}
+    large = {"image": torch.zeros(3, 96, 129, dtype=torch.uint8)}
+    with torch.no_grad():
+        assert model([small])[0]["instances"].image_size == (128, 96)
+        for batch, index in [([large], 0), ([small, large], 1)]:
+            message = rf"batched_inputs\[{index}\]\['image'\] is 96x129, larger than the 128x128"
+            with pytest.raises(ValueError, match=message + r".*longer side is at most 128"):
+                model(batch)
 
 
 def test_vit_without_square_padding_is_refused_at_export_naming_square_pad(tmp_path):

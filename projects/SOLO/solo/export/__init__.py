@@ -30,7 +30,7 @@ What is in the graph (batch 1, dynamic H and W): normalisation, padding (bottom/
 backbone's size divisibility and at least ``min_blocks`` times it, with the 0 that the eager
 model pads normalised images with: the same function; a backbone with square padding, ViTDet's
 ``square_pad``, gets every image padded to that square, and ``ExportedModel`` refuses larger
-images, which the eager model would crop), backbone, head, and the fixed-size path
+images, as the eager model does), backbone, head, and the fixed-size path
 of ``SOLOPostProcessor``: point NMS, the
 top K0 (cell, class) scores with a validity mask (the official multi-label candidates), the masks
 of those K0 only, area filter and maskness by masking, the top ``NMS_PRE``, Matrix NMS as matrix

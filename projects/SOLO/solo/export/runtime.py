@@ -243,8 +243,8 @@ class ExportedModel:
         if side and max(h, w) > side:
             raise ExportError(
                 f"{self.path} pads every image to {side}x{side} (its backbone's square padding, "
-                f"e.g. ViTDet's square_pad); got a {h}x{w} image, which the eager model would "
-                f"crop to {side}x{side}. Resize it to a long side of at most {side} pixels (the "
+                f"e.g. ViTDet's square_pad); got a {h}x{w} image, which the eager model refuses "
+                f"too. Resize it to a long side of at most {side} pixels (the "
                 "config's test resizing, max_size, does), or re-export with a larger square_pad."
             )
         if high and max(h, w) > high:

@@ -185,7 +185,8 @@ class SOLO(nn.Module):
         return images
 
     def _checked_image(self, inputs: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
-        """``inputs["image"]``, which must be a (3, H, W) tensor (Detectron2's readers give one)."""
+        """``inputs["image"]``, which must be a (3, H, W) tensor (Detectron2's readers give one),
+        no larger than the square of a backbone with square padding (ViTDet)."""
         image = inputs.get("image") if isinstance(inputs, dict) else None
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
         if shape is None or len(shape) != 3 or shape[0] != 3 or 0 in shape:
@@ -195,6 +196,16 @@ class SOLO(nn.Module):
                 f"INPUT.FORMAT={self.input_format!r}. Permute an (H, W, C) image with "
                 "torch.as_tensor(image.transpose(2, 0, 1)); read files with solo.data.read_image, "
                 "which converts grayscale and RGBA images."
+            )
+        square = (self.backbone.padding_constraints or {}).get("square_size", 0)
+        if square and max(shape[1:]) > square:
+            # Detectron2's ImageList would crop a single image and fail on a batch.
+            raise ValueError(
+                f"batched_inputs[{index}]['image'] is {shape[1]}x{shape[2]}, larger than the "
+                f"{square}x{square} square every image is padded to by this backbone (square_pad "
+                "/ padding_constraints['square_size']). Resize it so that its longer side is at "
+                f"most {square} (the config's test resize, e.g. ResizeShortestEdge with max_size "
+                f"{square}, does)."
             )
         return image
 

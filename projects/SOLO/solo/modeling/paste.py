@@ -86,7 +86,11 @@ def paste_masks(
         out = torch.empty((len(probs), *output_size), dtype=torch.bool, device=probs.device)
         boxes = [torch.zeros((0, 4), device=probs.device)]
         for start, values in _full_values(probs, padded_size, image_size, output_size, chunk_size):
-            part = torch.gt(values, mask_thresh, out=out[start : start + len(values)])
+            part = out[start : start + len(values)]
+            if values.shape == part.shape:
+                torch.gt(values, mask_thresh, out=part)
+            else:  # an image larger than the canvas: ATen's shape error, not a resized view
+                part[:] = values > mask_thresh
             boxes.append(masks_to_boxes(part).tensor)
         return out, Boxes(torch.cat(boxes))
     if plan is None:
