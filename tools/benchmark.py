@@ -80,7 +80,8 @@ def get_parser() -> argparse.ArgumentParser:
         default=["pytorch"],
         metavar="RUNTIME",
         help="inference: also time ours exported to these runtimes (solo.export), each in its "
-        f"own process, next to eager in the same run; any of {', '.join(EXPORT_FORMATS)}",
+        f"own process, next to eager in the same run; any of {', '.join(EXPORT_FORMATS)} "
+        "(pytorch: eager only, always measured)",
     )
     parser.add_argument(
         "--masks",
@@ -108,7 +109,26 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_image(path: str):
+    """Refuse an --image that is not a readable image file, naming why."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        what = "a directory" if os.path.isdir(path) else "no such file"
+        raise SystemExit(f"--image {path}: {what}; give an image file.")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # noqa: B902 - PIL raises several types for unreadable files
+        raise SystemExit(f"--image {path}: not a readable image ({type(e).__name__}: {e}).")
+
+
 def check_args(args: argparse.Namespace):
+    if args.config_file.endswith(".py"):
+        raise SystemExit(
+            f"--config-file {args.config_file} is a LazyConfig (Python) file; the benchmark reads "
+            "YAML configs (the transformer backbones, LazyConfig-only, are not benchmarked by it)."
+        )
     if args.repeats is None:
         args.repeats = DEFAULT_REPEATS[args.task]
     if min(args.input_size) < 32 or args.batch_size < 1 or args.threads < 1:
@@ -127,13 +147,21 @@ def check_args(args: argparse.Namespace):
         )
     if args.image is not None and args.task != "inference":
         raise SystemExit(f"--image {args.image} concerns inference only; use --task inference.")
-    if args.image is not None and not os.path.isfile(args.image):
-        raise SystemExit(f"--image {args.image}: no such file.")
+    if args.image is not None:
+        check_image(args.image)
     if args.mask_extent is not None and args.task != "inference":
         raise SystemExit(
             f"--mask-extent {args.mask_extent} concerns inference only; use --task inference."
         )
     weights = trained_weights(args.opts)
+    if weights and args.task != "inference":
+        raise SystemExit(
+            f"MODEL.WEIGHTS {weights}: trained weights are timed in inference only (training and "
+            "data loading cost the same with random weights); use --task inference or drop "
+            "MODEL.WEIGHTS."
+        )
+    if weights and not os.path.isfile(weights):
+        raise SystemExit(f"MODEL.WEIGHTS {weights}: no such file (give a trained checkpoint).")
     if weights and args.mask_extent is not None:
         raise SystemExit(
             f"--mask-extent {args.mask_extent} with MODEL.WEIGHTS {weights}: a trained model is "
@@ -281,11 +309,18 @@ def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTrac
     memory.start()
     latency = {"total": stats(timed(lambda: exported(batched), job))}
     memory_report = memory.report()
+    from solo.utils.benchmark_calibration import mask_extent_report
+
+    # The exported model's own counts and masks; the rest describes the calibration it shares.
+    masks = mask_extent_report(exported, batched)
+    candidates = exported.last_num_candidates[0]
     calibration = {
         **calibration,
-        "instances_out": len(exported(batched)[0]["instances"]),
-        "candidates": exported.last_num_candidates[0],
+        "instances_out": masks["instances"],
+        "candidates": candidates,
+        "candidates_before_nms": min(candidates, calibration["nms_pre"]),
         "max_candidates": exported.max_candidates,  # K0 of the graph
+        "output_masks": masks,
     }
     return {
         "runtime": job.runtime,
@@ -451,6 +486,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(get_parser(), argv)
     check_args(args)
     setup_logging()
+    weights = trained_weights(args.opts)
+    if weights and args.compare:
+        logger.info(
+            f"--compare {args.compare}: Mask R-CNN keeps random, calibrated weights (100 "
+            f"detections); ours is the trained {weights}, doing its own work: the ratio compares "
+            "different amounts of post-processing work."
+        )
     probe = None
     if args.task == "inference":
         probe = conv_probe(args.input_size, args.device, args.threads)
@@ -512,7 +554,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
     print(format_table(report))
     if report.ratio is not None:
-        print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}")
+        note = " (ours: trained weights; Mask R-CNN: random, calibrated)" if weights else ""
+        print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}{note}")
     for runtime, ratio in report.runtime_ratios.items():
         print(f"ratio {runtime} / pytorch (inference): {ratio}")
     if report.masks_ratios:

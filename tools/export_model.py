@@ -291,8 +291,18 @@ def run_eval(cfg, exported: ExportedModel):
     return Trainer.test(cfg, exported)
 
 
+LAZY_CONFIG_HINT = (
+    "is a LazyConfig (Python) file; this tool reads YAML configs. Export a LazyConfig model "
+    "from Python: model = instantiate(LazyConfig.load(FILE).model), load its weights with "
+    "DetectionCheckpointer(model).load(...), then solo.export.export_model(model.eval(), "
+    "'onnx', OUTPUT_DIR) (docs/backbones_and_lazyconfig.md, 'Export per backbone')."
+)
+
+
 def main(argv=None) -> int:
     args = parse_args(get_parser(), argv)
+    if args.config_file.endswith(".py"):
+        raise SystemExit(f"--config-file {args.config_file} {LAZY_CONFIG_HINT}")
     setup_logger(name="solo")
     cfg = setup_cfg(args)
     register_datasets(cfg)  # the shapes splits and DATASETS.COCO_FORMAT, named by the config

@@ -435,14 +435,31 @@ def test_trained_weights_are_timed_as_they_are_on_a_real_image(benchmark, tmp_pa
     "args, message",
     [
         (["--image", "missing.png"], "--image missing.png: no such file"),
+        (["--image", "configs"], "--image configs: a directory"),
+        (["--image", TINY_CONFIG], "not a readable image"),
         (["--task", "train", "--image", TINY_CONFIG], "concerns inference only"),
-        (["--mask-extent", "image", "MODEL.WEIGHTS", "model.pth"], "timed as it is"),
+        (["--mask-extent", "image", "MODEL.WEIGHTS", TINY_CONFIG], "timed as it is"),
+        (["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth: no such file"),
+        (["--task", "data", "MODEL.WEIGHTS", "m.pth"], "timed in inference only"),
     ],
-    ids=["missing_image", "image_for_training", "mask_extent_with_weights"],
-)
+    ids=[
+        "missing_image", "directory", "not_an_image", "image_for_training",
+        "mask_extent_with_weights", "missing_weights", "weights_for_data",
+    ],
+)  # fmt: skip
 def test_image_and_weights_options_are_refused_where_they_cannot_apply(benchmark, args, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(["--config-file", TINY_CONFIG, *args])
+
+
+def test_lazyconfig_files_are_refused_by_the_benchmark_and_the_export_tool():
+    config = "configs/Shapes/SOLOv2_R18.py"
+    benchmark = load_script("tools/benchmark.py", "benchmark_lazy")
+    with pytest.raises(SystemExit, match="is a LazyConfig .Python. file; the benchmark reads YAML"):
+        benchmark.main(["--config-file", config])
+    export = load_script("tools/export_model.py", "export_lazy")
+    with pytest.raises(SystemExit, match="is a LazyConfig .Python. file.*solo.export.export_model"):
+        export.main(["--config-file", config, "--format", "onnx", "--output", "unused"])
 
 
 def test_trained_weights_for_training_are_refused_naming_the_task():

@@ -24,7 +24,7 @@ a real image, and say what they did.
 
 import logging
 import math
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import nn
 
@@ -184,8 +184,9 @@ def add_object_masks(model: nn.Module, image_size: Sequence[int], seed: int = 0)
     return model.head.register_forward_hook(ObjectMasks(image_size, seed))
 
 
-def mask_extent_report(model: nn.Module, batched: List[dict]) -> dict:
-    """Mean, min and max fraction of the image covered by the output masks of one inference."""
+def mask_extent_report(model: Callable[[List[dict]], List[dict]], batched: List[dict]) -> dict:
+    """Mean, min and max fraction of the image covered by the output masks of one inference of
+    ``model`` (a SOLO model or an ``ExportedModel``) on ``batched[0]``."""
     with torch.no_grad():
         instances = model(batched[:1])[0]["instances"]
     if not len(instances):
