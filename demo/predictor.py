@@ -203,13 +203,17 @@ class VisualizationDemo:
         """Draw (CPU) instances on a BGR image (:func:`draw_instances`: enlarged when small).
         After a panoptic model's prediction: its stuff and things (``panoptic_seg``, things
         merged by MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH), as Detectron2's demo
-        draws them, at the image's size."""
+        draws them, enlarged by the same whole factor as instances (Visualizer's labels are
+        unreadable and cut at the border on a 160x128 image)."""
         if self.panoptic_seg is not None:
             ids, segments = self.panoptic_seg
+            scale = drawing_scale(*image.shape[:2])
+            ids = ids.to(torch.device("cpu"))
+            ids = ids.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)
             visualizer = Visualizer(
-                image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode
+                enlarge(image, scale)[:, :, ::-1], self.metadata, instance_mode=self.instance_mode
             )
-            drawn = visualizer.draw_panoptic_seg(ids.to(torch.device("cpu")), segments)
+            drawn = visualizer.draw_panoptic_seg(ids, segments)
             return np.ascontiguousarray(drawn.get_image()[:, :, ::-1])
         return draw_instances(image, instances, self.metadata.get("thing_classes"))
 

@@ -10,4 +10,5 @@ from .SOLOv2_R18 import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone = fpn(L(MobileNetV3)(out_features=STAGES, norm="BN", freeze_at=0), STAGES)
 model.backbone.update(out_channels=128, norm="GN")
+train.amp.enabled = False  # float32: faster than bfloat16 autocast for this backbone on CPU
 train.output_dir = "output/shapes/SOLOv2_MobileNetV3_lazy"

@@ -237,7 +237,7 @@ def test_exported_panoptic_model_equals_eager_with_the_merge_outside_the_graph(f
         assert any(s["isthing"] for s in e["panoptic_seg"][1])
 
 
-def test_demo_draws_stuff_and_things_of_a_panoptic_model(tmp_path):
+def test_demo_draws_stuff_and_things_of_a_panoptic_model_enlarged_like_instances(tmp_path):
     cfg = panoptic_cfg(["DATASETS.TEST", ("panoptic_demo_test",)])
     MetadataCatalog.get("panoptic_demo_test").set(
         thing_classes=list("abcde"), stuff_classes=["things", "sky", "water", "ground"]
@@ -252,4 +252,7 @@ def test_demo_draws_stuff_and_things_of_a_panoptic_model(tmp_path):
     _, drawn = demo.run_on_image(image)
     ids, segments = demo.panoptic_seg
     assert ids.shape == (96, 128) and segments
-    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+    # Small images are enlarged by a whole factor, as instance drawings, so labels are legible.
+    scale = predictor.drawing_scale(96, 128)
+    assert scale > 1 and drawn.shape == (96 * scale, 128 * scale, 3)
+    assert not np.array_equal(drawn, predictor.enlarge(image, scale))

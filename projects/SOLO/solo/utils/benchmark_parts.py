@@ -127,10 +127,13 @@ def describe_model(model: str, config_file: str, cfg, module) -> dict:
         head = cfg.MODEL.SOLO.HEAD_NAME
         head += f" (TEST.MASK_FORMAT {cfg.TEST.MASK_FORMAT})" if "MASK_FORMAT" in cfg.TEST else ""
     params = sum(p.numel() for p in module.parameters()) / 1e6 if module else None
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if "resnet" in backbone:  # MODEL.RESNETS applies to ResNet builders only
+        backbone += f" R-{cfg.MODEL.RESNETS.DEPTH}"
     return {
         "config_file": config_file,
         "head": head,
-        "backbone": f"{cfg.MODEL.BACKBONE.NAME} R-{cfg.MODEL.RESNETS.DEPTH}",
+        "backbone": backbone,
         "params_m": round(params, 2) if module else None,
     }
 
