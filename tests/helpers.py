@@ -419,3 +419,22 @@ def instances_as_annotations(instances):
         )
         for box, label, rle in zip(instances.pred_boxes.tensor, instances.pred_classes, rles)
     ]
+
+
+def assert_onnx_export_is_exact(model, directory, sample_size, sizes, seed=0):
+    """Export ``model`` (eval mode) to ONNX with a seeded random sample image of
+    ``sample_size`` and check that ``ExportedModel`` gives the eager predictions
+    (``compare_predictions``) on seeded random images of each of ``sizes``; returns the
+    ``ExportedModel``."""
+    from solo.export import ExportedModel, compare_predictions, export_model
+
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randint(0, 256, (3, *sample_size), generator=generator).to(torch.uint8)
+    exported = ExportedModel(export_model(model, "onnx", str(directory), sample, 1500))
+    for size in sizes:
+        image = torch.randint(0, 256, (3, *size), generator=generator).to(torch.uint8)
+        with torch.no_grad():
+            (expected,) = [r["instances"] for r in model([{"image": image}])]
+        (actual,) = [r["instances"] for r in exported([{"image": image}])]
+        assert len(expected) > 0 and compare_predictions(expected, actual) == [], size
+    return exported

@@ -10,7 +10,14 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
 
-from helpers import CONFIG_DIR, force_candidates, load_script, random_batch, solo_cfg
+from helpers import (
+    CONFIG_DIR,
+    assert_onnx_export_is_exact,
+    force_candidates,
+    load_script,
+    random_batch,
+    solo_cfg,
+)
 from solo.solver import build_solo_optimizer
 
 # YAML config -> its LazyConfig twin; every head family, the light heads, the new backbones.
@@ -252,7 +259,7 @@ def test_transformer_backbone_exports_to_onnx_with_the_eager_predictions(name, t
     relative positions from the traced sizes (solo.export.traceable)."""
     pytest.importorskip("timm")
     pytest.importorskip("onnxruntime")
-    from solo.export import ExportedModel, ExportError, compare_predictions, export_model
+    from solo.export import ExportError
 
     # The 30 best of ~600 forced candidates: past them, random weights give near-ties (1e-4)
     # whose order float rounding may swap, which changes their Matrix NMS decay.
@@ -261,16 +268,8 @@ def test_transformer_backbone_exports_to_onnx_with_the_eager_predictions(name, t
     model = instantiate(lazy_cfg(name, overrides).model)
     randomise_relative_positions(model)
     force_candidates(model)
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randint(0, 256, (3, 97, 120), generator=generator).to(torch.uint8)
-    exported = ExportedModel(export_model(model, "onnx", str(tmp_path), sample, 1500))
-    for size in [(128, 96), (75, 110)]:
-        image = torch.randint(0, 256, (3, *size), generator=generator).to(torch.uint8)
-        with torch.no_grad():
-            (expected,) = [r["instances"] for r in model([{"image": image}])]
-        (actual,) = [r["instances"] for r in exported([{"image": image}])]
-        assert len(expected) > 0 and compare_predictions(expected, actual) == [], size
+    sizes = [(128, 96), (75, 110)]
+    exported = assert_onnx_export_is_exact(model.eval(), tmp_path, (97, 120), sizes)
     if name == "SOLOv2/ViTDet_B_3x.py":
         with pytest.raises(ExportError, match=r"pads every image to 128x128.*got a 129x96"):
             exported([{"image": torch.zeros(3, 129, 96, dtype=torch.uint8)}])
