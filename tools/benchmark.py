@@ -49,7 +49,7 @@ from solo.utils.synthetic import make_image, train_inputs
 
 logger = logging.getLogger("benchmark")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 MASK_FORMATS = {"dense": "bitmask", "cropped": "cropped"}  # --masks: TEST.MASK_FORMAT
@@ -104,6 +104,14 @@ def get_parser() -> argparse.ArgumentParser:
         help="inference, SOLOv2: calibrated masks as object-sized ellipses (default) or as the "
         "random kernels make them, fields over the whole image (the default with --runtime: "
         "an exported graph does not carry the calibration's hook)",
+    )
+    parser.add_argument(
+        "--max-candidates",
+        type=int,
+        metavar="K0",
+        help="inference with --runtime: the exported graphs' K0, the (cell, class) pairs given a "
+        "mask (default MODEL.SOLO.NMS_PRE; exact for images with at most K0 candidates, see "
+        "tools/export_model.py --max-candidates)",
     )
     add_opts_argument(parser)  # KEY VALUE pairs for the SOLO config, after the flags
     return parser
@@ -178,6 +186,13 @@ def check_args(args: argparse.Namespace):
             "exported models would do different work. Use --mask-extent image (the default "
             "with --runtime)."
         )
+    if args.max_candidates is not None and not args.runtime:
+        raise SystemExit(
+            f"--max-candidates {args.max_candidates} sets the exported graphs' K0; it needs "
+            "--runtime (the eager model's candidates are MODEL.SOLO.NMS_PRE)."
+        )
+    if args.max_candidates is not None and args.max_candidates < 1:
+        raise SystemExit(f"--max-candidates must be >= 1, got {args.max_candidates}.")
     if args.masks != "dense" and args.task != "inference":
         raise SystemExit(f"--masks {args.masks} concerns inference only; use --task inference.")
 
@@ -203,6 +218,7 @@ class Job:
     # SOLOv2 calibrated masks (solo.utils.benchmark_calibration); None: trained weights
     mask_extent: Optional[str] = "objects"
     image: Optional[str] = None  # a real image instead of make_image's synthetic one
+    max_candidates: Optional[int] = None  # exported graphs' K0; None: MODEL.SOLO.NMS_PRE
 
 
 @dataclass
@@ -223,6 +239,9 @@ class Report:
     ratio: Optional[float]  # ours / Mask R-CNN: total latency, s/iter or s/image
     runtimes: List[str]  # exported runtimes, each measured as models["ours_<runtime>"]
     runtime_ratios: Dict[str, Optional[float]]  # per runtime: exported / eager total latency
+    # per runtime: exported / float ONNX Runtime total latency (when onnxruntime was measured)
+    onnxruntime_ratios: Optional[Dict[str, Optional[float]]]
+    max_candidates: Optional[int]  # --max-candidates: the exported graphs' K0
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
     masks: str = "dense"  # --masks; "both": models["ours_cropped"] next to models["ours"]
@@ -304,8 +323,9 @@ def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTrac
     called like the model on the same input."""
     with tempfile.TemporaryDirectory() as tmp:
         exported, file_mb = export_for_runtime(
-            model, job.runtime, tmp, batched[0]["image"], job.device, job.threads
-        )
+            model, job.runtime, tmp, batched[0]["image"], job.device, job.threads,
+            job.max_candidates,
+        )  # fmt: skip
     memory.start()
     latency = {"total": stats(timed(lambda: exported(batched), job))}
     memory_report = memory.report()
@@ -510,7 +530,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.threads,
             tuple(args.input_size), args.batch_size, args.repeats, args.warmup,
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
-            exported.get(name, "pytorch"), args.mask_extent, args.image,
+            exported.get(name, "pytorch"), args.mask_extent, args.image, args.max_candidates,
         )  # fmt: skip
         # A fresh spawn process per model: its own peak memory and CUDA context (a failure there
         # is raised here). Not for data: loader workers forked from it abort at shutdown.
@@ -531,6 +551,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runtime: compute_ratios(models[name], models["ours"]).get(HEADLINE["inference"])
         for name, runtime in exported.items()
     }
+    onnxruntime_ratios = None
+    if "ours_onnxruntime" in models and "error" not in models["ours_onnxruntime"]:
+        onnxruntime_ratios = {
+            runtime: compute_ratios(models[name], models["ours_onnxruntime"]).get(
+                HEADLINE["inference"]
+            )
+            for name, runtime in exported.items()
+            if runtime != "onnxruntime"
+        }
     report = Report(
         task=args.task,
         config_file=args.config_file,
@@ -545,6 +574,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ratio=ratios.get(HEADLINE[args.task]),
         runtimes=list(args.runtime),
         runtime_ratios=runtime_ratios,
+        onnxruntime_ratios=onnxruntime_ratios,
+        max_candidates=args.max_candidates,
         ratios=ratios,
         models=models,
         masks=args.masks,
@@ -558,6 +589,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}{note}")
     for runtime, ratio in report.runtime_ratios.items():
         print(f"ratio {runtime} / pytorch (inference): {ratio}")
+    for runtime, ratio in (report.onnxruntime_ratios or {}).items():
+        print(f"ratio {runtime} / onnxruntime (inference): {ratio}")
     if report.masks_ratios:
         for key in ("memory_mb.peak", "latency_ms.total.median", "latency_ms.postprocess.median"):
             print(f"ratio cropped / dense masks, {key}: {report.masks_ratios.get(key)}")

@@ -288,7 +288,11 @@ def run_eval(cfg, exported: ExportedModel):
         raise SystemExit("--run-eval evaluates on DATASETS.TEST, which is empty: set it.")
     _setup(name="detectron2")
     register_builtin_datasets()
-    return Trainer.test(cfg, exported)
+    exported.candidate_counts.reset()
+    results = Trainer.test(cfg, exported)
+    # Images over K0 are warned about one by one; the count says whether the AP is the eager's.
+    logger.info(f"{exported.path}: {exported.candidate_counts.summary(exported.max_candidates)}")
+    return results
 
 
 LAZY_CONFIG_HINT = (

@@ -157,6 +157,25 @@ def test_runtime_warns_when_candidates_exceed_k0(tmp_path, caplog):
     assert "--max-candidates" in caplog.text
 
 
+def test_candidate_counts_tally_the_images_over_k0_and_name_the_k0_to_use(tmp_path):
+    """--run-eval's summary: how many images had more candidates than K0, and the largest
+    count (the K0 that makes every image exact)."""
+    model = forced_model("DecoupledSOLOLightHead")
+    exported = ExportedModel(export_model(model, "onnx", str(tmp_path), max_candidates=30))
+    images = [{"image": random_image(SAMPLE_SIZE, seed)} for seed in (4, 5)]
+    exported(images)
+    seen = exported.last_num_candidates
+    counts = exported.candidate_counts
+    assert counts.images == 2 and counts.max == max(seen) > 30
+    assert counts.over_k0 == sum(n > 30 for n in seen)
+    summary = counts.summary(30)
+    assert f"{counts.over_k0} images had more than K0" in summary
+    assert f"--max-candidates {max(seen)}" in summary
+    counts.reset()
+    counts.add(12, 30)
+    assert counts.summary(30).endswith("every image within K0, results as the eager model's.")
+
+
 def test_deformable_model_exports_to_pt2_and_is_refused_by_onnx(tmp_path):
     opts = ["MODEL.SOLO.TOWER_DCN", "DCNv2", "MODEL.SOLO.TOWER_DCN_LAYERS", "last"]
     model = forced_model("SOLOv2Head", opts)

@@ -231,3 +231,19 @@ def test_pairwise_intersections_are_exact_counts_on_large_masks():
     flat = torch.rand(37, 50_000, generator=gen) > 0.3
     reference = flat.double() @ flat.double().t()
     torch.testing.assert_close(_pairwise_intersections(flat).double(), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(37, 200, 304), (1, 1, 1), (5, 7, 3), (0, 8, 8)])
+def test_mask_areas_are_the_exact_pixel_counts_of_any_mask_shape(shape):
+    """The int8-product pixel count equals a plain int64 sum, for empty, full and odd masks and
+    for a non-contiguous view."""
+    from solo.modeling.nms import mask_areas
+
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.rand(shape, generator=gen) > 0.4
+    if len(masks) > 2:
+        masks[0], masks[1] = False, True
+    for m in (masks, masks.transpose(1, 2)):
+        areas = mask_areas(m)
+        assert areas.dtype == torch.int64
+        assert torch.equal(areas, m.flatten(1).long().sum(dim=1))

@@ -116,9 +116,12 @@ def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_insta
     pytest.importorskip("onnxruntime")
     runtimes = ["torchscript", "onnxruntime"]
     # "pytorch" (eager) is always measured; naming it or a runtime twice changes nothing.
+    # The exported graphs hold K0 = 450 candidates (more than the 400 that reach NMS: exact).
     report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "pytorch", *runtimes,
-                 "torchscript", "MODEL.SOLO.NMS_PRE", "400")  # fmt: skip
+                 "torchscript", "--max-candidates", "450",
+                 "MODEL.SOLO.NMS_PRE", "400")  # fmt: skip
     assert report["runtimes"] == runtimes and report["opts"] == ["MODEL.SOLO.NMS_PRE", "400"]
+    assert report["max_candidates"] == 450
     assert set(report["models"]) == {"ours", *(f"ours_{r}" for r in runtimes)}
     eager = report["models"]["ours"]
     assert eager["calibration"]["nms_pre"] == 400
@@ -131,7 +134,15 @@ def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_insta
         total = exported["latency_ms"]["total"]["median"]
         expected = total / eager["latency_ms"]["total"]["median"]
         assert report["runtime_ratios"][runtime] == pytest.approx(expected, rel=1e-3)
+        assert exported["calibration"]["max_candidates"] == 450
     assert report["ratio"] is None
+    # Every other runtime next to float ONNX Runtime (the INT8 goal's yardstick).
+    models = report["models"]
+    expected = (
+        models["ours_torchscript"]["latency_ms"]["total"]["median"]
+        / models["ours_onnxruntime"]["latency_ms"]["total"]["median"]
+    )
+    assert report["onnxruntime_ratios"] == {"torchscript": pytest.approx(expected, rel=1e-3)}
 
 
 def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path, monkeypatch):
@@ -441,13 +452,16 @@ def test_trained_weights_are_timed_as_they_are_on_a_real_image(benchmark, tmp_pa
         (["--mask-extent", "image", "MODEL.WEIGHTS", TINY_CONFIG], "timed as it is"),
         (["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth: no such file"),
         (["--task", "data", "MODEL.WEIGHTS", "m.pth"], "timed in inference only"),
+        (["--max-candidates", "100"], "it needs --runtime"),
+        (["--runtime", "onnxruntime", "--max-candidates", "0"], "must be >= 1, got 0"),
     ],
     ids=[
         "missing_image", "directory", "not_an_image", "image_for_training",
         "mask_extent_with_weights", "missing_weights", "weights_for_data",
+        "max_candidates_without_runtime", "max_candidates_zero",
     ],
 )  # fmt: skip
-def test_image_and_weights_options_are_refused_where_they_cannot_apply(benchmark, args, message):
+def test_image_weights_and_k0_options_are_refused_where_they_cannot_apply(benchmark, args, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(["--config-file", TINY_CONFIG, *args])
 

@@ -43,6 +43,32 @@ def pad_image(
     return padded
 
 
+class CandidateCounts:
+    """Per-image candidate counts seen by an :class:`ExportedModel`: ``images``, ``over_k0``
+    (images with more candidates than the graph's K0) and ``max`` (the largest count)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.images, self.over_k0, self.max = 0, 0, 0
+
+    def add(self, count: int, k0: int):
+        self.images += 1
+        self.over_k0 += int(count > k0)
+        self.max = max(self.max, count)
+
+    def summary(self, k0: int) -> str:
+        """One line for a log: exact on every image, or how many were cut and the K0 to use."""
+        head = f"{self.images} images, at most {self.max} candidates per image (K0 = {k0})"
+        if not self.over_k0:
+            return f"{head}: every image within K0, results as the eager model's."
+        return (
+            f"{head}: {self.over_k0} images had more than K0, their results may differ from the "
+            f"eager model's; re-export with --max-candidates {self.max} or more."
+        )
+
+
 class ExportedModel:
     """An exported SOLO model called exactly like the eager one (see the module docstring).
 
@@ -67,7 +93,9 @@ class ExportedModel:
             ``torch.export`` program takes (see :meth:`graph_input`).
 
     Images are processed one at a time (the graph has batch 1). Attribute
-    ``last_num_candidates`` holds the candidate counts of the last call.
+    ``last_num_candidates`` holds the candidate counts of the last call; ``candidate_counts``
+    (:class:`CandidateCounts`) tallies every image since construction or its ``reset()``: how
+    many had more candidates than K0 (results that may differ from the eager model's).
     """
 
     def __init__(
@@ -92,6 +120,7 @@ class ExportedModel:
         self.device = torch.device(device)
         self.num_threads = num_threads or torch.get_num_threads()
         self.last_num_candidates: List[int] = []
+        self.candidate_counts = CandidateCounts()
         self.runtime = runtime or RUNTIMES[self.format][0]
         if self.runtime not in RUNTIMES[self.format]:
             raise ExportError(
@@ -303,6 +332,7 @@ class ExportedModel:
         scores, labels, masks, num_det, num_cand = outputs[:5]
         num_det, num_cand = int(num_det), int(num_cand)
         self.last_num_candidates.append(num_cand)
+        self.candidate_counts.add(num_cand, self.max_candidates)
         if num_cand > self.max_candidates:
             logger.warning(
                 f"{num_cand} candidates above MODEL.SOLO.SCORE_THRESH, more than the "

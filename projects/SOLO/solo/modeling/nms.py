@@ -38,6 +38,23 @@ def mask_iou_matrix(
     return inter / union.clamp(min=1e-6)
 
 
+def mask_areas(masks: torch.Tensor) -> torch.Tensor:
+    """int64 (K,) pixel counts of (K, ...) boolean masks.
+
+    On CPU one int8 x int8 -> int32 product with a column of ones: summing a bool tensor
+    converts it to int64 first (8 bytes written and read per pixel). Same counts.
+    """
+    flat = masks.flatten(1)
+    if flat.device.type == "cpu" and hasattr(torch, "_int_mm") and flat.dtype == torch.bool:
+        # _int_mm takes at least 8 columns on the right; all ones, the first is kept.
+        ones = torch.ones((flat.shape[1], 8), dtype=torch.int8)
+        try:
+            return torch._int_mm(flat.contiguous().view(torch.int8), ones)[:, 0].long()
+        except RuntimeError:  # unsupported shape or build: the sum below is exact too
+            pass
+    return flat.sum(dim=1)
+
+
 def _same_label_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """:func:`_pairwise_intersections` of the pairs with equal labels, 0 elsewhere."""
     values, counts = torch.unique(labels, return_counts=True)
@@ -91,7 +108,7 @@ def matrix_nms(
     if n == 0:
         return scores
     if areas is None:
-        areas = masks.flatten(1).sum(dim=1).float()
+        areas = mask_areas(masks).float()
     iou = mask_iou_matrix(masks, areas, labels)
     return matrix_nms_from_iou(iou, labels, scores, kernel, sigma)
 
@@ -136,7 +153,7 @@ def mask_nms(
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=scores.device)
     if areas is None:
-        areas = masks.flatten(1).sum(dim=1).float()
+        areas = mask_areas(masks).float()
     suppresses = (mask_iou_matrix(masks, areas, labels) > iou_threshold) & (
         labels[:, None] == labels[None, :]
     )

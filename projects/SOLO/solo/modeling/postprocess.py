@@ -43,7 +43,14 @@ from detectron2.utils.events import get_event_storage, has_event_storage
 
 from ..structures import CroppedMasks
 from .heads.base import CandidateMaskProbs
-from .nms import MATRIX_NMS_KERNELS, mask_nms, matrix_nms, matrix_nms_from_iou, points_nms
+from .nms import (
+    MATRIX_NMS_KERNELS,
+    mask_areas,
+    mask_nms,
+    matrix_nms,
+    matrix_nms_from_iou,
+    points_nms,
+)
 from .paste import paste_masks
 
 NMS_TYPES = ("matrix", "mask")
@@ -78,10 +85,12 @@ def split_cells(
 def mask_areas_and_sums(probs: torch.Tensor, mask_thresh: float, in_place: bool = False):
     """Binary masks (K, h, w) ``probs > mask_thresh``, their int64 areas (K,) and the float32
     sums (K,) of the probabilities inside them (accumulated in float32: a half-precision sum
-    overflows beyond 65504). ``in_place`` zeroes ``probs`` outside the masks instead of
-    allocating a copy (the eager path's candidate chunks are not used afterwards)."""
+    overflows beyond 65504). ``in_place`` (the eager path, never traced) zeroes ``probs`` outside
+    the masks instead of allocating a copy (its candidate chunks are not used afterwards) and
+    counts pixels with :func:`nms.mask_areas`."""
     masks = probs > mask_thresh
-    areas = masks.flatten(1).sum(dim=1)
+    # Eager: CPU int8 kernels count pixels (no exporter maps them).
+    areas = mask_areas(masks) if in_place else masks.flatten(1).sum(dim=1)
     # Zeroing outside the masks gives the same values as multiplying by them (probabilities are
     # >= 0) without converting the bool masks to float first.
     inside = probs.masked_fill_(~masks, 0) if in_place else torch.where(masks, probs, 0)

@@ -185,13 +185,17 @@ def inference_parts(
     }
 
 
-def export_for_runtime(model, runtime: str, directory: str, image, device: str, threads: int):
-    """``model`` exported (``solo.export``) into ``directory`` for ``runtime`` (a key of
-    :data:`EXPORT_FORMATS`; sample ``image``) and loaded as an ``ExportedModel``; returns it and
-    the file's size in MB."""
+def export_for_runtime(
+    model, runtime: str, directory: str, image, device: str, threads: int, max_candidates=None
+):
+    """``model`` exported (``solo.export``; K0 ``max_candidates``, default its NMS_PRE) into
+    ``directory`` for ``runtime`` (a key of :data:`EXPORT_FORMATS`; sample ``image``) and loaded
+    as an ``ExportedModel``; returns it and the file's size in MB."""
     from ..export import ExportedModel, export_model, quantize
 
-    path = export_model(model, EXPORT_FORMATS[runtime], directory, image)
+    path = export_model(
+        model, EXPORT_FORMATS[runtime], directory, image, max_candidates=max_candidates
+    )
     if runtime.endswith("_int8"):
         sample = ExportedModel(path).graph_input(image)[0].numpy()
         path = quantize.quantize_int8(path, quantize.precision_path(path, "int8"), [sample])
