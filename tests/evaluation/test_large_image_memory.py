@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(r"""
             self.cells = (cells // (grid // 2)) * 2 * grid + (cells % (grid // 2)) * 2
             self.radius = 6 + 14 * torch.rand(num_instances, generator=gen)
 
-        def mask_probs(self, image, levels, cells, size):
+        def mask_probs(self, image, levels, cells, size, out=None):
             h4, w4 = size
             i, j = cells // grid, cells % grid
             cy, cx = (i.float() + 0.5) * h4 / grid, (j.float() + 0.5) * w4 / grid
@@ -48,7 +48,8 @@ CHILD = textwrap.dedent(r"""
             yy = torch.arange(h4).float()[None, :, None]
             xx = torch.arange(w4).float()[None, None, :]
             d2 = (yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2
-            return torch.exp(-d2 / (2 * (r[:, None, None] / 1.5) ** 2))
+            probs = torch.exp(-d2 / (2 * (r[:, None, None] / 1.5) ** 2))
+            return probs if out is None else out.copy_(probs)
 
         def forward(self, batched):
             logits = torch.full((1, 1, grid, grid), -10.0)

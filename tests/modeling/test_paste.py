@@ -173,8 +173,8 @@ def test_postprocessor_with_cropped_format_returns_the_dense_masks_as_crops():
     logits[0, 0, 2, 3] = logits[0, 1, 7, 9] = logits[0, 0, 10, 1] = 2.0
     probs = blob_probs(4, grid * grid, (24, 40), special=False)
 
-    def mask_probs(image, levels, cells, size):
-        return probs[cells].clone()
+    def mask_probs(image, levels, cells, size, out=None):
+        return probs[cells].clone() if out is None else out.copy_(probs[cells])
 
     outputs = {}
     for mask_format in ("bitmask", "cropped"):

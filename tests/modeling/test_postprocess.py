@@ -176,6 +176,83 @@ def test_chunk_size_does_not_change_the_result(kind):
 
 
 @pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+def test_heads_write_mask_probs_into_the_given_buffer_with_the_same_values(kind):
+    """``out=``: the post-processor's kept CPU buffer receives exactly the probabilities a new
+    tensor would hold, also when the size needs a resize or the dtype differs."""
+    outputs = random_outputs(kind, 5)
+    head = make_head(kind)
+    levels, cells = torch.tensor([0, 1, 1, 2]), torch.tensor([3, 0, 5, 2])
+    cases = [(STRIDE4, torch.float32), ((17, 23), torch.float32), (STRIDE4, torch.float64)]
+    for size, dtype in cases:
+        with torch.no_grad():
+            expected = head.inference_mask_probs(outputs, 1, levels, cells, size)
+            buffer = torch.full((len(cells), *size), float("nan"), dtype=dtype)
+            written = head.inference_mask_probs(outputs, 1, levels, cells, size, out=buffer)
+        assert written.data_ptr() == buffer.data_ptr() and written.shape == (4, *size)
+        assert torch.equal(written, expected.to(dtype)), (size, dtype)
+
+
+@pytest.mark.parametrize("kind", ["solo", "solov2"])
+def test_kept_buffer_and_byte_budget_do_not_change_the_result(kind, monkeypatch):
+    """The CPU buffer kept between calls (reused by the next image, reallocated when it is too
+    small) and a chunk budget of a few masks give what a fresh post-processor gives."""
+    import solo.modeling.candidate_pool as candidate_pool
+
+    first, second = random_outputs(kind, 11, cate_mean=-2.0), random_outputs(kind, 12)
+    fresh = [run_ours(kind, outputs, nms_pre=20) for outputs in (first, second, first)]
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, nms_pre=20)
+    for budget in (candidate_pool.CHUNK_BYTES, 3 * 4 * math.prod(STRIDE4)):
+        monkeypatch.setattr(candidate_pool, "CHUNK_BYTES", budget)
+        for outputs, expected in zip((first, second, first), fresh):
+            mask_probs = mask_probs_of(kind, outputs)
+            results = post(outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+            for a, b in zip(results, expected):
+                assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
+                assert torch.equal(a.pred_classes, b.pred_classes)
+                torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)
+    assert post._buffers.kept.numel() >= 3 * math.prod(STRIDE4)
+
+
+def test_threads_sharing_a_post_processor_get_their_own_buffers():
+    """Serving threads may share one model: each thread writes into its own kept buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    all_outputs = [random_outputs("solov2", seed, cate_mean=-2.0) for seed in range(4)]
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, nms_pre=30)
+
+    def run(outputs):
+        mask_probs = mask_probs_of("solov2", outputs)
+        results = []
+        for _ in range(3):
+            results = post(outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+        return results
+
+    expected = [run_ours("solov2", outputs, nms_pre=30) for outputs in all_outputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        served = list(pool.map(run, all_outputs))
+    for results, reference in zip(served, expected):
+        for a, b in zip(results, reference):
+            assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.scores, b.scores)
+
+
+def test_post_processor_copies_and_pickles_without_its_buffers():
+    import copy
+    import pickle
+
+    outputs = random_outputs("solov2", 3, cate_mean=-2.0)
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, nms_pre=20)
+    post(outputs.cate_logits, mask_probs_of("solov2", outputs), PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+    for clone in (copy.deepcopy(post), pickle.loads(pickle.dumps(post))):
+        assert clone.nms_pre == 20 and clone._buffers.kept is None
+        results = clone(
+            outputs.cate_logits, mask_probs_of("solov2", outputs), PADDED, IMAGE_SIZES,
+            OUTPUT_SIZES,
+        )  # fmt: skip
+        for a, b in zip(results, run_ours("solov2", outputs, nms_pre=20)):
+            assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
 def test_a_cell_candidate_for_several_classes_gets_its_mask_computed_once(kind):
     """Class 1 scores just below class 0 everywhere: every class-0 candidate cell is a class-1
     candidate too. The post-processor asks the head for each cell's mask once per call and still
@@ -186,10 +263,10 @@ def test_a_cell_candidate_for_several_classes_gets_its_mask_computed_once(kind):
     head_probs = mask_probs_of(kind, outputs)
     requested = []
 
-    def mask_probs(image, levels, cells, size):
+    def mask_probs(image, levels, cells, size, out=None):
         pairs = list(zip(levels.tolist(), cells.tolist()))
         requested.append(pairs)
-        return head_probs(image, levels, cells, size)
+        return head_probs(image, levels, cells, size, out=out)
 
     post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES)
     results = post(outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES)
@@ -398,9 +475,10 @@ def test_postprocessor_needs_only_a_mask_probability_callable():
     offsets = torch.tensor([0] + GRIDS[:-1]).pow(2).cumsum(0)
     calls = []
 
-    def mask_probs(image, levels, cells, size):
+    def mask_probs(image, levels, cells, size, out=None):
         calls.append(len(cells))
-        return every_cell[image][offsets[levels] + cells].clone()
+        probs = every_cell[image][offsets[levels] + cells]
+        return probs.clone() if out is None else out.copy_(probs)
 
     post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES)
     served = post(outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES)

@@ -16,8 +16,10 @@ top ``nms_pre`` go through Matrix NMS (or greedy mask NMS); scores >= ``update_t
 at most ``max_per_image``. The survivors' soft masks are upsampled to the padded input, cropped to
 the image, resized to the requested output size and binarised.
 
-Memory stays bounded: candidate masks are computed in chunks, keeping only the best ``nms_pre``
-so far, and the final full-resolution masks are produced chunk by chunk as booleans.
+Memory stays bounded: candidate masks are computed in chunks of at most ``chunk_size``
+candidates and ``candidate_pool.CHUNK_BYTES`` of float masks (on CPU written into a buffer kept
+between calls, :class:`candidate_pool.ChunkBuffers`), keeping only the best ``nms_pre`` so far,
+and the final full-resolution masks are produced chunk by chunk as booleans.
 
 Observability (stable names, read by ``tools/benchmark.py``): the stages run inside
 ``torch.profiler.record_function`` ranges
@@ -42,6 +44,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
 from ..structures import CroppedMasks
+from . import candidate_pool
+from .candidate_pool import ChunkBuffers, consecutive_unique, pooled_top_k, top_k, unique_with_first
 from .heads.base import CandidateMaskProbs
 from .nms import (
     MATRIX_NMS_KERNELS,
@@ -56,8 +60,9 @@ from .paste import paste_masks
 NMS_TYPES = ("matrix", "mask")
 MASK_FORMATS = ("bitmask", "cropped")  # TEST.MASK_FORMAT
 
-#: ``mask_probs(image, levels, cells, size)``: see :meth:`SOLOPostProcessor.__call__`.
-MaskProbs = Callable[[int, torch.Tensor, torch.Tensor, Tuple[int, int]], torch.Tensor]
+#: ``mask_probs(image, levels, cells, size, out=None)``: see :meth:`SOLOPostProcessor.__call__`.
+MaskProbs = Callable[..., torch.Tensor]
+
 
 #: :meth:`SOLOPostProcessor.fixed_size`'s outputs, in this order (also the exported graphs').
 FIXED_SIZE_OUTPUTS = ("scores", "labels", "masks", "num_detections", "num_candidates")
@@ -129,7 +134,7 @@ class SOLOPostProcessor:
         matrix_nms_sigma: float = 2.0,
         mask_nms_iou_thresh: float = 0.5,
         max_per_image: int = 100,
-        chunk_size: int = 128,
+        chunk_size: int = 512,
         paste_chunk_size: int = 4,
         mask_format: str = "bitmask",
     ):
@@ -150,6 +155,7 @@ class SOLOPostProcessor:
         self.mask_nms_iou_thresh = mask_nms_iou_thresh
         self.max_per_image = max_per_image
         self.chunk_size = chunk_size
+        self._buffers = ChunkBuffers()
         self.paste_chunk_size = paste_chunk_size
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"TEST.MASK_FORMAT={mask_format!r} is not one of {MASK_FORMATS}.")
@@ -185,10 +191,12 @@ class SOLOPostProcessor:
         """
         Args:
             cate_logits: per level, (N, C, S, S) category logits of the N images.
-            mask_probs: ``mask_probs(image, levels, cells, size)`` -> (K, *size) float mask
-                probabilities of K candidates (int64 level index and flat cell i * S + j) of
-                image ``image`` at ``size`` (stride 4 of ``padded_size``), e.g. the head's
-                ``inference_mask_probs`` bound to its outputs.
+            mask_probs: ``mask_probs(image, levels, cells, size, out=None)`` -> (K, *size)
+                float mask probabilities of K candidates (int64 level index and flat cell
+                i * S + j) of image ``image`` at ``size`` (stride 4 of ``padded_size``), written
+                into ``out`` ((K, *size), returned) when given; e.g. the head's
+                ``inference_mask_probs`` bound to its outputs. On CPU ``out`` is a view of a
+                buffer that the next call overwrites.
             padded_size: (H, W) of the padded input canvas, pixels.
             image_sizes: per image, (h, w) of the image inside the canvas.
             output_sizes: per image, (height, width) of the wanted output.
@@ -220,6 +228,8 @@ class SOLOPostProcessor:
         """The image's instances, and the number of candidates competing for nms_pre."""
         device = scores.device
         stride4_size = (padded_size[0] // 4, padded_size[1] // 4)
+        pixels = stride4_size[0] * stride4_size[1]
+        chunk = max(1, min(self.chunk_size, candidate_pool.CHUNK_BYTES // (4 * max(pixels, 1))))
         with record_function("solo.postprocess.candidates"):
             flat_cells, labels = (scores > self.score_thresh).nonzero(as_tuple=True)
             cand_scores = scores[flat_cells, labels]
@@ -229,43 +239,48 @@ class SOLOPostProcessor:
         # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory).
         # Only the binary masks are pooled; the soft masks of the few final instances are
         # recomputed at the end, which is cheaper than carrying nms_pre float masks around.
-        # The pool is cut to the best nms_pre only when it doubles: masks are copied O(1) times.
+        # The pool holds each chunk's masks as computed (rows index the kept candidates' masks)
+        # and is cut to the best nms_pre when it holds more than 2 * nms_pre masks: the kept
+        # masks are gathered once, in score order, whatever the number of chunks.
         candidates = torch.arange(len(cand_scores), device=device)
         pool, num_candidates = [], 0
-        for start in range(0, len(cand_scores), self.chunk_size):
-            part = slice(start, start + self.chunk_size)
+        for start in range(0, len(cand_scores), chunk):
+            part = slice(start, start + chunk)
             # A cell above the threshold for several classes is one mask: computed once. The
             # candidates are in cell order (nonzero() of (cells, classes)), so repeats are
             # consecutive.
-            unique, first, inverse = _consecutive_unique(flat_cells[part])
+            unique, first, inverse = consecutive_unique(flat_cells[part])
             with record_function("solo.postprocess.mask_probs"):
-                probs = mask_probs(image, levels[part][first], cells[part][first], stride4_size)
+                out = self._buffers.take(len(unique), stride4_size, scores)
+                probs = mask_probs(
+                    image, levels[part][first], cells[part][first], stride4_size, out=out
+                )
             with record_function("solo.postprocess.nms"):
-                # In place: the heads return fresh tensors.
+                # In place: the probabilities are this chunk's buffer, not used afterwards.
                 masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, True)
-                if len(unique) < len(inverse):
-                    masks, areas, inside = masks[inverse], areas[inverse], inside[inverse]
+                # Each candidate's row in the chunk's masks (0..U-1 without repeated cells).
+                rows = inverse if len(unique) < len(inverse) else candidates[: len(unique)]
+                areas, inside = areas[rows], inside[rows]
                 keep = areas > min_areas[part]
                 rescored = rescore(cand_scores[part][keep], areas[keep], inside[keep])
             with record_function("solo.postprocess.candidates"):
                 pool.append(
                     (
-                        masks[keep],
+                        masks,
+                        rows[keep],
                         rescored,
                         labels[part][keep],
                         candidates[part][keep],
                         areas[keep].float(),
                     )
                 )
-                num_candidates += len(pool[-1][1])
-                if sum(len(p[1]) for p in pool) > 2 * self.nms_pre:
-                    pool = [_top_k(_concat(pool), score_index=1, k=self.nms_pre)]
+                num_candidates += len(rescored)
+                if sum(len(p[0]) for p in pool) > 2 * self.nms_pre:
+                    pool = [pooled_top_k(pool, self.nms_pre)]
         if not pool:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.candidates"):
-            masks, cand_scores, labels, candidates, areas = _top_k(
-                _concat(pool), score_index=1, k=self.nms_pre
-            )
+            masks, _, cand_scores, labels, candidates, areas = pooled_top_k(pool, self.nms_pre)
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
 
@@ -278,7 +293,7 @@ class SOLOPostProcessor:
             else:
                 keep = mask_nms(masks, labels, cand_scores, self.mask_nms_iou_thresh, areas)
                 keep &= cand_scores >= self.update_thresh
-            candidates, cand_scores, labels = _top_k(
+            candidates, cand_scores, labels = top_k(
                 (candidates[keep], cand_scores[keep], labels[keep]),
                 score_index=1,
                 k=self.max_per_image,
@@ -286,12 +301,12 @@ class SOLOPostProcessor:
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.mask_probs"):
-            unique, first, inverse = _unique(flat_cells[candidates])
+            unique, first, inverse = unique_with_first(flat_cells[candidates])
+            chosen = candidates[first] if len(unique) < len(inverse) else candidates
+            out = self._buffers.take(len(chosen), stride4_size, scores)
+            probs = mask_probs(image, levels[chosen], cells[chosen], stride4_size, out=out)
             if len(unique) < len(inverse):  # unique: in ascending order of cells
-                chosen = candidates[first]
-                probs = mask_probs(image, levels[chosen], cells[chosen], stride4_size)[inverse]
-            else:
-                probs = mask_probs(image, levels[candidates], cells[candidates], stride4_size)
+                probs = probs[inverse]
 
         result = Instances(output_size)
         with record_function("solo.postprocess.paste"):
@@ -376,34 +391,6 @@ class SOLOPostProcessor:
         num_detections = final.sum().clamp(max=k2)
         chosen = order[det]
         return det_scores, labels[chosen], probs[chosen], num_detections, num_candidates
-
-
-def _consecutive_unique(values: torch.Tensor):
-    """(unique values, index of each one's first occurrence, inverse) of ``values`` (K,) whose
-    repeats are consecutive: ``values == unique[inverse]`` and ``unique == values[first]``."""
-    unique, inverse, counts = torch.unique_consecutive(
-        values, return_inverse=True, return_counts=True
-    )
-    first = counts.cumsum(0) - counts
-    return unique, first, inverse
-
-
-def _unique(values: torch.Tensor):
-    """:func:`_consecutive_unique` for repeats anywhere in ``values`` (K,)."""
-    unique, inverse = torch.unique(values, return_inverse=True)
-    positions = torch.arange(len(values), device=values.device)
-    first = torch.full_like(unique, len(values)).scatter_reduce_(0, inverse, positions, "amin")
-    return unique, first, inverse
-
-
-def _concat(parts):
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
-def _top_k(tensors, score_index: int, k: int):
-    """Sort ``tensors`` (a tuple of aligned tensors) by descending score and keep the first k."""
-    order = torch.argsort(tensors[score_index], descending=True)[:k]
-    return tuple(t[order] for t in tensors)
 
 
 def _empty_instances(output_size, device) -> Instances:

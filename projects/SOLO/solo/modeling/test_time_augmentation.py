@@ -148,13 +148,15 @@ def _dispatch(per_augmentation: Sequence[Callable], num_levels: int):
     (augmentation ``a`` holds levels ``a * num_levels ...``): each candidate's soft mask comes from
     its augmentation, in the reference frame."""
 
-    def mask_probs(image: int, levels: torch.Tensor, cells: torch.Tensor, size) -> torch.Tensor:
+    def mask_probs(image: int, levels: torch.Tensor, cells: torch.Tensor, size, out=None):
         augmentation = levels // num_levels
-        out = torch.zeros((len(levels), *size), device=levels.device)
+        given = out is not None
+        out = out.zero_() if given else torch.zeros((len(levels), *size), device=levels.device)
         for a in augmentation.unique().tolist():  # one call per augmentation
             index = (augmentation == a).nonzero()[:, 0]
             probs = per_augmentation[a](levels[index] - a * num_levels, cells[index])
-            out = out.to(probs.dtype)
+            if not given:
+                out = out.to(probs.dtype)
             out[index] = probs
         return out
 

@@ -18,7 +18,7 @@ it has:
 import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Generic, List, Sequence, Tuple, TypeVar
+from typing import Callable, Generic, List, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,9 +190,16 @@ class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def inference_mask_probs(
-        self, outputs: HeadOutputs, image: int, levels: torch.Tensor, cells: torch.Tensor, size
+        self,
+        outputs: HeadOutputs,
+        image: int,
+        levels: torch.Tensor,
+        cells: torch.Tensor,
+        size,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(K, *size) mask probabilities of candidates (level, cell) of one image at stride 4."""
+        """(K, *size) mask probabilities of candidates (level, cell) of one image at stride 4,
+        written into ``out`` (a (K, *size) tensor, returned) when given, else a new tensor."""
 
     @abstractmethod
     def fixed_size_mask_probs(
@@ -213,9 +220,10 @@ class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
 
 
 def gather_per_level(levels: torch.Tensor, num_levels: int, compute, out: torch.Tensor):
-    """Fill ``out[k]`` with ``compute(level, positions)`` for the candidates of each level."""
+    """Fill ``out[k]`` with ``compute(level, positions)`` (cast to ``out``'s dtype) for the
+    candidates of each level."""
     for level in range(num_levels):
         positions = (levels == level).nonzero().flatten()
         if len(positions):
-            out[positions] = compute(level, positions)
+            out[positions] = compute(level, positions).to(out.dtype)
     return out

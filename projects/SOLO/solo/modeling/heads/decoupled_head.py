@@ -60,7 +60,7 @@ class _DecoupledBase(SOLOHeadBase):
         rows, cols = cells // self.num_grids[level], cells % self.num_grids[level]
         return logits_x[images, cols].sigmoid() * logits_y[images, rows].sigmoid()
 
-    def inference_mask_probs(self, outputs, image, levels, cells, size):
+    def inference_mask_probs(self, outputs, image, levels, cells, size, out=None):
         xy_logits = outputs.mask_outputs
 
         def compute(level, positions):
@@ -72,7 +72,8 @@ class _DecoupledBase(SOLOHeadBase):
             probs_y = resize(logits_y[image, rows].sigmoid()[None], size)[0]
             return probs_x * probs_y
 
-        out = xy_logits[0][0].new_empty((len(cells), *size))
+        if out is None:
+            out = xy_logits[0][0].new_empty((len(cells), *size))
         return gather_per_level(levels, len(xy_logits), compute, out)
 
     def fixed_size_mask_probs(self, outputs, size):

@@ -69,7 +69,7 @@ class SOLOHead(SOLOHeadBase):
     def training_mask_probs(self, outputs, level, images, cells):
         return self.mask_logits(outputs.mask_outputs[level], level, images, cells).sigmoid()
 
-    def inference_mask_probs(self, outputs, image, levels, cells, size):
+    def inference_mask_probs(self, outputs, image, levels, cells, size, out=None):
         num_levels = len(outputs.mask_outputs)
 
         def compute(level, positions):
@@ -78,7 +78,8 @@ class SOLOHead(SOLOHeadBase):
             probs = self.mask_logits(features, level, images, cells[positions]).sigmoid()
             return resize(probs[None], size)[0]
 
-        out = outputs.mask_outputs[0].new_empty((len(cells), *size))
+        if out is None:
+            out = outputs.mask_outputs[0].new_empty((len(cells), *size))
         return gather_per_level(levels, num_levels, compute, out)
 
     def fixed_size_mask_probs(self, outputs, size):

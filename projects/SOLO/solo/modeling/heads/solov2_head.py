@@ -88,7 +88,7 @@ class SOLOv2Head(SOLOHeadBase):
         selected = kernels[level].flatten(2)[images, :, cells]  # (K, E)
         return per_image_dynamic_conv(selected, images, mask_features).sigmoid()
 
-    def inference_mask_probs(self, outputs, image, levels, cells, size):
+    def inference_mask_probs(self, outputs, image, levels, cells, size, out=None):
         kernels, mask_features = outputs.mask_outputs
         offsets = [0]
         for k in kernels:
@@ -98,11 +98,16 @@ class SOLOv2Head(SOLOHeadBase):
         # transposed view.
         selected = all_kernels[cells + cells.new_tensor(offsets[:-1])[levels]]
         features = mask_features[image]
+        same_size = tuple(features.shape[-2:]) == tuple(size)
+        if out is not None and same_size and out.dtype == features.dtype:
+            # Straight into the caller's buffer (the post-processor reuses one on CPU).
+            torch.mm(selected, features.flatten(1), out=out.view(len(selected), -1))
+            return out.sigmoid_()
         logits = selected @ features.flatten(1)
         probs = logits.view(-1, *features.shape[-2:]).sigmoid_()  # in place: a fresh product
-        if tuple(probs.shape[-2:]) != tuple(size):
+        if not same_size:
             probs = resize(probs[None], size)[0]
-        return probs
+        return probs if out is None else out.copy_(probs)
 
     def fixed_size_mask_probs(self, outputs, size):
         # Already fixed-size: one gather of the dynamic kernels and one matrix product.

@@ -1,0 +1,114 @@
+"""The eager post-processor's candidates between their masks and Matrix NMS: the float buffer
+their mask probabilities are written into, repeated cells, and the pool of the best ``nms_pre``.
+
+Candidates are (cell, class) pairs; a cell above the score threshold for several classes has one
+mask. Masks are computed in chunks into :class:`ChunkBuffers`; the pool keeps each chunk's
+binary masks as computed, with the rows of the kept candidates, and gathers the best ones once,
+in score order (:func:`pooled_top_k`).
+"""
+
+import threading
+from typing import Optional, Sequence, Tuple
+import torch
+
+__all__ = [
+    "CHUNK_BYTES",
+    "ChunkBuffers",
+    "consecutive_unique",
+    "pooled_top_k",
+    "top_k",
+    "unique_with_first",
+]
+
+#: Largest float buffer of candidate masks per chunk (kept between calls on CPU), in bytes: the
+#: stride-4 masks of 512 candidates of an 800x1216 input fit in it, one product for them all.
+CHUNK_BYTES = 128 * 2**20
+
+
+class ChunkBuffers:
+    """One float buffer per thread, kept between calls, that chunks of candidate mask
+    probabilities are written into on CPU.
+
+    Fresh memory for every chunk costs a page fault per 4 KiB, about as much as the mask
+    products themselves at 800x1216; CUDA's caching allocator already reuses memory. Per thread,
+    so that threads serving one model do not share it; copies and pickles start empty.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def take(self, rows: int, size: Sequence[int], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """A (rows, *size) view of this thread's buffer in ``like``'s dtype, valid until the
+        next call; None off CPU or beyond :data:`CHUNK_BYTES` (the caller allocates)."""
+        numel = rows * size[0] * size[1]
+        if like.device.type != "cpu" or numel * like.element_size() > CHUNK_BYTES:
+            return None
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.dtype != like.dtype or buffer.numel() < numel:
+            buffer = self._local.buffer = torch.empty(numel, dtype=like.dtype)
+        return buffer[:numel].view(rows, *size)
+
+    @property
+    def kept(self) -> Optional[torch.Tensor]:
+        """This thread's buffer (None before the first :meth:`take` on CPU)."""
+        return getattr(self._local, "buffer", None)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._local = threading.local()
+
+
+def consecutive_unique(values: torch.Tensor):
+    """(unique values, index of each one's first occurrence, inverse) of ``values`` (K,) whose
+    repeats are consecutive: ``values == unique[inverse]`` and ``unique == values[first]``."""
+    unique, inverse, counts = torch.unique_consecutive(
+        values, return_inverse=True, return_counts=True
+    )
+    first = counts.cumsum(0) - counts
+    return unique, first, inverse
+
+
+def unique_with_first(values: torch.Tensor):
+    """:func:`consecutive_unique` for repeats anywhere in ``values`` (K,); unique values in
+    ascending order."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(len(values), device=values.device)
+    first = torch.full_like(unique, len(values)).scatter_reduce_(0, inverse, positions, "amin")
+    return unique, first, inverse
+
+
+def pooled_top_k(pool: Sequence[Tuple[torch.Tensor, ...]], k: int) -> Tuple[torch.Tensor, ...]:
+    """The best ``k`` candidates of a pool by score, as one pool entry.
+
+    Args:
+        pool: entries ``(masks, rows, scores, labels, candidates, areas)``: (M, h, w) bool masks
+            as computed, and per kept candidate (K,) its row in them, score, label, index and
+            area.
+    Returns:
+        one entry whose masks are gathered in descending score order (rows ``0..k-1``): the
+        only copy of the masks, whatever the number of entries.
+    """
+    if len(pool) == 1:
+        masks, rows = pool[0][:2]
+    else:
+        masks = torch.cat([p[0] for p in pool])
+        offsets = torch.tensor([0] + [len(p[0]) for p in pool[:-1]]).cumsum(0).tolist()
+        rows = torch.cat([p[1] + offset for p, offset in zip(pool, offsets)])
+    scores, labels, candidates, areas = (torch.cat(parts) for parts in list(zip(*pool))[2:])
+    order = torch.argsort(scores, descending=True)[:k]
+    return (
+        masks[rows[order]],
+        torch.arange(len(order), device=order.device),
+        scores[order],
+        labels[order],
+        candidates[order],
+        areas[order],
+    )
+
+
+def top_k(tensors: Tuple[torch.Tensor, ...], score_index: int, k: int):
+    """Sort ``tensors`` (a tuple of aligned tensors) by descending score and keep the first k."""
+    order = torch.argsort(tensors[score_index], descending=True)[:k]
+    return tuple(t[order] for t in tensors)
