@@ -173,7 +173,7 @@ def test_candidate_counts_tally_the_images_over_k0_and_name_the_k0_to_use(tmp_pa
     assert f"--max-candidates {max(seen)}" in summary
     counts.reset()
     counts.add(12, 30)
-    assert counts.summary(30).endswith("every image within K0, results as the eager model's.")
+    assert counts.summary(30).endswith("every image within K0, none cut short by it.")
 
 
 def test_deformable_model_exports_to_pt2_and_is_refused_by_onnx(tmp_path):

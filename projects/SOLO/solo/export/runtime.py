@@ -62,10 +62,10 @@ class CandidateCounts:
         """One line for a log: exact on every image, or how many were cut and the K0 to use."""
         head = f"{self.images} images, at most {self.max} candidates per image (K0 = {k0})"
         if not self.over_k0:
-            return f"{head}: every image within K0, results as the eager model's."
+            return f"{head}: every image within K0, none cut short by it."
         return (
-            f"{head}: {self.over_k0} images had more than K0, their results may differ from the "
-            f"eager model's; re-export with --max-candidates {self.max} or more."
+            f"{head}: {self.over_k0} images had more than K0, only their K0 best category scores "
+            f"were kept; re-export with --max-candidates {self.max} or more."
         )
 
 
