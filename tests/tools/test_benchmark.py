@@ -497,3 +497,33 @@ def test_benchmark_refuses_test_time_augmentation_instead_of_timing_one_view():
         )
     cfg = solo.utils.benchmark_parts.benchmark_cfg("ours", "inference", config, [], "cpu")
     assert not cfg.TEST.AUG.ENABLED and cfg.MODEL.WEIGHTS == ""
+
+
+@pytest.mark.parametrize("where", ["benchmark", "tta"])
+def test_16bit_gray_images_are_read_through_the_project_reader_not_clipped_white(
+    where, tmp_path, monkeypatch
+):
+    """--image and test-time augmentation of inputs given by file name read the file like
+    training and the demo do (solo.data.image_io: a 16-bit range stretched to 8 bits), not with
+    Detectron2's reader, which clips every such pixel to 255."""
+    import cv2
+    import numpy as np
+
+    import solo.modeling.test_time_augmentation as tta
+    from solo.data.image_io import read_image
+
+    gen = np.random.default_rng(0)
+    pixels = gen.integers(0, 4096, size=(40, 56), dtype=np.uint16)  # a 12-bit sensor's range
+    path = str(tmp_path / "gray16.png")
+    cv2.imwrite(path, pixels)
+    expected = read_image(path, "BGR")
+    assert len(np.unique(expected)) > 100  # stretched, not one flat plane
+    if where == "benchmark":
+        image = solo.utils.benchmark_parts.benchmark_image(path, "BGR", (40, 56))
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
+    else:
+        with_tta = tta.SOLOWithTTA.__new__(tta.SOLOWithTTA)  # only _with_image runs here
+        with_tta.__dict__["model"] = dataclasses.make_dataclass("M", ["input_format"])("BGR")
+        inputs = with_tta._with_image({"file_name": path})
+        assert np.array_equal(inputs["image"].permute(1, 2, 0).numpy(), expected)
+        assert (inputs["height"], inputs["width"]) == (40, 56)

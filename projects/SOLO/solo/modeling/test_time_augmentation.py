@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import HFlipTransform, NoOpTransform, ResizeTransform
 from detectron2.modeling import DatasetMapperTTA
+
+from ..data.image_io import read_image
 
 __all__ = ["SOLOWithTTA"]
 

@@ -107,7 +107,7 @@ def benchmark_image(path: str, image_format: str, size: Sequence[int]) -> torch.
     """
     import cv2
 
-    from detectron2.data.detection_utils import read_image
+    from ..data.image_io import read_image
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image {path}: no such file.")
