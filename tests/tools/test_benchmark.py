@@ -506,8 +506,8 @@ def test_16bit_gray_images_are_read_through_the_project_reader_not_clipped_white
     """--image and test-time augmentation of inputs given by file name read the file like
     training and the demo do (solo.data.image_io: a 16-bit range stretched to 8 bits), not with
     Detectron2's reader, which clips every such pixel to 255."""
-    import cv2
     import numpy as np
+    import cv2
 
     import solo.modeling.test_time_augmentation as tta
     from solo.data.image_io import read_image
