@@ -178,18 +178,24 @@ def test_chunk_size_does_not_change_the_result(kind):
 @pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
 def test_heads_write_mask_probs_into_the_given_buffer_with_the_same_values(kind):
     """``out=``: the post-processor's kept CPU buffer receives exactly the probabilities a new
-    tensor would hold, also when the size needs a resize or the dtype differs."""
+    tensor would hold; a buffer of another dtype, or (SOLOv2) a size that needs a resize or an
+    active autocast, leaves the head computing as without it (same values, same dtype)."""
     outputs = random_outputs(kind, 5)
     head = make_head(kind)
     levels, cells = torch.tensor([0, 1, 1, 2]), torch.tensor([3, 0, 5, 2])
-    cases = [(STRIDE4, torch.float32), ((17, 23), torch.float32), (STRIDE4, torch.float64)]
-    for size, dtype in cases:
-        with torch.no_grad():
+    cases = [
+        (STRIDE4, torch.float32, False, True),
+        ((17, 23), torch.float32, False, kind != "solov2"),
+        (STRIDE4, torch.float64, False, False),
+        (STRIDE4, torch.float32, True, kind != "solov2"),
+    ]
+    for size, dtype, autocast, used in cases:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             expected = head.inference_mask_probs(outputs, 1, levels, cells, size)
             buffer = torch.full((len(cells), *size), float("nan"), dtype=dtype)
-            written = head.inference_mask_probs(outputs, 1, levels, cells, size, out=buffer)
-        assert written.data_ptr() == buffer.data_ptr() and written.shape == (4, *size)
-        assert torch.equal(written, expected.to(dtype)), (size, dtype)
+            result = head.inference_mask_probs(outputs, 1, levels, cells, size, out=buffer)
+        assert (result.data_ptr() == buffer.data_ptr()) == used, (size, dtype, autocast)
+        assert result.dtype == expected.dtype and torch.equal(result, expected)
 
 
 @pytest.mark.parametrize("kind", ["solo", "solov2"])

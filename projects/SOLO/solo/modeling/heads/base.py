@@ -198,8 +198,11 @@ class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
         size,
         out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(K, *size) mask probabilities of candidates (level, cell) of one image at stride 4,
-        written into ``out`` (a (K, *size) tensor, returned) when given, else a new tensor."""
+        """(K, *size) mask probabilities of candidates (level, cell) of one image at stride 4.
+
+        ``out``: an optional (K, *size) buffer to write them into (the post-processor's kept CPU
+        buffer); it is used, and returned, when it has the dtype the head computes in (outside
+        autocast, for SOLOv2), otherwise a new tensor is returned. Same values either way."""
 
     @abstractmethod
     def fixed_size_mask_probs(
@@ -220,10 +223,9 @@ class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
 
 
 def gather_per_level(levels: torch.Tensor, num_levels: int, compute, out: torch.Tensor):
-    """Fill ``out[k]`` with ``compute(level, positions)`` (cast to ``out``'s dtype) for the
-    candidates of each level."""
+    """Fill ``out[k]`` with ``compute(level, positions)`` for the candidates of each level."""
     for level in range(num_levels):
         positions = (levels == level).nonzero().flatten()
         if len(positions):
-            out[positions] = compute(level, positions).to(out.dtype)
+            out[positions] = compute(level, positions)
     return out

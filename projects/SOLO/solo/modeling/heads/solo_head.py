@@ -78,7 +78,7 @@ class SOLOHead(SOLOHeadBase):
             probs = self.mask_logits(features, level, images, cells[positions]).sigmoid()
             return resize(probs[None], size)[0]
 
-        if out is None:
+        if out is None or out.dtype != outputs.mask_outputs[0].dtype:
             out = outputs.mask_outputs[0].new_empty((len(cells), *size))
         return gather_per_level(levels, num_levels, compute, out)
 

@@ -99,15 +99,21 @@ class SOLOv2Head(SOLOHeadBase):
         selected = all_kernels[cells + cells.new_tensor(offsets[:-1])[levels]]
         features = mask_features[image]
         same_size = tuple(features.shape[-2:]) == tuple(size)
-        if out is not None and same_size and out.dtype == features.dtype:
-            # Straight into the caller's buffer (the post-processor reuses one on CPU).
+        # Straight into the caller's buffer (the post-processor keeps one on CPU) when that is
+        # the same computation: mm(out=) skips autocast, and a resize makes a new tensor anyway.
+        if (
+            out is not None
+            and same_size
+            and out.dtype == features.dtype == selected.dtype
+            and not torch.is_autocast_enabled(features.device.type)
+        ):
             torch.mm(selected, features.flatten(1), out=out.view(len(selected), -1))
             return out.sigmoid_()
         logits = selected @ features.flatten(1)
         probs = logits.view(-1, *features.shape[-2:]).sigmoid_()  # in place: a fresh product
         if not same_size:
             probs = resize(probs[None], size)[0]
-        return probs if out is None else out.copy_(probs)
+        return probs
 
     def fixed_size_mask_probs(self, outputs, size):
         # Already fixed-size: one gather of the dynamic kernels and one matrix product.
