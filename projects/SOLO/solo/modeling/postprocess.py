@@ -63,7 +63,6 @@ MASK_FORMATS = ("bitmask", "cropped")  # TEST.MASK_FORMAT
 #: ``mask_probs(image, levels, cells, size, out=None)``: see :meth:`SOLOPostProcessor.__call__`.
 MaskProbs = Callable[..., torch.Tensor]
 
-
 #: :meth:`SOLOPostProcessor.fixed_size`'s outputs, in this order (also the exported graphs').
 FIXED_SIZE_OUTPUTS = ("scores", "labels", "masks", "num_detections", "num_candidates")
 
@@ -193,10 +192,11 @@ class SOLOPostProcessor:
             cate_logits: per level, (N, C, S, S) category logits of the N images.
             mask_probs: ``mask_probs(image, levels, cells, size, out=None)`` -> (K, *size)
                 float mask probabilities of K candidates (int64 level index and flat cell
-                i * S + j) of image ``image`` at ``size`` (stride 4 of ``padded_size``), written
-                into ``out`` ((K, *size), returned) when given; e.g. the head's
-                ``inference_mask_probs`` bound to its outputs. On CPU ``out`` is a view of a
-                buffer that the next call overwrites.
+                i * S + j) of image ``image`` at ``size`` (stride 4 of ``padded_size``), e.g.
+                the head's ``inference_mask_probs`` bound to its outputs. On CPU ``out`` is a
+                (K, *size) view of a buffer kept between calls that the callable may write its
+                result into and return (the next call overwrites it); the returned tensor is
+                what is used.
             padded_size: (H, W) of the padded input canvas, pixels.
             image_sizes: per image, (h, w) of the image inside the canvas.
             output_sizes: per image, (height, width) of the wanted output.
