@@ -188,8 +188,9 @@ def check_args(args: argparse.Namespace):
         )
     if args.max_candidates is not None and not args.runtime:
         raise SystemExit(
-            f"--max-candidates {args.max_candidates} sets the exported graphs' K0; it needs "
-            "--runtime (the eager model's candidates are MODEL.SOLO.NMS_PRE)."
+            f"--max-candidates {args.max_candidates} sets the exported graphs' K0; it needs an "
+            "exported runtime (--runtime onnxruntime, openvino, ...): eager PyTorch (pytorch) "
+            "has no K0, its candidates are MODEL.SOLO.NMS_PRE."
         )
     if args.max_candidates is not None and args.max_candidates < 1:
         raise SystemExit(f"--max-candidates must be >= 1, got {args.max_candidates}.")
@@ -241,7 +242,7 @@ class Report:
     runtime_ratios: Dict[str, Optional[float]]  # per runtime: exported / eager total latency
     # per runtime: exported / float ONNX Runtime total latency (when onnxruntime was measured)
     onnxruntime_ratios: Optional[Dict[str, Optional[float]]]
-    max_candidates: Optional[int]  # --max-candidates: the exported graphs' K0
+    max_candidates: Optional[int]  # the exported graphs' K0 (--max-candidates, else NMS_PRE)
     ratios: Dict[str, Optional[float]]
     models: Dict[str, dict]
     masks: str = "dense"  # --masks; "both": models["ours_cropped"] next to models["ours"]
@@ -334,12 +335,15 @@ def run_exported(job: Job, model, batched, calibration: dict, memory: MemoryTrac
     # The exported model's own counts and masks; the rest describes the calibration it shares.
     masks = mask_extent_report(exported, batched)
     candidates = exported.last_num_candidates[0]
+    k0 = exported.max_candidates
     calibration = {
         **calibration,
         "instances_out": masks["instances"],
         "candidates": candidates,
-        "candidates_before_nms": min(candidates, calibration["nms_pre"]),
-        "max_candidates": exported.max_candidates,  # K0 of the graph
+        # The graph gives masks to at most K0 of them: with more, it does less work than eager.
+        "candidates_before_nms": min(candidates, k0, calibration["nms_pre"]),
+        "max_candidates": k0,
+        "candidates_over_k0": candidates > k0,
         "output_masks": masks,
     }
     return {
@@ -557,9 +561,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             runtime: compute_ratios(models[name], models["ours_onnxruntime"]).get(
                 HEADLINE["inference"]
             )
-            for name, runtime in exported.items()
+            for name, runtime in {"ours": "pytorch", **exported}.items()
             if runtime != "onnxruntime"
         }
+    # The K0 the graphs were exported with (the flag, else each graph's default NMS_PRE), and
+    # the runtimes whose graph cut the image's candidates to K0 (less work than eager).
+    k0s = {models[n].get("calibration", {}).get("max_candidates") for n in exported} - {None}
+    over_k0 = [r for n, r in exported.items() if models[n].get("calibration", {}).get(
+        "candidates_over_k0")]  # fmt: skip
     report = Report(
         task=args.task,
         config_file=args.config_file,
@@ -575,7 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runtimes=list(args.runtime),
         runtime_ratios=runtime_ratios,
         onnxruntime_ratios=onnxruntime_ratios,
-        max_candidates=args.max_candidates,
+        max_candidates=args.max_candidates or (k0s.pop() if len(k0s) == 1 else None),
         ratios=ratios,
         models=models,
         masks=args.masks,
@@ -591,6 +600,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"ratio {runtime} / pytorch (inference): {ratio}")
     for runtime, ratio in (report.onnxruntime_ratios or {}).items():
         print(f"ratio {runtime} / onnxruntime (inference): {ratio}")
+    if over_k0:
+        candidates = models["ours"]["calibration"].get("candidates")
+        print(
+            f"note: {', '.join(over_k0)}: the image has {candidates} candidates, more than the "
+            f"exported graphs' K0 = {report.max_candidates}; they gave masks to K0 of them only "
+            "(less work than eager, other results): their ratios do not compare the same work. "
+            f"Use --max-candidates {candidates} or more."
+        )
     if report.masks_ratios:
         for key in ("memory_mb.peak", "latency_ms.total.median", "latency_ms.postprocess.median"):
             print(f"ratio cropped / dense masks, {key}: {report.masks_ratios.get(key)}")

@@ -198,6 +198,31 @@ def test_heads_write_mask_probs_into_the_given_buffer_with_the_same_values(kind)
         assert result.dtype == expected.dtype and torch.equal(result, expected)
 
 
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+def test_heads_run_under_cpu_bfloat16_autocast_with_bfloat16_mask_outputs(kind):
+    """Under autocast the head's mask outputs are bfloat16 and a resize returns float32: the
+    probabilities come out in the dtype computed (SOLO's per-level rows used to fail to fit a
+    bfloat16 tensor), with or without the post-processor's float32 buffer."""
+    outputs = random_outputs(kind, 6, cate_mean=-2.0)
+
+    def as_bf16(x):
+        if torch.is_tensor(x):
+            return x.bfloat16()
+        parts = [as_bf16(v) for v in x]
+        return type(x)(*parts) if hasattr(x, "_fields") else type(x)(parts)  # NamedTuple or not
+
+    outputs = HeadOutputs(outputs.cate_logits, as_bf16(outputs.mask_outputs))
+    head = make_head(kind)
+    levels, cells = torch.tensor([0, 1, 1, 2]), torch.tensor([3, 0, 5, 2])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = head.inference_mask_probs(outputs, 1, levels, cells, STRIDE4)
+        buffer = torch.empty((4, *STRIDE4))
+        written = head.inference_mask_probs(outputs, 1, levels, cells, STRIDE4, out=buffer)
+        results = run_ours(kind, outputs, nms_pre=20)
+    assert torch.equal(written, alone) and written.dtype == alone.dtype
+    assert sum(len(r) for r in results) > 0
+
+
 @pytest.mark.parametrize("kind", ["solo", "solov2"])
 def test_kept_buffer_and_byte_budget_do_not_change_the_result(kind, monkeypatch):
     """The CPU buffer kept between calls (reused by the next image, reallocated when it is too

@@ -142,7 +142,37 @@ def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_insta
         models["ours_torchscript"]["latency_ms"]["total"]["median"]
         / models["ours_onnxruntime"]["latency_ms"]["total"]["median"]
     )
-    assert report["onnxruntime_ratios"] == {"torchscript": pytest.approx(expected, rel=1e-3)}
+    eager = models["ours"]["latency_ms"]["total"]["median"]
+    assert report["onnxruntime_ratios"] == {
+        "pytorch": pytest.approx(
+            eager / models["ours_onnxruntime"]["latency_ms"]["total"]["median"], rel=1e-3
+        ),
+        "torchscript": pytest.approx(expected, rel=1e-3),
+    }
+    assert not any(models[f"ours_{r}"]["calibration"]["candidates_over_k0"] for r in runtimes)
+
+
+def test_an_exported_graph_with_fewer_candidates_than_the_image_is_flagged(
+    benchmark, tmp_path, capsys
+):
+    """K0 below the image's candidate count: the graph does less work than eager; the report
+    says so (JSON and a printed note naming the K0 to use) instead of a bare ratio."""
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "torchscript",
+                 "--max-candidates", "40", "MODEL.SOLO.NMS_PRE", "300")  # fmt: skip
+    eager = report["models"]["ours"]["calibration"]
+    exported = report["models"]["ours_torchscript"]["calibration"]
+    assert eager["candidates"] > 40 and exported["candidates"] == eager["candidates"]
+    assert exported["candidates_over_k0"] is True and exported["candidates_before_nms"] == 40
+    note = capsys.readouterr().out
+    assert "more than the exported graphs' K0 = 40" in note
+    assert f"Use --max-candidates {eager['candidates']} or more" in note
+
+
+def test_report_names_the_default_k0_of_the_exported_graphs(benchmark, tmp_path):
+    report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "torchscript",
+                 "MODEL.SOLO.NMS_PRE", "300")  # fmt: skip
+    assert report["max_candidates"] == 300
+    assert report["onnxruntime_ratios"] is None  # no float ONNX Runtime measured
 
 
 def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path, monkeypatch):
@@ -452,13 +482,14 @@ def test_trained_weights_are_timed_as_they_are_on_a_real_image(benchmark, tmp_pa
         (["--mask-extent", "image", "MODEL.WEIGHTS", TINY_CONFIG], "timed as it is"),
         (["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth: no such file"),
         (["--task", "data", "MODEL.WEIGHTS", "m.pth"], "timed in inference only"),
-        (["--max-candidates", "100"], "it needs --runtime"),
+        (["--max-candidates", "100"], "it needs an exported runtime"),
+        (["--runtime", "pytorch", "--max-candidates", "100"], "eager PyTorch .pytorch. has no K0"),
         (["--runtime", "onnxruntime", "--max-candidates", "0"], "must be >= 1, got 0"),
     ],
     ids=[
         "missing_image", "directory", "not_an_image", "image_for_training",
         "mask_extent_with_weights", "missing_weights", "weights_for_data",
-        "max_candidates_without_runtime", "max_candidates_zero",
+        "max_candidates_without_runtime", "max_candidates_with_pytorch", "max_candidates_zero",
     ],
 )  # fmt: skip
 def test_image_weights_and_k0_options_are_refused_where_they_cannot_apply(benchmark, args, message):

@@ -337,8 +337,8 @@ class ExportedModel:
             logger.warning(
                 f"{num_cand} candidates above MODEL.SOLO.SCORE_THRESH, more than the "
                 f"{self.max_candidates} (K0) the exported model considers: only the best "
-                "category scores were kept, results may differ from the eager model. Re-export "
-                "with a larger --max-candidates."
+                f"category scores were kept, results may differ from the eager model. Re-export "
+                f"with --max-candidates {num_cand} or more."
             )
         result = Instances(output_size)
         result.pred_masks, result.pred_boxes = paste_masks(

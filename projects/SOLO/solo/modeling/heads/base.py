@@ -222,10 +222,26 @@ class SOLOHeadBase(nn.Module, metaclass=ABCMeta):
         return []
 
 
-def gather_per_level(levels: torch.Tensor, num_levels: int, compute, out: torch.Tensor):
-    """Fill ``out[k]`` with ``compute(level, positions)`` for the candidates of each level."""
+def gather_per_level(
+    levels: torch.Tensor,
+    num_levels: int,
+    compute,
+    size,
+    like: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """(K, *size) rows ``compute(level, positions)`` for the candidates of each level, in the
+    dtype ``compute`` returns (under autocast a resize may return float32 from bfloat16
+    features): written into ``out`` when it has that dtype, else into a new tensor (``like``'s
+    device; ``like``'s dtype when there are no candidates)."""
+    result, filled = out, False
     for level in range(num_levels):
         positions = (levels == level).nonzero().flatten()
         if len(positions):
-            out[positions] = compute(level, positions)
-    return out
+            values = compute(level, positions)
+            if result is None or result.dtype != values.dtype:
+                fresh = values.new_empty((len(levels), *size))
+                result = fresh.copy_(result) if filled else fresh
+            result[positions] = values
+            filled = True
+    return like.new_empty((len(levels), *size)) if result is None else result

@@ -72,9 +72,7 @@ class _DecoupledBase(SOLOHeadBase):
             probs_y = resize(logits_y[image, rows].sigmoid()[None], size)[0]
             return probs_x * probs_y
 
-        if out is None or out.dtype != xy_logits[0][0].dtype:
-            out = xy_logits[0][0].new_empty((len(cells), *size))
-        return gather_per_level(levels, len(xy_logits), compute, out)
+        return gather_per_level(levels, len(xy_logits), compute, size, xy_logits[0][0], out)
 
     def fixed_size_mask_probs(self, outputs, size):
         # All S column maps X and S row maps Y of every level, at stride 4 (2 * sum S maps,

@@ -78,9 +78,7 @@ class SOLOHead(SOLOHeadBase):
             probs = self.mask_logits(features, level, images, cells[positions]).sigmoid()
             return resize(probs[None], size)[0]
 
-        if out is None or out.dtype != outputs.mask_outputs[0].dtype:
-            out = outputs.mask_outputs[0].new_empty((len(cells), *size))
-        return gather_per_level(levels, num_levels, compute, out)
+        return gather_per_level(levels, num_levels, compute, size, outputs.mask_outputs[0], out)
 
     def fixed_size_mask_probs(self, outputs, size):
         # Channel k of level l's 1x1 conv is row k of its weight: gather the K candidates' rows
