@@ -53,6 +53,9 @@ class ChunkBuffers:
         """This thread's buffer (None before the first :meth:`take` on CPU)."""
         return getattr(self._local, "buffer", None)
 
+    def __eq__(self, other):  # a cache, not a setting: post-processors compare by settings
+        return isinstance(other, ChunkBuffers)
+
     def __getstate__(self):
         return {}
 
