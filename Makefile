@@ -63,7 +63,7 @@ demo-panoptic: setup
 	@echo "Panoptic results drawn in $(PANOPTIC_OUTPUT)/vis; PQ and AP in $(PANOPTIC_OUTPUT)/log.txt"
 
 benchmark: setup
-	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn
+	$(PY) tools/benchmark.py --config-file configs/SOLOv2/R50_3x.yaml --task inference --compare mask_rcnn --repeats 10
 
 # On a machine with CUDA: the CUDA tests, then GPU benchmarks vs Mask R-CNN (one JSON, a table).
 gpu-check: setup

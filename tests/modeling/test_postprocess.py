@@ -550,3 +550,20 @@ def test_candidate_count_is_logged_as_the_mean_per_image_before_nms_pre(kind):
     assert min(expected) > 5, "more candidates than nms_pre: the count is taken before the cut"
     assert storage.latest()["solo/num_candidates"][0] == pytest.approx(sum(expected) / 2)
     run_ours(kind, outputs)  # without an EventStorage nothing is logged, nothing fails
+
+
+def test_mask_probs_callables_without_out_still_work_unbuffered():
+    """A custom head's inference_mask_probs written before ``out=`` existed is called as
+    before (no kept buffer), with the same results."""
+    outputs = random_outputs("solov2", 11, cate_mean=-2.0)
+    head_probs = mask_probs_of("solov2", outputs)
+
+    def old_style(image, levels, cells, size):
+        return head_probs(image, levels, cells, size)
+
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, nms_pre=20)
+    results = post(outputs.cate_logits, old_style, PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+    for a, b in zip(results, run_ours("solov2", outputs, nms_pre=20)):
+        assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
+        assert torch.equal(a.scores, b.scores)
+    assert post._buffers.kept is None

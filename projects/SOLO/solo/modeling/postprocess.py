@@ -35,6 +35,8 @@ per image of candidates competing for the ``nms_pre`` slots (above the score thr
 larger than the level's minimum area).
 """
 
+import functools
+import inspect
 from typing import Callable, List, Sequence, Tuple
 import torch
 from torch.profiler import record_function
@@ -204,14 +206,18 @@ class SOLOPostProcessor:
             per image, ``Instances(output_size)`` with bool ``pred_masks``, ``scores``, int64
             ``pred_classes`` and ``pred_boxes``, sorted by descending score.
         """
+        buffered = _accepts_out(mask_probs)
+        if not buffered:  # a head written before ``out=``: called as then, no kept buffer
+            mask_probs = _ignoring_out(mask_probs)
         with record_function("solo.postprocess.candidates"):
             scores = grid_scores(cate_logits)  # (N, sum S^2, C)
         cells_per_level = [x.shape[-2] * x.shape[-1] for x in cate_logits]
         results, candidate_counts = [], []
         for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
             result, count = self._single_image(
-                mask_probs, i, scores[i], cells_per_level, padded_size, image_size, out_size
-            )
+                mask_probs, i, scores[i], cells_per_level, padded_size, image_size, out_size,
+                buffered,
+            )  # fmt: skip
             if self.mask_format == "cropped" and not len(result):
                 result.pred_masks = CroppedMasks.empty(out_size, result.scores.device)
             results.append(result)
@@ -223,8 +229,9 @@ class SOLOPostProcessor:
         return results
 
     def _single_image(
-        self, mask_probs, image, scores, cells_per_level, padded_size, image_size, output_size
-    ) -> Tuple[Instances, int]:
+        self, mask_probs, image, scores, cells_per_level, padded_size, image_size, output_size,
+        buffered,
+    ) -> Tuple[Instances, int]:  # fmt: skip
         """The image's instances, and the number of candidates competing for nms_pre."""
         device = scores.device
         stride4_size = (padded_size[0] // 4, padded_size[1] // 4)
@@ -251,7 +258,7 @@ class SOLOPostProcessor:
             # consecutive.
             unique, first, inverse = consecutive_unique(flat_cells[part])
             with record_function("solo.postprocess.mask_probs"):
-                out = self._buffers.take(len(unique), stride4_size, scores)
+                out = self._buffers.take(len(unique), stride4_size, scores) if buffered else None
                 probs = mask_probs(
                     image, levels[part][first], cells[part][first], stride4_size, out=out
                 )
@@ -303,7 +310,7 @@ class SOLOPostProcessor:
         with record_function("solo.postprocess.mask_probs"):
             unique, first, inverse = unique_with_first(flat_cells[candidates])
             chosen = candidates[first] if len(unique) < len(inverse) else candidates
-            out = self._buffers.take(len(chosen), stride4_size, scores)
+            out = self._buffers.take(len(chosen), stride4_size, scores) if buffered else None
             probs = mask_probs(image, levels[chosen], cells[chosen], stride4_size, out=out)
             if len(unique) < len(inverse):  # unique: in ascending order of cells
                 probs = probs[inverse]
@@ -391,6 +398,22 @@ class SOLOPostProcessor:
         num_detections = final.sum().clamp(max=k2)
         chosen = order[det]
         return det_scores, labels[chosen], probs[chosen], num_detections, num_candidates
+
+
+def _accepts_out(fn: Callable) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as before
+        return False
+    return any(p.name == "out" or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def _ignoring_out(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(image, levels, cells, size, out=None):
+        return fn(image, levels, cells, size)
+
+    return call
 
 
 def _empty_instances(output_size, device) -> Instances:
