@@ -601,7 +601,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for runtime, ratio in (report.onnxruntime_ratios or {}).items():
         print(f"ratio {runtime} / onnxruntime (inference): {ratio}")
     if over_k0:
-        candidates = models["ours"]["calibration"].get("candidates")
+        # The graphs' own count: (cell, class) pairs above SCORE_THRESH, what K0 must hold.
+        candidates = max(models[f"ours_{r}"]["calibration"]["candidates"] for r in over_k0)
         print(
             f"note: {', '.join(over_k0)}: the image has {candidates} candidates, more than the "
             f"exported graphs' K0 = {report.max_candidates}; they gave masks to K0 of them only "

@@ -165,7 +165,7 @@ def test_an_exported_graph_with_fewer_candidates_than_the_image_is_flagged(
     assert exported["candidates_over_k0"] is True and exported["candidates_before_nms"] == 40
     note = capsys.readouterr().out
     assert "more than the exported graphs' K0 = 40" in note
-    assert f"Use --max-candidates {eager['candidates']} or more" in note
+    assert f"Use --max-candidates {exported['candidates']} or more" in note
 
 
 def test_report_names_the_default_k0_of_the_exported_graphs(benchmark, tmp_path):
