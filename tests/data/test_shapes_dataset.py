@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BitMasks, BoxMode, Instances
 
-from solo.data import shapes
+from solo.data import shapes, shapes_drawing
 from solo.data.shapes import ShapesSplit
 
 # Small images keep every generation in these tests well below a second.
@@ -124,14 +124,14 @@ def test_rle_masks_area_and_box_are_exactly_the_rasterised_visible_regions(mediu
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     for image_id in range(1, spec.num_images + 1):
-        _, labels, category_ids = shapes._draw_image(rng, *spec.image_size)
+        _, labels, category_ids = shapes_drawing.draw_image(rng, *spec.image_size)
         anns = by_image.get(image_id, [])
         assert [a["category_id"] for a in anns] == category_ids
         for k, ann in enumerate(anns, start=1):
             mask = mask_util.decode(ann["segmentation"]).astype(bool)
             np.testing.assert_array_equal(mask, labels == k)
             ys, xs = np.nonzero(mask)
-            assert ann["area"] == mask.sum() >= shapes.MIN_VISIBLE_AREA
+            assert ann["area"] == mask.sum() >= shapes_drawing.MIN_VISIBLE_AREA
             assert ann["bbox"] == [xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1]
 
 
@@ -165,13 +165,13 @@ def test_rle_keeps_holes_left_by_occluding_shapes():
     labels = np.zeros((40, 50), dtype=np.uint8)
     labels[5:35, 5:45] = 1
     labels[15:25, 20:30] = 2  # a later shape occluding the middle of the first
-    anns = shapes._annotate(labels, [3, 1], image_id=9, first_id=4)
+    anns = shapes_drawing.annotate(labels, [3, 1], image_id=9, first_id=4)
     assert [(a["id"], a["image_id"], a["category_id"]) for a in anns] == [(4, 9, 3), (5, 9, 1)]
     first = mask_util.decode(anns[0]["segmentation"]).astype(bool)
     np.testing.assert_array_equal(first, labels == 1)
     assert not first[20, 25] and anns[0]["area"] == 30 * 40 - 100
     assert anns[0]["bbox"] == [5.0, 5.0, 40.0, 30.0] and anns[1]["bbox"] == [20.0, 15.0, 10.0, 10.0]
-    assert shapes._annotate(labels * 0, [], image_id=1, first_id=1) == []
+    assert shapes_drawing.annotate(labels * 0, [], image_id=1, first_id=1) == []
 
 
 def test_image_and_instance_statistics(medium_split):
@@ -181,7 +181,7 @@ def test_image_and_instance_statistics(medium_split):
         counts[ann["image_id"]] += 1
     assert any(c == 0 for c in counts.values())
     assert sum(c >= 3 for c in counts.values()) >= 5
-    assert max(counts.values()) <= shapes.MAX_OBJECTS
+    assert max(counts.values()) <= shapes_drawing.MAX_OBJECTS
     assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3}
     areas = [a["area"] for a in coco["annotations"]]
     height, width = MEDIUM

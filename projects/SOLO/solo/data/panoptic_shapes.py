@@ -38,16 +38,8 @@ from pycocotools import mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .shapes import (
-    GENERATOR_VERSION,
-    NOISE_SIGMA,
-    SHAPES_CATEGORIES,
-    ShapesSplit,
-    _annotate,
-    _draw_shape,
-    _place_shapes,
-    get_shapes_root,
-)
+from .shapes import GENERATOR_VERSION, ShapesSplit, get_shapes_root
+from .shapes_drawing import NOISE_SIGMA, SHAPES_CATEGORIES, annotate, draw_shape, place_shapes
 
 __all__ = [
     "PANOPTIC_SHAPES_CATEGORIES",
@@ -144,7 +136,7 @@ def _fill_color(rng: np.random.Generator, band_colors: List[np.ndarray]) -> Tupl
 def _draw_panoptic_image(rng: np.random.Generator, height: int, width: int):
     """One image: uint8 RGB (H, W, 3), instance label map (H, W) with the objects' category
     ids, and the (H, W) stuff category id of every pixel (0: unlabeled)."""
-    shapes, labels = _place_shapes(rng, height, width)
+    shapes, labels = place_shapes(rng, height, width)
     bands, layout = _stuff_map(rng, height, width)
     canvas = np.zeros((height, width, 3), np.float32)
     stuff_ids = np.zeros((height, width), np.int64)
@@ -161,7 +153,7 @@ def _draw_panoptic_image(rng: np.random.Generator, height: int, width: int):
         band_colors.append(texture.reshape(-1, 3).mean(axis=0))
         stuff_ids[inside] = next(c["id"] for c in STUFF_CATEGORIES if c["name"] == name)
     for shape in shapes:
-        _draw_shape(canvas, shape, _fill_color(rng, band_colors))
+        draw_shape(canvas, shape, _fill_color(rng, band_colors))
     canvas += rng.normal(0.0, NOISE_SIGMA, size=canvas.shape).astype(np.float32)
     image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
     return image, labels, [s["category_id"] for s in shapes], stuff_ids
@@ -253,7 +245,7 @@ def generate_panoptic_shapes_split(root: str, spec: ShapesSplit) -> str:
         semantic = _semantic_labels(labels, stuff_ids)
         _write_png(os.path.join(paths["sem_seg_root"], file_name), semantic)
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-        annotations += _annotate(labels, category_ids, image_id, first_id=len(annotations) + 1)
+        annotations += annotate(labels, category_ids, image_id, first_id=len(annotations) + 1)
         panoptic.append(annotation)
     things = [c for c in PANOPTIC_SHAPES_CATEGORIES if c["isthing"]]
     instances = {"info": _info(spec), "images": images, "annotations": annotations}
