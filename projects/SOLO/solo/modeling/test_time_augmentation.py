@@ -152,7 +152,8 @@ def _dispatch(per_augmentation: Sequence[Callable], num_levels: int):
     def mask_probs(image: int, levels: torch.Tensor, cells: torch.Tensor, size, out=None):
         augmentation = levels // num_levels
         given = out is not None
-        out = out.zero_() if given else torch.zeros((len(levels), *size), device=levels.device)
+        # Every row is written below: each candidate comes from exactly one augmentation.
+        out = out if given else torch.empty((len(levels), *size), device=levels.device)
         for a in augmentation.unique().tolist():  # one call per augmentation
             index = (augmentation == a).nonzero()[:, 0]
             probs = per_augmentation[a](levels[index] - a * num_levels, cells[index])
