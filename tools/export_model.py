@@ -31,6 +31,7 @@ Reduced precision (ONNX only, ``solo.export.quantize``): ``--quantize int8`` als
 import solo  # noqa: F401  isort: skip  (first: it hides known start-up warnings, solo.utils.cli)
 import argparse
 import logging
+import os
 import sys
 import torch
 
@@ -175,6 +176,13 @@ def check_precision_args(args) -> None:
         )
     if args.runtime != "onnxruntime" and args.format != "onnx":
         raise SystemExit(f"--runtime {args.runtime} runs ONNX files: use --format onnx.")
+    if args.runtime == "openvino_bf16" and args.verify:
+        raise SystemExit(
+            "--verify checks exactness, which bfloat16 does not have by design: use --run-eval "
+            "for the AP it costs, or --runtime openvino (f32, exact) with --verify."
+        )
+    if args.max_candidates is not None and args.max_candidates < 1:
+        raise SystemExit(f"--max-candidates must be >= 1, got {args.max_candidates}.")
 
 
 def reduce_precision(args, cfg, float_path: str) -> str:
@@ -289,6 +297,12 @@ def run_eval(cfg, exported: ExportedModel):
     _setup(name="detectron2")
     register_builtin_datasets()
     exported.candidate_counts.reset()
+    # Predictions next to the evaluated file, one folder per file (not the config's OUTPUT_DIR,
+    # where a float and an INT8 evaluation would overwrite each other and the training's own).
+    cfg = cfg.clone()
+    cfg.defrost()
+    stem = os.path.splitext(os.path.basename(exported.path))[0]
+    cfg.OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(exported.path)), f"eval_{stem}")
     results = Trainer.test(cfg, exported)
     # Images over K0 are warned about one by one; the count says whether the AP is the eager's.
     logger.info(f"{exported.path}: {exported.candidate_counts.summary(exported.max_candidates)}")

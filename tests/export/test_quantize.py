@@ -144,6 +144,10 @@ def test_export_tool_writes_int8_model_and_reports_its_ap_next_to_float(
         MetadataCatalog.remove(labelled)
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert (tmp_path / "out" / "model_int8.onnx").is_file()
+    # Each file's predictions next to it, not in OUTPUT_DIR (where INT8's were overwritten).
+    for stem in ("model", "model_int8"):
+        assert (tmp_path / "out" / f"eval_{stem}" / "inference").is_dir()
+    assert not (tmp_path / "eval" / "inference").exists()
     report = capsys.readouterr().out
     assert "fp32" in report and "int8" in report and "change int8" in report
     rows = {
@@ -174,6 +178,10 @@ def test_export_tool_refuses_int8_without_dataset_for_other_formats_and_for_dcn(
         export_tool.main(common + ["--format", "torchscript"] + int8 + no_weights)
     with pytest.raises(SystemExit, match="--verify checks exactness"):
         export_tool.main(common + int8 + ["--verify"] + no_weights)
+    with pytest.raises(SystemExit, match="--verify checks exactness, which bfloat16"):
+        export_tool.main(common + ["--runtime", "openvino_bf16", "--verify"] + no_weights)
+    with pytest.raises(SystemExit, match="--max-candidates must be >= 1, got 0"):
+        export_tool.main(common + int8 + ["--max-candidates", "0"] + no_weights)
     dcn = ["MODEL.SOLO.TOWER_DCN", "DCNv2", "MODEL.SOLO.TOWER_DCN_LAYERS", "last"]
     with pytest.raises(SystemExit, match="deformable convolutions.*pt2.*only full precision"):
         export_tool.main(common + int8 + no_weights + dcn)
