@@ -61,6 +61,23 @@ def test_mask_iou_matrix_with_labels_is_the_same_label_iou_and_zero_across(num_l
     assert torch.equal(mask_iou_matrix(t, areas, labels), expected)
 
 
+@pytest.mark.parametrize("group_sizes", [[60, 1, 30, 20, 9, 2], [7] * 25, [1] * 50, [49]])
+def test_same_label_intersections_packed_in_blocks_are_the_exact_same_label_counts(group_sizes):
+    """Labels packed into diagonal blocks (one spanning several labels, one label larger than a
+    block, labels given in any order) give each same-label pair its exact count, 0 across."""
+    from solo.modeling.nms import LABEL_BLOCK_ROWS, _same_label_intersections
+
+    assert max(group_sizes) > LABEL_BLOCK_ROWS or len(group_sizes) > 1
+    gen = torch.Generator().manual_seed(len(group_sizes))
+    labels = torch.repeat_interleave(torch.arange(len(group_sizes)) * 3, torch.tensor(group_sizes))
+    labels = labels[torch.randperm(len(labels), generator=gen)]
+    flat = torch.rand(len(labels), 3000, generator=gen) > 0.7
+    expected = (flat.double() @ flat.double().t()) * (labels[:, None] == labels[None, :])
+    inter = _same_label_intersections(flat, labels)
+    assert inter.dtype == torch.float32
+    torch.testing.assert_close(inter.double(), expected, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Matrix NMS
 # --------------------------------------------------------------------------------------------

@@ -244,6 +244,29 @@ def test_kept_buffer_and_byte_budget_do_not_change_the_result(kind, monkeypatch)
     assert post._buffers.kept.numel() >= 3 * math.prod(STRIDE4)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 17, 33, 47, 100])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_masked_row_sums_are_the_plain_sums_bit_for_bit_and_leave_probs_unchanged(rows, threads):
+    """The maskness numerators summed in row blocks equal the one-call sums of the zeroed copy
+    (any row count, thread count and dtype), and the probabilities are not modified."""
+    from solo.modeling.candidate_pool import masked_row_sums
+
+    gen = torch.Generator().manual_seed(rows)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.float16):
+            probs = torch.rand((rows, 200, 304), generator=gen).to(dtype)  # rows split over threads
+            masks = probs > 0.5
+            before = probs.clone()
+            expected = torch.where(masks, probs, 0).flatten(1).sum(dim=1, dtype=torch.float32)
+            sums = masked_row_sums(probs, masks)
+            assert sums.dtype == torch.float32 and torch.equal(sums, expected), (dtype, threads)
+            assert torch.equal(probs, before)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_threads_sharing_a_post_processor_get_their_own_buffers():
     """Serving threads may share one model: each thread writes into its own kept buffer."""
     from concurrent.futures import ThreadPoolExecutor
@@ -516,7 +539,39 @@ def test_postprocessor_needs_only_a_mask_probability_callable():
     for a, b in zip(served, run_ours("solov2", outputs)):
         assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
         torch.testing.assert_close(a.scores, b.scores)
-    assert len(calls) >= 4  # candidates and final instances of both images
+    assert len(calls) == 2  # one chunk per image, whose probabilities the final masks reuse
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+def test_final_masks_reuse_one_chunks_probabilities_and_recompute_after_several(kind):
+    """One chunk: the final instances' soft masks are read from its probabilities (one call per
+    image). Several chunks: the earlier ones are overwritten, so they are recomputed (one more
+    call per image), with the same masks and scores."""
+    outputs = random_outputs(kind, 11, cate_mean=-2.0)
+    head_probs = mask_probs_of(kind, outputs)
+    results = {}
+    for chunk_size in (1000, 7):
+        calls = []
+
+        def mask_probs(image, levels, cells, size, out=None):
+            calls.append((image, len(cells)))
+            return head_probs(image, levels, cells, size, out=out)
+
+        post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, chunk_size=chunk_size)
+        results[chunk_size] = post(
+            outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES
+        )
+        for image in range(len(IMAGE_SIZES)):
+            sizes = [n for i, n in calls if i == image]
+            if chunk_size == 1000:
+                assert len(sizes) == 1
+            else:  # the chunks, then the final instances' cells (at most one per instance)
+                assert len(sizes) > 2 and max(sizes[:-1]) <= 7
+                assert sizes[-1] <= len(results[chunk_size][image])
+    for a, b in zip(results[7], results[1000]):
+        assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)
 
 
 def test_stages_are_labelled_for_the_profiler():

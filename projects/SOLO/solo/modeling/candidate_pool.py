@@ -15,6 +15,7 @@ __all__ = [
     "CHUNK_BYTES",
     "ChunkBuffers",
     "consecutive_unique",
+    "masked_row_sums",
     "pooled_top_k",
     "top_k",
     "unique_with_first",
@@ -23,6 +24,9 @@ __all__ = [
 #: Largest float buffer of candidate masks per chunk (kept between calls on CPU), in bytes: the
 #: stride-4 masks of 512 candidates of an 800x1216 input fit in it, one product for them all.
 CHUNK_BYTES = 128 * 2**20
+
+#: Rows per block of :func:`masked_row_sums` (a block's zeroed copy stays in cache).
+SUM_BLOCK_ROWS = 16
 
 
 class ChunkBuffers:
@@ -61,6 +65,30 @@ class ChunkBuffers:
 
     def __setstate__(self, state):
         self._local = threading.local()
+
+
+def masked_row_sums(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """float32 (K,) sums of ``probs`` (K, ...) where the bool ``masks`` (same shape) are True:
+    the numerators of the maskness (official ``(seg_preds * seg_masks).sum((1, 2))``).
+
+    The values of ``torch.where(masks, probs, 0).flatten(1).sum(1, dtype=torch.float32)``,
+    bit for bit, without a (K, ...) copy and leaving ``probs`` as it is (its rows are pasted
+    later): on CPU, rows are zeroed outside their mask block by block into one scratch block
+    that stays in cache. Every block has at least two rows: a single row is summed split across
+    threads, which rounds differently.
+    """
+    p, m = probs.reshape(len(probs), -1), masks.reshape(len(masks), -1)
+    blocks = len(p) // SUM_BLOCK_ROWS
+    if p.device.type != "cpu" or blocks <= 1:
+        return torch.where(m, p, 0).sum(dim=1, dtype=torch.float32)
+    sums = p.new_empty(len(p), dtype=torch.float32)
+    zero = p.new_zeros(())
+    scratch = p.new_empty((-(-len(p) // blocks), p.shape[1]))
+    bounds = torch.linspace(0, len(p), blocks + 1).round().long().tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        zeroed = torch.where(m[start:end], p[start:end], zero, out=scratch[: end - start])
+        torch.sum(zeroed, dim=1, dtype=torch.float32, out=sums[start:end])
+    return sums
 
 
 def consecutive_unique(values: torch.Tensor):

@@ -26,7 +26,8 @@ Observability (stable names, read by ``tools/benchmark.py``): the stages run ins
 
 * ``solo.postprocess.candidates``: point NMS, score threshold, area filter and top-k pooling;
 * ``solo.postprocess.mask_probs``: the candidates' stride-4 mask probabilities (the head's
-  callable), for the candidates and again for the final instances;
+  callable), and the final instances' (rows of the candidates' when one chunk held them all,
+  else computed again);
 * ``solo.postprocess.nms``: maskness rescoring and Matrix NMS / mask NMS;
 * ``solo.postprocess.paste``: upsampling, cropping and binarising the final masks;
 
@@ -47,7 +48,14 @@ from detectron2.utils.events import get_event_storage, has_event_storage
 
 from ..structures import CroppedMasks
 from . import candidate_pool
-from .candidate_pool import ChunkBuffers, consecutive_unique, pooled_top_k, top_k, unique_with_first
+from .candidate_pool import (
+    ChunkBuffers,
+    consecutive_unique,
+    masked_row_sums,
+    pooled_top_k,
+    top_k,
+    unique_with_first,
+)
 from .heads.base import CandidateMaskProbs
 from .nms import (
     MATRIX_NMS_KERNELS,
@@ -88,19 +96,19 @@ def split_cells(
     return levels, flat_cells - (ends - sizes)[levels]
 
 
-def mask_areas_and_sums(probs: torch.Tensor, mask_thresh: float, in_place: bool = False):
+def mask_areas_and_sums(probs: torch.Tensor, mask_thresh: float, eager: bool = False):
     """Binary masks (K, h, w) ``probs > mask_thresh``, their int64 areas (K,) and the float32
     sums (K,) of the probabilities inside them (accumulated in float32: a half-precision sum
-    overflows beyond 65504). ``in_place`` (the eager path, never traced) zeroes ``probs`` outside
-    the masks instead of allocating a copy (its candidate chunks are not used afterwards) and
-    counts pixels with :func:`nms.mask_areas`."""
+    overflows beyond 65504). ``eager`` (the eager path, never traced) counts pixels with
+    :func:`nms.mask_areas` and sums with :func:`candidate_pool.masked_row_sums` (no full-size
+    copy; same values); ``probs`` is left as it is either way."""
     masks = probs > mask_thresh
-    # Eager: CPU int8 kernels count pixels (no exporter maps them).
-    areas = mask_areas(masks) if in_place else masks.flatten(1).sum(dim=1)
+    if eager:  # CPU int8 kernels and row blocks, which no exporter maps
+        return masks, mask_areas(masks), masked_row_sums(probs, masks)
     # Zeroing outside the masks gives the same values as multiplying by them (probabilities are
     # >= 0) without converting the bool masks to float first.
-    inside = probs.masked_fill_(~masks, 0) if in_place else torch.where(masks, probs, 0)
-    return masks, areas, inside.flatten(1).sum(dim=1, dtype=torch.float32)
+    inside = torch.where(masks, probs, 0)
+    return masks, masks.flatten(1).sum(dim=1), inside.flatten(1).sum(dim=1, dtype=torch.float32)
 
 
 def rescore(scores: torch.Tensor, areas: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -244,8 +252,9 @@ class SOLOPostProcessor:
             min_areas = self._min_areas(device)[levels]
 
         # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory).
-        # Only the binary masks are pooled; the soft masks of the few final instances are
-        # recomputed at the end, which is cheaper than carrying nms_pre float masks around.
+        # Only the binary masks are pooled. The final instances' soft masks are read from the
+        # chunk's probabilities when there was one chunk, else recomputed at the end (cheaper
+        # than carrying nms_pre float masks around).
         # The pool holds each chunk's masks as computed (rows index the kept candidates' masks)
         # and is cut to the best nms_pre when it holds more than 2 * nms_pre masks: the kept
         # masks are gathered once, in score order, whatever the number of chunks.
@@ -263,8 +272,7 @@ class SOLOPostProcessor:
                     image, levels[part][first], cells[part][first], stride4_size, out=out
                 )
             with record_function("solo.postprocess.nms"):
-                # In place: the probabilities are this chunk's buffer, not used afterwards.
-                masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, True)
+                masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, eager=True)
                 # Each candidate's row in the chunk's masks (0..U-1 without repeated cells).
                 rows = inverse if len(unique) < len(inverse) else candidates[: len(unique)]
                 areas, inside = areas[rows], inside[rows]
@@ -308,12 +316,11 @@ class SOLOPostProcessor:
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.mask_probs"):
-            unique, first, inverse = unique_with_first(flat_cells[candidates])
-            chosen = candidates[first] if len(unique) < len(inverse) else candidates
-            out = self._buffers.take(len(chosen), stride4_size, scores) if buffered else None
-            probs = mask_probs(image, levels[chosen], cells[chosen], stride4_size, out=out)
-            if len(unique) < len(inverse):  # unique: in ascending order of cells
-                probs = probs[inverse]
+            if len(flat_cells) <= chunk:  # one chunk: its probabilities are still there
+                probs = probs[rows[candidates]]
+            else:
+                chosen = (levels, cells, flat_cells, candidates)
+                probs = self._recompute(mask_probs, image, chosen, stride4_size, scores, buffered)
 
         result = Instances(output_size)
         with record_function("solo.postprocess.paste"):
@@ -324,6 +331,16 @@ class SOLOPostProcessor:
         result.scores = cand_scores
         result.pred_classes = labels
         return result, num_candidates
+
+    def _recompute(self, mask_probs, image, candidates, size, like, buffered):
+        """The (K, *size) probabilities of K candidates given as ``(levels, cells, flat_cells,
+        indices)`` (indices (K,) into the first three), each repeated cell computed once."""
+        levels, cells, flat_cells, candidates = candidates
+        unique, first, inverse = unique_with_first(flat_cells[candidates])
+        chosen = candidates[first] if len(unique) < len(inverse) else candidates
+        out = self._buffers.take(len(chosen), size, like) if buffered else None
+        probs = mask_probs(image, levels[chosen], cells[chosen], size, out=out)
+        return probs[inverse] if len(unique) < len(inverse) else probs  # unique: ascending cells
 
     def _min_areas(self, device) -> torch.Tensor:
         return torch.tensor(self.min_mask_areas, device=device, dtype=torch.float32)
