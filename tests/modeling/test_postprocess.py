@@ -267,6 +267,22 @@ def test_masked_row_sums_are_the_plain_sums_bit_for_bit_and_leave_probs_unchange
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("kind", ["solo", "solov2"])
+def test_results_kept_across_calls_do_not_share_the_kept_buffers(kind):
+    """The instances of one call stay as they were while later calls (other images, other
+    sizes) write into the kept buffers: no output is a view of them."""
+    first, second = random_outputs(kind, 21, cate_mean=-2.0), random_outputs(kind, 22)
+    expected = run_ours(kind, first, nms_pre=30)
+    post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, nms_pre=30)
+    held = post(first.cate_logits, mask_probs_of(kind, first), PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+    for _ in range(2):
+        post(second.cate_logits, mask_probs_of(kind, second), PADDED, IMAGE_SIZES, OUTPUT_SIZES)
+    for a, b in zip(held, expected):
+        assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
 def test_threads_sharing_a_post_processor_get_their_own_buffers():
     """Serving threads may share one model: each thread writes into its own kept buffer."""
     from concurrent.futures import ThreadPoolExecutor

@@ -1,5 +1,6 @@
-"""The eager post-processor's candidates between their masks and Matrix NMS: the float buffer
-their mask probabilities are written into, repeated cells, and the pool of the best ``nms_pre``.
+"""The eager post-processor's candidates between their masks and Matrix NMS: the buffers kept
+between calls that their masks are written into (and the ``out=`` of mask-probability
+callables), repeated cells, maskness sums, and the pool of the best ``nms_pre``.
 
 Candidates are (cell, class) pairs; a cell above the score threshold for several classes has one
 mask. Masks are computed in chunks into :class:`ChunkBuffers`; the pool keeps each chunk's
@@ -7,14 +8,18 @@ binary masks as computed, with the rows of the kept candidates, and gathers the 
 in score order (:func:`pooled_top_k`).
 """
 
+import functools
+import inspect
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
     "CHUNK_BYTES",
     "ChunkBuffers",
+    "accepts_out",
     "consecutive_unique",
+    "ignoring_out",
     "masked_row_sums",
     "pooled_top_k",
     "top_k",
@@ -30,32 +35,45 @@ SUM_BLOCK_ROWS = 16
 
 
 class ChunkBuffers:
-    """One float buffer per thread, kept between calls, that chunks of candidate mask
-    probabilities are written into on CPU.
+    """Buffers kept between calls, one set per thread, that the eager post-processor writes
+    into on CPU: the candidates' float mask probabilities (``"probs"``), and when one chunk
+    holds all of an image's candidates its bool masks (``"masks"``), the best ``nms_pre`` of
+    them (``"pooled"``) and the final instances' probabilities (``"final"``).
 
-    Fresh memory for every chunk costs a page fault per 4 KiB, about as much as the mask
-    products themselves at 800x1216; CUDA's caching allocator already reuses memory. Per thread,
-    so that threads serving one model do not share it; copies and pickles start empty.
+    Fresh memory costs a page fault per 4 KiB, about as much as the mask products themselves at
+    800x1216; CUDA's caching allocator already reuses memory. Per thread, so that threads
+    serving one model do not share them; copies and pickles start empty. Each is at most
+    :data:`CHUNK_BYTES` (about 215 MB together for 800x1216 inputs).
     """
 
     def __init__(self):
         self._local = threading.local()
 
-    def take(self, rows: int, size: Sequence[int], like: torch.Tensor) -> Optional[torch.Tensor]:
-        """A (rows, *size) view of this thread's buffer in ``like``'s dtype, valid until the
-        next call; None off CPU or beyond :data:`CHUNK_BYTES` (the caller allocates)."""
+    def take(
+        self,
+        rows: int,
+        size: Sequence[int],
+        like: torch.Tensor,
+        slot: str = "probs",
+        dtype: Optional[torch.dtype] = None,
+    ) -> Optional[torch.Tensor]:
+        """A (rows, *size) view of this thread's ``slot`` buffer in ``dtype`` (default
+        ``like``'s), valid until the next call for that slot; None off CPU (``like``'s device)
+        or beyond :data:`CHUNK_BYTES` (the caller allocates)."""
+        dtype = dtype or like.dtype
         numel = rows * size[0] * size[1]
-        if like.device.type != "cpu" or numel * like.element_size() > CHUNK_BYTES:
+        if like.device.type != "cpu" or numel * dtype.itemsize > CHUNK_BYTES:
             return None
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None or buffer.dtype != like.dtype or buffer.numel() < numel:
-            buffer = self._local.buffer = torch.empty(numel, dtype=like.dtype)
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(slot)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = buffers[slot] = torch.empty(numel, dtype=dtype)
         return buffer[:numel].view(rows, *size)
 
     @property
     def kept(self) -> Optional[torch.Tensor]:
-        """This thread's buffer (None before the first :meth:`take` on CPU)."""
-        return getattr(self._local, "buffer", None)
+        """This thread's probabilities buffer (None before the first :meth:`take` on CPU)."""
+        return getattr(self._local, "buffers", {}).get("probs")
 
     def __eq__(self, other):  # a cache, not a setting: post-processors compare by settings
         return isinstance(other, ChunkBuffers)
@@ -65,6 +83,25 @@ class ChunkBuffers:
 
     def __setstate__(self, state):
         self._local = threading.local()
+
+
+def accepts_out(fn: Callable) -> bool:
+    """Whether a ``mask_probs`` callable takes ``out=`` (a buffer it may write into)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as before
+        return False
+    return any(p.name == "out" or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def ignoring_out(fn: Callable) -> Callable:
+    """``fn(image, levels, cells, size)`` callable as ``(..., out=None)``, ``out`` unused."""
+
+    @functools.wraps(fn)
+    def call(image, levels, cells, size, out=None):
+        return fn(image, levels, cells, size)
+
+    return call
 
 
 def masked_row_sums(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -110,13 +147,17 @@ def unique_with_first(values: torch.Tensor):
     return unique, first, inverse
 
 
-def pooled_top_k(pool: Sequence[Tuple[torch.Tensor, ...]], k: int) -> Tuple[torch.Tensor, ...]:
+def pooled_top_k(
+    pool: Sequence[Tuple[torch.Tensor, ...]], k: int, out: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, ...]:
     """The best ``k`` candidates of a pool by score, as one pool entry.
 
     Args:
         pool: entries ``(masks, rows, scores, labels, candidates, areas)``: (M, h, w) bool masks
             as computed, and per kept candidate (K,) its row in them, score, label, index and
             area.
+        out: a (k', h, w) bool tensor, k' >= the number gathered, not one of the pool's masks,
+            that the gathered masks are written into (its first rows are returned).
     Returns:
         one entry whose masks are gathered in descending score order (rows ``0..k-1``): the
         only copy of the masks, whatever the number of entries.
@@ -129,8 +170,12 @@ def pooled_top_k(pool: Sequence[Tuple[torch.Tensor, ...]], k: int) -> Tuple[torc
         rows = torch.cat([p[1] + offset for p, offset in zip(pool, offsets)])
     scores, labels, candidates, areas = (torch.cat(parts) for parts in list(zip(*pool))[2:])
     order = torch.argsort(scores, descending=True)[:k]
+    if out is not None:
+        masks = torch.index_select(masks, 0, rows[order], out=out[: len(order)])
+    else:
+        masks = masks[rows[order]]
     return (
-        masks[rows[order]],
+        masks,
         torch.arange(len(order), device=order.device),
         scores[order],
         labels[order],

@@ -71,14 +71,18 @@ def _same_label_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch
     if len(values) <= 1:
         return _pairwise_intersections(flat)
     order = torch.argsort(labels, stable=True)
-    grouped = flat[order]  # one gather; blocks are then contiguous rows
     inter = flat.new_zeros((len(flat), len(flat)), dtype=torch.float32)
-    start = end = 0
+    blocks, start, end = [], 0, 0
     for count in counts.tolist() + [None]:
         if count is None or (end > start and end + count - start > LABEL_BLOCK_ROWS):
-            inter[start:end, start:end] = _pairwise_intersections(grouped[start:end])
+            blocks.append((start, end))
             start = end
         end += count or 0
+    # Each block's rows gathered into one scratch (not a gathered copy of all the masks).
+    scratch = flat.new_empty((max(e - s for s, e in blocks), flat.shape[1]))
+    for start, end in blocks:
+        rows = torch.index_select(flat, 0, order[start:end], out=scratch[: end - start])
+        inter[start:end, start:end] = _pairwise_intersections(rows)
     sorted_labels = labels[order]
     inter *= sorted_labels[:, None] == sorted_labels[None, :]  # blocks hold several labels
     rank = torch.empty_like(order)

@@ -36,8 +36,6 @@ per image of candidates competing for the ``nms_pre`` slots (above the score thr
 larger than the level's minimum area).
 """
 
-import functools
-import inspect
 from typing import Callable, List, Sequence, Tuple
 import torch
 from torch.profiler import record_function
@@ -50,7 +48,9 @@ from ..structures import CroppedMasks
 from . import candidate_pool
 from .candidate_pool import (
     ChunkBuffers,
+    accepts_out,
     consecutive_unique,
+    ignoring_out,
     masked_row_sums,
     pooled_top_k,
     top_k,
@@ -96,13 +96,19 @@ def split_cells(
     return levels, flat_cells - (ends - sizes)[levels]
 
 
-def mask_areas_and_sums(probs: torch.Tensor, mask_thresh: float, eager: bool = False):
+def mask_areas_and_sums(
+    probs: torch.Tensor, mask_thresh: float, eager: bool = False, out: torch.Tensor = None
+):
     """Binary masks (K, h, w) ``probs > mask_thresh``, their int64 areas (K,) and the float32
     sums (K,) of the probabilities inside them (accumulated in float32: a half-precision sum
     overflows beyond 65504). ``eager`` (the eager path, never traced) counts pixels with
-    :func:`nms.mask_areas` and sums with :func:`candidate_pool.masked_row_sums` (no full-size
-    copy; same values); ``probs`` is left as it is either way."""
-    masks = probs > mask_thresh
+    :func:`nms.mask_areas`, sums with :func:`candidate_pool.masked_row_sums` (no full-size
+    copy; same values) and writes the masks into ``out`` (bool, ``probs``' shape) if given;
+    ``probs`` is left as it is either way."""
+    if eager and out is not None:
+        masks = torch.gt(probs, mask_thresh, out=out)
+    else:
+        masks = probs > mask_thresh
     if eager:  # CPU int8 kernels and row blocks, which no exporter maps
         return masks, mask_areas(masks), masked_row_sums(probs, masks)
     # Zeroing outside the masks gives the same values as multiplying by them (probabilities are
@@ -214,9 +220,9 @@ class SOLOPostProcessor:
             per image, ``Instances(output_size)`` with bool ``pred_masks``, ``scores``, int64
             ``pred_classes`` and ``pred_boxes``, sorted by descending score.
         """
-        buffered = _accepts_out(mask_probs)
+        buffered = accepts_out(mask_probs)
         if not buffered:  # a head written before ``out=``: called as then, no kept buffer
-            mask_probs = _ignoring_out(mask_probs)
+            mask_probs = ignoring_out(mask_probs)
         with record_function("solo.postprocess.candidates"):
             scores = grid_scores(cate_logits)  # (N, sum S^2, C)
         cells_per_level = [x.shape[-2] * x.shape[-1] for x in cate_logits]
@@ -260,6 +266,13 @@ class SOLOPostProcessor:
         # masks are gathered once, in score order, whatever the number of chunks.
         candidates = torch.arange(len(cand_scores), device=device)
         pool, num_candidates = [], 0
+        # One chunk: its masks, the pooled ones and the final probabilities are written into
+        # kept buffers too (none of them is read after the next image's chunk).
+        one_chunk = len(flat_cells) <= chunk
+
+        def kept(rows, like, slot, dtype=None):
+            return self._buffers.take(rows, stride4_size, like, slot, dtype) if one_chunk else None
+
         for start in range(0, len(cand_scores), chunk):
             part = slice(start, start + chunk)
             # A cell above the threshold for several classes is one mask: computed once. The
@@ -272,7 +285,8 @@ class SOLOPostProcessor:
                     image, levels[part][first], cells[part][first], stride4_size, out=out
                 )
             with record_function("solo.postprocess.nms"):
-                masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, eager=True)
+                out = kept(len(unique), probs, "masks", torch.bool)
+                masks, areas, inside = mask_areas_and_sums(probs, self.mask_thresh, True, out)
                 # Each candidate's row in the chunk's masks (0..U-1 without repeated cells).
                 rows = inverse if len(unique) < len(inverse) else candidates[: len(unique)]
                 areas, inside = areas[rows], inside[rows]
@@ -295,7 +309,8 @@ class SOLOPostProcessor:
         if not pool:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.candidates"):
-            masks, _, cand_scores, labels, candidates, areas = pooled_top_k(pool, self.nms_pre)
+            out = kept(self.nms_pre, scores, "pooled", torch.bool)
+            masks, _, cand_scores, labels, candidates, areas = pooled_top_k(pool, self.nms_pre, out)
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
 
@@ -316,8 +331,11 @@ class SOLOPostProcessor:
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.mask_probs"):
-            if len(flat_cells) <= chunk:  # one chunk: its probabilities are still there
-                probs = probs[rows[candidates]]
+            if one_chunk:  # its probabilities are still there
+                index, out = rows[candidates], kept(len(candidates), probs, "final")
+                probs = (
+                    probs[index] if out is None else torch.index_select(probs, 0, index, out=out)
+                )
             else:
                 chosen = (levels, cells, flat_cells, candidates)
                 probs = self._recompute(mask_probs, image, chosen, stride4_size, scores, buffered)
@@ -415,22 +433,6 @@ class SOLOPostProcessor:
         num_detections = final.sum().clamp(max=k2)
         chosen = order[det]
         return det_scores, labels[chosen], probs[chosen], num_detections, num_candidates
-
-
-def _accepts_out(fn: Callable) -> bool:
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): call it as before
-        return False
-    return any(p.name == "out" or p.kind == p.VAR_KEYWORD for p in parameters)
-
-
-def _ignoring_out(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def call(image, levels, cells, size, out=None):
-        return fn(image, levels, cells, size)
-
-    return call
 
 
 def _empty_instances(output_size, device) -> Instances:
