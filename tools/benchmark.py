@@ -18,7 +18,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from solo.utils.benchmark_calibration import MASK_EXTENTS
@@ -42,6 +42,7 @@ from solo.utils.measure import (
     flops_report,
     machine_info,
     measure,
+    paired_times,
     postprocess_stages,
     stats,
 )
@@ -49,7 +50,7 @@ from solo.utils.synthetic import make_image, train_inputs
 
 logger = logging.getLogger("benchmark")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 INFERENCE_PARTS = ("preprocess", "backbone", "head", "postprocess", "total")
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 MASK_FORMATS = {"dense": "bitmask", "cropped": "cropped"}  # --masks: TEST.MASK_FORMAT
@@ -249,6 +250,9 @@ class Report:
     mask_extent: Optional[str] = "objects"  # --mask-extent; None: trained weights (no calibration)
     image: Optional[str] = None  # --image
     masks_ratios: Optional[Dict[str, float]] = None  # ours_cropped / ours, every figure
+    # inference with --compare: both post-processings timed alternately in one process
+    # (measure.paired_times; ratio = ours / the compared model, pair by pair)
+    postprocess_paired: Optional[dict] = None
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
 
@@ -265,7 +269,8 @@ def model_info(job: Job, cfg, model) -> dict:
     return {"name": job.model, **describe_model(job.model, job.config_file, cfg, model)}
 
 
-def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
+def prepare_inference(job: Job, cfg, model) -> Tuple[List[dict], dict]:
+    """The job's input batch and the model's calibration (or a trained model's own counts)."""
     from solo.utils.benchmark_calibration import (
         calibrate_mask_rcnn,
         calibrate_solo,
@@ -292,6 +297,11 @@ def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
         }
     else:
         calibration = calibrate_solo(model, batched, job.mask_extent)
+    return batched, calibration
+
+
+def run_inference(job: Job, cfg, model, memory: MemoryTracker) -> dict:
+    batched, calibration = prepare_inference(job, cfg, model)
     if job.runtime != "pytorch":
         return run_exported(job, model, batched, calibration, memory)
     memory.start()
@@ -455,12 +465,19 @@ def setup_logging():
     logging.getLogger("detectron2.data.benchmark").setLevel(logging.INFO)
 
 
-def run_job(job: Job) -> dict:
-    """Build one model and run one task on it: the measuring process's entry point."""
+def build_job_model(job: Job, cfg):
     from detectron2.modeling import build_model
 
     from solo.checkpoint.inference import build_inference_model
 
+    torch.manual_seed(job.seed)
+    if cfg.MODEL.WEIGHTS:  # a trained model (MODEL.WEIGHTS on the command line)
+        return build_inference_model(cfg)
+    return build_model(cfg).eval()  # random weights: nothing is loaded
+
+
+def run_job(job: Job) -> dict:
+    """Build one model and run one task on it: the measuring process's entry point."""
     setup_logging()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
@@ -469,15 +486,43 @@ def run_job(job: Job) -> dict:
         cfg = build_cfg(job)
         if job.task == "data":
             return {**model_info(job, cfg, None), **run_data(job, cfg, memory)}
-        torch.manual_seed(job.seed)
-        if cfg.MODEL.WEIGHTS:  # a trained model (MODEL.WEIGHTS on the command line)
-            model = build_inference_model(cfg)
-        else:
-            model = build_model(cfg).eval()  # random weights: nothing is loaded
+        model = build_job_model(job, cfg)
         run_task = run_inference if job.task == "inference" else run_train
         return {**model_info(job, cfg, model), **run_task(job, cfg, model, memory)}
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def run_paired(jobs: Sequence[Job]) -> dict:
+    """Both models' post-processing built in one process and timed call by call, alternately
+    (``measure.paired_times``): a ratio that machine-speed drift between the models' own runs
+    does not move."""
+    setup_logging()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(jobs[0].threads)
+    try:
+        calls = {}
+        for job in jobs:
+            cfg = build_cfg(job)
+            model = build_job_model(job, cfg)
+            batched, _ = prepare_inference(job, cfg, model)
+            with torch.no_grad():
+                parts, _ = inference_parts(model, batched, job.model == "mask_rcnn")
+            calls[job.model] = parts["postprocess"]
+        with torch.no_grad():
+            return paired_times(calls, jobs[0].warmup, jobs[0].repeats, jobs[0].device == "cuda")
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_in_own_process(function: Callable, argument, in_process: bool):
+    """``function(argument)`` in a fresh spawned process (its own peak memory and CUDA context;
+    a failure there is raised here), or here."""
+    if in_process:
+        return function(argument)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(function, argument).result()
 
 
 # The figure behind the top-level "ratio" (data: the same batches, so s per image), and the rows
@@ -523,7 +568,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         logger.info(f"Conv probe: {probe['gflops_per_s']} GFLOP/s")
     exported = {f"ours_{runtime}": runtime for runtime in args.runtime}
     cropped = "ours_cropped" if args.masks == "both" else None
-    models = {}
+    models, jobs = {}, {}
     for name in filter(None, ("ours", cropped, *exported, args.compare)):
         logger.info(f"Measuring {name} ({args.task}) ...")
         opts = tuple(args.opts)
@@ -536,20 +581,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             args.instances_per_image, args.seed, probe["gflops_per_s"] if probe else None,
             exported.get(name, "pytorch"), args.mask_extent, args.image, args.max_candidates,
         )  # fmt: skip
+        jobs[name] = job
         # A fresh spawn process per model: its own peak memory and CUDA context (a failure there
         # is raised here). Not for data: loader workers forked from it abort at shutdown.
         try:
-            if args.in_process or args.task == "data":
-                models[name] = run_job(job)
-            else:
-                spawn = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                    models[name] = pool.submit(run_job, job).result()
+            models[name] = run_in_own_process(run_job, job, args.in_process or args.task == "data")
         except Exception as e:  # noqa: B902 - an export failure keeps the other figures
             if name not in exported:
                 raise
             logger.error(f"{name} failed, reported in the JSON: {type(e).__name__}: {e}")
             models[name] = {"name": name, "runtime": exported[name], "error": f"{e!r}"}
+    paired = None
+    if args.task == "inference" and args.compare:
+        logger.info(f"Timing ours and {args.compare} post-processing alternately ...")
+        pair = (jobs["ours"], jobs[args.compare])
+        paired = run_in_own_process(run_paired, pair, args.in_process)
     ratios = compute_ratios(models["ours"], models.get("mask_rcnn"))
     runtime_ratios = {
         runtime: compute_ratios(models[name], models["ours"]).get(HEADLINE["inference"])
@@ -591,11 +637,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         mask_extent=args.mask_extent,
         image=args.image,
         masks_ratios=compute_ratios(models[cropped], models["ours"]) if cropped else None,
+        postprocess_paired=paired,
     )
     print(format_table(report))
     if report.ratio is not None:
         note = " (ours: trained weights; Mask R-CNN: random, calibrated)" if weights else ""
         print(f"ratio ours / {args.compare} ({args.task}): {report.ratio}{note}")
+    if paired:
+        ms = {name: f"{v['median']:.4g}" for name, v in paired["ms"].items()}
+        print(
+            f"post-processing timed alternately in one process ({paired['pairs']} pairs): ours "
+            f"{ms['ours']} ms, {args.compare} {ms[args.compare]} ms (medians); ratio "
+            f"{paired['ratio']['median']:.3g} (median of pairs; {paired['ratio']['min']:.3g}-"
+            f"{paired['ratio']['max']:.3g})"
+        )
     for runtime, ratio in report.runtime_ratios.items():
         print(f"ratio {runtime} / pytorch (inference): {ratio}")
     for runtime, ratio in (report.onnxruntime_ratios or {}).items():

@@ -82,7 +82,12 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     benchmark, small_mask_rcnn, tmp_path, capsys
 ):
     report = run(benchmark, tmp_path, "--task", "inference", "--compare", "mask_rcnn")
-    assert "ours / mask_rcnn" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ours / mask_rcnn" in printed and "timed alternately in one process" in printed
+    paired = report["postprocess_paired"]  # both post-processings alternated in one process
+    assert paired["pairs"] == 1 and set(paired["ms"]) == {"ours", "mask_rcnn"}
+    one_pair = paired["ms"]["ours"]["median"] / paired["ms"]["mask_rcnn"]["median"]
+    assert paired["ratio"]["median"] == pytest.approx(one_pair, rel=2e-3)
     assert set(report["models"]) == {"ours", "mask_rcnn"}
     assert report["conv_probe"]["gflops_per_s"] > 0
     for model in report["models"].values():
@@ -108,6 +113,28 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     assert report["ratios"]["memory_mb.peak"] == pytest.approx(
         ours["memory_mb"]["peak"] / other["memory_mb"]["peak"], rel=1e-3
     )
+
+
+def test_paired_times_alternate_the_calls_and_take_the_ratio_pair_by_pair(monkeypatch):
+    """A B (warm-up), then A B, B A, A B: each pair's ratio from its own two calls."""
+    import solo.utils.measure as measure
+
+    clock, order = [0.0], []
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            clock[0] += seconds.pop(0) if seconds else 1.0
+
+        return run
+
+    a = call("a", [9.0, 2.0, 4.0, 3.0])  # warm-up, then three timed calls
+    b = call("b", [9.0, 1.0, 1.0, 2.0])
+    result = measure.paired_times({"a": a, "b": b}, warmup=1, repeats=3, cuda=False)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert result["pairs"] == 3 and result["ms"]["a"]["median"] == 3000.0
+    assert result["ratio"] == {"median": 2.0, "min": 1.5, "max": 4.0}
 
 
 def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_instances(
@@ -173,6 +200,7 @@ def test_report_names_the_default_k0_of_the_exported_graphs(benchmark, tmp_path)
                  "MODEL.SOLO.NMS_PRE", "300")  # fmt: skip
     assert report["max_candidates"] == 300
     assert report["onnxruntime_ratios"] is None  # no float ONNX Runtime measured
+    assert report["postprocess_paired"] is None  # nothing compared
 
 
 def test_a_flop_count_failure_keeps_the_timings_and_says_why(benchmark, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ __all__ = [
     "flops_report",
     "machine_info",
     "measure",
+    "paired_times",
     "postprocess_stages",
     "stats",
 ]
@@ -54,6 +55,38 @@ def measure(fn: Callable, warmup: int, repeats: int, threads: int, cuda: bool) -
     per_call = (time.perf_counter() - start) / max(warmup, 1)
     timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
     return list(timer.blocked_autorange(min_run_time=per_call * repeats).times)
+
+
+def paired_times(calls: Dict[str, Callable], warmup: int, repeats: int, cuda: bool) -> dict:
+    """Two calls timed alternately in one process (A B, B A, A B, ...; ``warmup`` untimed
+    rounds, at least one), so that a drift of the machine's speed reaches both alike.
+
+    Returns:
+        ``{"ms": {name: stats}, "ratio": {"median", "min", "max"}, "pairs": repeats}``, the
+        ratio of the first call's time to the second's, pair by pair.
+    """
+    (a, call_a), (b, call_b) = calls.items()
+
+    def timed(call):
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(max(warmup, 1)):
+        timed(call_a), timed(call_b)
+    seconds = {a: [], b: []}
+    for i in range(repeats):
+        for name, call in ((a, call_a), (b, call_b))[:: 1 if i % 2 == 0 else -1]:
+            seconds[name].append(timed(call))
+    ratios = [x / y for x, y in zip(seconds[a], seconds[b])]
+    return {
+        "ms": {name: stats(values) for name, values in seconds.items()},
+        "ratio": {k: round(f(ratios), 4) for k, f in
+                  {"median": statistics.median, "min": min, "max": max}.items()},  # fmt: skip
+        "pairs": repeats,
+    }
 
 
 class MemoryTracker:
