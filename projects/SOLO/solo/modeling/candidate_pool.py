@@ -43,7 +43,7 @@ class ChunkBuffers:
     Fresh memory costs a page fault per 4 KiB, about as much as the mask products themselves at
     800x1216; CUDA's caching allocator already reuses memory. Per thread, so that threads
     serving one model do not share them; copies and pickles start empty. Each is at most
-    :data:`CHUNK_BYTES` (about 215 MB together for 800x1216 inputs).
+    :data:`CHUNK_BYTES` (up to about 210 MB together for 800x1216 inputs).
     """
 
     def __init__(self):
