@@ -250,6 +250,22 @@ def test_pairwise_intersections_are_exact_counts_on_large_masks():
     torch.testing.assert_close(_pairwise_intersections(flat).double(), reference, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pixels", [1, 2, 3, 17])
+def test_pairwise_intersections_of_masks_of_one_to_few_pixels_are_exact(pixels):
+    """torch._int_mm reads a (1, N) transposed operand wrongly (garbage, no error): masks of a
+    single pixel must take the float product."""
+    from solo.modeling.nms import _pairwise_intersections, mask_iou_matrix
+
+    gen = torch.Generator().manual_seed(pixels)
+    flat = torch.rand(9, pixels, generator=gen) > 0.4
+    flat[0] = True
+    reference = flat.double() @ flat.double().t()
+    torch.testing.assert_close(_pairwise_intersections(flat).double(), reference, rtol=0, atol=0)
+    masks = flat.view(9, 1, pixels)
+    iou = mask_iou_matrix(masks, flat.sum(1).float(), torch.zeros(9, dtype=torch.long))
+    assert iou.max() <= 1 and iou[0, 0] == 1
+
+
 @pytest.mark.parametrize("shape", [(37, 200, 304), (1, 1, 1), (5, 7, 3), (0, 8, 8)])
 def test_mask_areas_are_the_exact_pixel_counts_of_any_mask_shape(shape):
     """The int8-product pixel count equals a plain int64 sum, for empty, full and odd masks and

@@ -96,7 +96,8 @@ def _pairwise_intersections(flat: torch.Tensor) -> torch.Tensor:
     On CPU an int8 x int8 -> int32 product gives the same exact counts about twice as fast as
     a float32 one (it is the dominant cost of Matrix NMS at 500 candidates).
     """
-    if flat.device.type == "cpu" and hasattr(torch, "_int_mm") and len(flat):
+    # One pixel per mask: x.t() has equal strides, which _int_mm reads wrongly (no error).
+    if flat.device.type == "cpu" and hasattr(torch, "_int_mm") and len(flat) and flat.shape[1] > 1:
         # A bool tensor is reinterpreted in place (same byte size), not converted.
         # _int_mm needs a contiguous left operand (an expand()ed one gives wrong counts).
         flat = flat.contiguous()
