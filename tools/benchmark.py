@@ -63,7 +63,13 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-file", required=True, help="SOLO config (configs/...)")
     parser.add_argument("--task", choices=("inference", "train", "data"), default="inference")
-    parser.add_argument("--compare", choices=("mask_rcnn",), default=None)
+    parser.add_argument(
+        "--compare",
+        choices=("mask_rcnn",),
+        default=None,
+        help="also measure Detectron2's Mask R-CNN R50-FPN; inference then also times both "
+        "post-processings alternately in one process (report: postprocess_paired)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     parser.add_argument("--input-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--batch-size", type=int, default=2, help="train and data (inference: 1)")
@@ -646,7 +652,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if paired:
         ms = {name: f"{v['median']:.4g}" for name, v in paired["ms"].items()}
         print(
-            f"post-processing timed alternately in one process ({paired['pairs']} pairs): ours "
+            f"post-processing timed alternately in one process ({paired['pairs']} pair(s)): ours "
             f"{ms['ours']} ms, {args.compare} {ms[args.compare]} ms (medians); ratio "
             f"{paired['ratio']['median']:.3g} (median of pairs; {paired['ratio']['min']:.3g}-"
             f"{paired['ratio']['max']:.3g})"

@@ -114,7 +114,7 @@ def masked_row_sums(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     that stays in cache. Every block has at least two rows: a single row is summed split across
     threads, which rounds differently.
     """
-    p, m = probs.reshape(len(probs), -1), masks.reshape(len(masks), -1)
+    p, m = probs.flatten(1), masks.flatten(1)  # (0, h, w) too, which reshape(0, -1) refuses
     blocks = len(p) // SUM_BLOCK_ROWS
     if p.device.type != "cpu" or blocks <= 1:
         return torch.where(m, p, 0).sum(dim=1, dtype=torch.float32)
