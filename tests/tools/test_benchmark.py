@@ -19,6 +19,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import solo.utils.benchmark_calibration
+import solo.utils.benchmark_jobs
 import solo.utils.benchmark_parts
 from helpers import REPO_ROOT, force_candidates, load_script, tiny_cfg
 from solo.modeling.nms import points_nms
@@ -38,11 +39,17 @@ def benchmark():
     return load_script("tools/benchmark.py", "benchmark")
 
 
+@pytest.fixture(scope="module")
+def jobs():
+    """The measuring side (solo.utils.benchmark_jobs): what runs in each measuring process."""
+    return solo.utils.benchmark_jobs
+
+
 @pytest.fixture
-def small_mask_rcnn(benchmark, monkeypatch):
+def small_mask_rcnn(jobs, monkeypatch):
     """Mask R-CNN's ROI heads cost the same at any input size (1000 proposals, 100 masks);
     fewer of both keep the test fast without changing what is reported."""
-    build_cfg = benchmark.build_cfg
+    build_cfg = jobs.build_cfg
 
     def build_small_cfg(job):
         cfg = build_cfg(job)
@@ -51,7 +58,7 @@ def small_mask_rcnn(benchmark, monkeypatch):
             cfg.TEST.DETECTIONS_PER_IMAGE = 5
         return cfg
 
-    monkeypatch.setattr(benchmark, "build_cfg", build_small_cfg)
+    monkeypatch.setattr(jobs, "build_cfg", build_small_cfg)
 
 
 def run(benchmark, tmp_path, *args):
@@ -92,7 +99,7 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     assert report["conv_probe"]["gflops_per_s"] > 0
     for model in report["models"].values():
         latency = model["latency_ms"]
-        assert set(latency) == {*benchmark.INFERENCE_PARTS, "parts_sum"}
+        assert set(latency) == {*solo.utils.benchmark_jobs.INFERENCE_PARTS, "parts_sum"}
         assert all(0 < latency[p]["min"] <= latency[p]["median"] for p in latency)
         assert model["calibration"]["calibrated"] and model["calibration"]["instances_out"] > 0
         flops = model["flops"]
@@ -218,7 +225,7 @@ def test_a_failed_export_is_reported_and_keeps_the_eager_figures(benchmark, tmp_
     def failing_export(*args):
         raise ValueError("cannot export this model")
 
-    monkeypatch.setattr(benchmark, "run_exported", failing_export)
+    monkeypatch.setattr(solo.utils.benchmark_jobs, "run_exported", failing_export)
     report = run(benchmark, tmp_path, "--task", "inference", "--runtime", "torchscript")
     assert "cannot export this model" in report["models"]["ours_torchscript"]["error"]
     assert report["runtime_ratios"] == {"torchscript": None}
@@ -260,7 +267,7 @@ def test_train_report_times_the_step_and_the_target_assignment(benchmark, tmp_pa
 
 
 def test_train_inputs_are_random_shapes_with_tight_boxes(benchmark):
-    batch = benchmark.train_inputs((64, 96), 2, 7, 0, num_classes=3)
+    batch = solo.utils.benchmark_jobs.train_inputs((64, 96), 2, 7, 0, num_classes=3)
     assert [tuple(x["image"].shape) for x in batch] == [(3, 64, 96)] * 2
     for x in batch:
         inst = x["instances"]
@@ -284,7 +291,7 @@ def test_data_report_uses_detectron2_data_loader_benchmark(benchmark, tmp_path, 
     register_shapes_datasets(
         root=str(tmp_path / "shapes"), splits={name: {"num_images": 4, "seed": 0}}
     )
-    monkeypatch.setattr(benchmark, "train_dataset_names", lambda cfg: [name])
+    monkeypatch.setattr(solo.utils.benchmark_jobs, "train_dataset_names", lambda cfg: [name])
     try:
         report = run(benchmark, tmp_path, "--task", "data", "--batch-size", "2", "--repeats", "2")
     finally:
@@ -301,9 +308,11 @@ def test_data_report_uses_detectron2_data_loader_benchmark(benchmark, tmp_path, 
 def test_mask_rcnn_data_loading_uses_our_input_pipeline(benchmark):
     """Same resizing, augmentation, mask format and workers: the loaders differ only by mapper."""
     config = str(REPO_ROOT / TINY_CONFIG)
-    job = benchmark.Job("mask_rcnn", "data", config, (), "cpu", 1, (64, 96), 2, 1, 0, 5, 0, None)
-    ours = benchmark.build_cfg(dataclasses.replace(job, model="ours"))
-    cfg = benchmark.build_cfg(job)
+    job = solo.utils.benchmark_jobs.Job(
+        "mask_rcnn", "data", config, (), "cpu", 1, (64, 96), 2, 1, 0, 5, 0, None
+    )
+    ours = solo.utils.benchmark_jobs.build_cfg(dataclasses.replace(job, model="ours"))
+    cfg = solo.utils.benchmark_jobs.build_cfg(job)
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
     assert cfg.INPUT == ours.INPUT and cfg.DATALOADER == ours.DATALOADER
     assert cfg.INPUT.MIN_SIZE_TRAIN == (128,) and cfg.INPUT.MASK_FORMAT == "bitmask"
@@ -398,7 +407,7 @@ def test_calibrated_v1_and_decoupled_masks_cover_the_configured_fraction(
 ):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(head_name)).eval()
-    image = benchmark.make_image(96, 128, seed=0)
+    image = solo.utils.benchmark_jobs.make_image(96, 128, seed=0)
     before = mask_coverage(model, image)
     with torch.no_grad():
         images = model.preprocess_image([{"image": image}])
@@ -416,7 +425,7 @@ def test_calibrated_model_sends_nms_pre_candidates_to_nms(calibration, benchmark
     cfg = tiny_cfg(head_name, opts=["MODEL.SOLO.NMS_PRE", 60])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    batched = [{"image": benchmark.make_image(128, 160, seed=0)}]
+    batched = [{"image": solo.utils.benchmark_jobs.make_image(128, 160, seed=0)}]
     with torch.no_grad():
         before, _ = calibration.count_candidates(model, batched)
     result = calibration.calibrate_solo(model, batched)
@@ -434,7 +443,7 @@ def test_object_masks_make_solov2_masks_object_sized_instead_of_image_wide_field
     calibration, benchmark
 ):
     cfg = tiny_cfg("SOLOv2Head", opts=["MODEL.SOLO.NMS_PRE", 60])
-    batched = [{"image": benchmark.make_image(128, 160, seed=0)}]
+    batched = [{"image": solo.utils.benchmark_jobs.make_image(128, 160, seed=0)}]
     reports, models = {}, {}
     for extent in calibration.MASK_EXTENTS:
         torch.manual_seed(0)
@@ -483,7 +492,7 @@ def test_trained_weights_are_timed_as_they_are_on_a_real_image(benchmark, tmp_pa
     force_candidates(model)  # instances to count (random weights give none)
     weights = tmp_path / "model.pth"
     torch.save({"model": model.state_dict()}, weights)
-    image = benchmark.make_image(96, 128, seed=5)
+    image = solo.utils.benchmark_jobs.make_image(96, 128, seed=5)
     path = tmp_path / "image.png"
     cv2.imwrite(str(path), image.permute(1, 2, 0).numpy()[:, :, ::-1])  # RGB config: BGR file
     report = run(benchmark, tmp_path, "--task", "inference", "--image", str(path),
