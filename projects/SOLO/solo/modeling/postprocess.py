@@ -309,7 +309,8 @@ class SOLOPostProcessor:
         if not pool:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.candidates"):
-            out = kept(self.nms_pre, scores, "pooled", torch.bool)
+            pooled = min(self.nms_pre, sum(len(p[1]) for p in pool))
+            out = kept(pooled, scores, "pooled", torch.bool)
             masks, _, cand_scores, labels, candidates, areas = pooled_top_k(pool, self.nms_pre, out)
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
