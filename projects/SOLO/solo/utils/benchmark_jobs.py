@@ -4,6 +4,7 @@ alternately in one process (:func:`run_paired`). Times are in ms unless named ``
 in MB; the report's layout is ``tools/benchmark.py``'s ``Report``.
 """
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -275,12 +276,22 @@ def build_job_model(job: Job, cfg):
     return build_model(cfg).eval()  # random weights: nothing is loaded
 
 
-def run_job(job: Job) -> dict:
-    """Build one model and run one task on it: the measuring process's entry point."""
+@contextlib.contextmanager
+def measuring_process(threads: int):
+    """Logging set up and torch's intra-op threads set to ``threads`` for a measuring
+    process's entry point; the previous thread count is restored on exit."""
     setup_logging()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(job.threads)
+    torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_job(job: Job) -> dict:
+    """Build one model and run one task on it: the measuring process's entry point."""
+    with measuring_process(job.threads):
         memory = MemoryTracker(job.device)
         cfg = build_cfg(job)
         if job.task == "data":
@@ -288,18 +299,13 @@ def run_job(job: Job) -> dict:
         model = build_job_model(job, cfg)
         run_task = run_inference if job.task == "inference" else run_train
         return {**model_info(job, cfg, model), **run_task(job, cfg, model, memory)}
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def run_paired(jobs: Sequence[Job]) -> dict:
     """Both models' post-processing built in one process and timed call by call, alternately
     (``measure.paired_times``): a ratio that machine-speed drift between the models' own runs
     does not move."""
-    setup_logging()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(jobs[0].threads)
-    try:
+    with measuring_process(jobs[0].threads):
         calls = {}
         for job in jobs:
             cfg = build_cfg(job)
@@ -310,5 +316,3 @@ def run_paired(jobs: Sequence[Job]) -> dict:
             calls[job.model] = parts["postprocess"]
         with torch.no_grad():
             return paired_times(calls, jobs[0].warmup, jobs[0].repeats, jobs[0].device == "cuda")
-    finally:
-        torch.set_num_threads(previous_threads)
