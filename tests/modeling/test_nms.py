@@ -61,6 +61,29 @@ def test_mask_iou_matrix_with_labels_is_the_same_label_iou_and_zero_across(num_l
     assert torch.equal(mask_iou_matrix(t, areas, labels), expected)
 
 
+@pytest.mark.parametrize("num_labels", [1, 4, 40])
+def test_nms_through_rows_equals_nms_of_the_gathered_masks(num_labels):
+    """Masks given as rows into a larger set (fewer, more, repeated rows than masks, as the
+    post-processor's candidates index its chunk's masks) give the IoU matrix, Matrix NMS and
+    mask NMS of the gathered masks exactly, without areas too."""
+    rng = np.random.default_rng(num_labels)
+    t = torch.from_numpy(random_overlapping_masks(rng, 30))
+    for n in (12, 30, 45):
+        rows = torch.from_numpy(rng.integers(0, 30, n))
+        gathered = t[rows]
+        labels = torch.from_numpy(rng.integers(0, num_labels, n))
+        scores = torch.from_numpy(sorted_scores(rng, n))
+        areas = gathered.flatten(1).sum(1).float()
+        expected = mask_iou_matrix(gathered, areas, labels)
+        assert torch.equal(mask_iou_matrix(t, areas, labels, rows), expected)
+        assert torch.equal(mask_iou_matrix(t, areas, None, rows), mask_iou_matrix(gathered, areas))
+        for kernel in ("gaussian", "linear"):
+            expected = matrix_nms(gathered, labels, scores, kernel)
+            assert torch.equal(matrix_nms(t, labels, scores, kernel, rows=rows), expected)
+        expected = mask_nms(gathered, labels, scores, 0.3)
+        assert torch.equal(mask_nms(t, labels, scores, 0.3, rows=rows), expected)
+
+
 @pytest.mark.parametrize("group_sizes", [[60, 1, 30, 20, 9, 2], [7] * 25, [1] * 50, [49]])
 def test_same_label_intersections_packed_in_blocks_are_the_exact_same_label_counts(group_sizes):
     """Labels packed into diagonal blocks (one spanning several labels, one label larger than a

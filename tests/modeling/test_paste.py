@@ -126,6 +126,9 @@ def test_region_paste_with_nan_probabilities_equals_resizing_whole_masks():
     probs = blob_probs(11, 4, (24, 40))
     probs[0, 3:5, 7] = float("nan")
     probs[3, 12, 20:22] = float("nan")
+    probs[2] = 0.1  # one row above the threshold, with a NaN far from it: its region is that row
+    probs[2, 10, 5:9] = 0.9
+    probs[2, 10, 30] = float("nan")
     assert_same_as_full(probs, (96, 160), (94, 158), (94, 158), 0.5)
     assert_same_as_full(probs, (96, 160), (94, 158), (120, 99), 0.5)
 

@@ -244,27 +244,51 @@ def test_kept_buffer_and_byte_budget_do_not_change_the_result(kind, monkeypatch)
     assert post._buffers.kept.numel() >= 3 * math.prod(STRIDE4)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 17, 33, 47, 100])
+@pytest.mark.parametrize("rows", [0, 1, 2, 9, 17, 33, 47, 100])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_masked_row_sums_are_the_plain_sums_bit_for_bit_and_leave_probs_unchanged(rows, threads):
-    """The maskness numerators summed in row blocks equal the one-call sums of the zeroed copy
-    (any row count, thread count and dtype), and the probabilities are not modified."""
-    from solo.modeling.candidate_pool import masked_row_sums
+def test_masks_and_sums_equal_the_comparison_and_plain_sums_bit_for_bit(rows, threads):
+    """The maskness masks and numerators computed in row blocks equal ``probs > t`` and the
+    one-call sums of the zeroed copy (any row count, thread count, dtype, threshold, with or
+    without ``out``), and the probabilities are not modified."""
+    from solo.modeling.candidate_pool import masks_and_sums
 
     gen = torch.Generator().manual_seed(rows)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for dtype in (torch.float32, torch.float16):
+        for dtype, thresh in [(torch.float32, 0.5), (torch.float16, 0.5), (torch.float32, 0.0)]:
             probs = torch.rand((rows, 200, 304), generator=gen).to(dtype)  # rows split over threads
-            masks = probs > 0.5
+            probs[:, :5] = 0.0  # exact zeros: outside at a threshold of 0
             before = probs.clone()
-            expected = torch.where(masks, probs, 0).flatten(1).sum(dim=1, dtype=torch.float32)
-            sums = masked_row_sums(probs, masks)
-            assert sums.dtype == torch.float32 and torch.equal(sums, expected), (dtype, threads)
+            expected_masks = probs > thresh
+            expected = torch.where(expected_masks, probs, 0).flatten(1).sum(1, dtype=torch.float32)
+            for out in (None, torch.ones(probs.shape, dtype=torch.bool)):
+                masks, sums = masks_and_sums(probs, thresh, out)
+                assert out is None or masks.data_ptr() == out.data_ptr()
+                assert torch.equal(masks, expected_masks), (dtype, thresh)
+                assert sums.dtype == torch.float32 and torch.equal(sums, expected), (dtype, thresh)
             assert torch.equal(probs, before)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_masks_and_sums_leave_nan_pixels_out_and_handle_negative_thresholds():
+    """NaN pixels are outside the masks and out of the sums, as with the comparison (the row
+    blocks' zeroing keeps NaN: those rows are redone); a negative threshold keeps exact zeros
+    inside (the zeroed copy cannot tell them apart)."""
+    from solo.modeling.candidate_pool import masks_and_sums
+
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.rand((40, 30, 50), generator=gen)
+    probs[3, 0, :7] = float("nan")
+    probs[30, 10:12, 20] = float("nan")
+    probs[7, 1] = 0.0
+    for thresh in (0.5, -0.25):
+        expected_masks = probs > thresh
+        expected = torch.where(expected_masks, probs, 0).flatten(1).sum(dim=1)
+        masks, sums = masks_and_sums(probs, thresh)
+        assert torch.equal(masks, expected_masks) and torch.equal(sums, expected), thresh
+        assert not sums.isnan().any()
 
 
 @pytest.mark.parametrize("kind", ["solo", "solov2"])

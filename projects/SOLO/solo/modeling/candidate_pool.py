@@ -20,7 +20,7 @@ __all__ = [
     "accepts_out",
     "consecutive_unique",
     "ignoring_out",
-    "masked_row_sums",
+    "masks_and_sums",
     "pooled_top_k",
     "top_k",
     "unique_with_first",
@@ -30,20 +30,20 @@ __all__ = [
 #: stride-4 masks of 512 candidates of an 800x1216 input fit in it, one product for them all.
 CHUNK_BYTES = 128 * 2**20
 
-#: Rows per block of :func:`masked_row_sums` (a block's zeroed copy stays in cache).
-SUM_BLOCK_ROWS = 16
+#: Rows per block of :func:`masks_and_sums` (a block's zeroed copy stays in cache).
+SUM_BLOCK_ROWS = 8
 
 
 class ChunkBuffers:
     """Buffers kept between calls, one set per thread, that the eager post-processor writes
     into on CPU: the candidates' float mask probabilities (``"probs"``), and when one chunk
-    holds all of an image's candidates its bool masks (``"masks"``), the best ``nms_pre`` of
-    them (``"pooled"``) and the final instances' probabilities (``"final"``).
+    holds all of an image's candidates their bool masks (``"masks"``) and the final instances'
+    probabilities (``"final"``); a caller may name other slots.
 
     Fresh memory costs a page fault per 4 KiB, about as much as the mask products themselves at
     800x1216; CUDA's caching allocator already reuses memory. Per thread, so that threads
     serving one model do not share them; copies and pickles start empty. Each is at most
-    :data:`CHUNK_BYTES` (up to about 210 MB together for 800x1216 inputs).
+    :data:`CHUNK_BYTES` (up to about 190 MB together for 800x1216 inputs).
     """
 
     def __init__(self):
@@ -104,28 +104,42 @@ def ignoring_out(fn: Callable) -> Callable:
     return call
 
 
-def masked_row_sums(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """float32 (K,) sums of ``probs`` (K, ...) where the bool ``masks`` (same shape) are True:
-    the numerators of the maskness (official ``(seg_preds * seg_masks).sum((1, 2))``).
+def masks_and_sums(
+    probs: torch.Tensor, thresh: float, out: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Binary masks ``probs > thresh`` (bool, ``probs``' shape; written into ``out`` if given)
+    and the float32 (K,) row sums of ``probs`` inside them: the maskness numerators (official
+    ``(seg_preds * seg_masks).sum((1, 2))``).
 
-    The values of ``torch.where(masks, probs, 0).flatten(1).sum(1, dtype=torch.float32)``,
-    bit for bit, without a (K, ...) copy and leaving ``probs`` as it is (its rows are pasted
-    later): on CPU, rows are zeroed outside their mask block by block into one scratch block
-    that stays in cache. Every block has at least two rows: a single row is summed split across
-    threads, which rounds differently.
+    The values of ``probs > thresh`` and ``torch.where(masks, probs, 0).flatten(1).sum(1,
+    dtype=torch.float32)``, bit for bit; ``probs`` (K, ...) is left as it is (its rows are
+    pasted later). On CPU, block by block of rows: ``torch.threshold`` zeroes a block outside
+    its masks into one scratch that stays in cache, the block is summed there and converted to
+    bool (nonzero is inside for a threshold >= 0): one vectorised pass each, where comparing
+    to bool and ``where`` on bool masks are not. Every block has at least two rows: a single row
+    is summed split across threads, which rounds differently. Rows holding NaN (whose sums are
+    NaN there: NaN is not <= any threshold) are done again the plain way.
     """
-    p, m = probs.flatten(1), masks.flatten(1)  # (0, h, w) too, which reshape(0, -1) refuses
-    blocks = len(p) // SUM_BLOCK_ROWS
-    if p.device.type != "cpu" or blocks <= 1:
-        return torch.where(m, p, 0).sum(dim=1, dtype=torch.float32)
+    p = probs.flatten(1)  # (0, h, w) too, which reshape(0, -1) refuses
+    if p.device.type != "cpu" or not thresh >= 0:
+        masks = torch.gt(probs, thresh, out=out) if out is not None else probs > thresh
+        return masks, torch.where(masks, probs, 0).flatten(1).sum(dim=1, dtype=torch.float32)
+    masks = out if out is not None else torch.empty(probs.shape, dtype=torch.bool)
+    m = masks.view(p.shape)
     sums = p.new_empty(len(p), dtype=torch.float32)
-    zero = p.new_zeros(())
+    blocks = max(len(p) // SUM_BLOCK_ROWS, 1)
     scratch = p.new_empty((-(-len(p) // blocks), p.shape[1]))
     bounds = torch.linspace(0, len(p), blocks + 1).round().long().tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        zeroed = torch.where(m[start:end], p[start:end], zero, out=scratch[: end - start])
-        torch.sum(zeroed, dim=1, dtype=torch.float32, out=sums[start:end])
-    return sums
+        inside = torch.threshold(p[start:end], thresh, 0.0, out=scratch[: end - start])
+        torch.sum(inside, dim=1, dtype=torch.float32, out=sums[start:end])
+        m[start:end].copy_(inside)
+    nan_rows = sums.isnan().nonzero()[:, 0]
+    if len(nan_rows):
+        rows = p[nan_rows]
+        m[nan_rows] = rows > thresh
+        sums[nan_rows] = torch.where(m[nan_rows], rows, 0).sum(dim=1, dtype=torch.float32)
+    return masks, sums
 
 
 def consecutive_unique(values: torch.Tensor):
@@ -148,7 +162,10 @@ def unique_with_first(values: torch.Tensor):
 
 
 def pooled_top_k(
-    pool: Sequence[Tuple[torch.Tensor, ...]], k: int, out: Optional[torch.Tensor] = None
+    pool: Sequence[Tuple[torch.Tensor, ...]],
+    k: int,
+    out: Optional[torch.Tensor] = None,
+    gather: bool = True,
 ) -> Tuple[torch.Tensor, ...]:
     """The best ``k`` candidates of a pool by score, as one pool entry.
 
@@ -158,9 +175,12 @@ def pooled_top_k(
             area.
         out: a (k', h, w) bool tensor, k' >= the number gathered, not one of the pool's masks,
             that the gathered masks are written into (its first rows are returned).
+        gather: False: a pool of one entry keeps its masks as they are, the returned rows in
+            descending score order pointing into them (nothing is copied).
     Returns:
         one entry whose masks are gathered in descending score order (rows ``0..k-1``): the
-        only copy of the masks, whatever the number of entries.
+        only copy of the masks, whatever the number of entries (or, ``gather=False`` and one
+        entry, its masks and the best ``k`` rows).
     """
     if len(pool) == 1:
         masks, rows = pool[0][:2]
@@ -170,6 +190,8 @@ def pooled_top_k(
         rows = torch.cat([p[1] + offset for p, offset in zip(pool, offsets)])
     scores, labels, candidates, areas = (torch.cat(parts) for parts in list(zip(*pool))[2:])
     order = torch.argsort(scores, descending=True)[:k]
+    if not gather and len(pool) == 1:
+        return (masks, rows[order], scores[order], labels[order], candidates[order], areas[order])
     if out is not None:
         masks = torch.index_select(masks, 0, rows[order], out=out[: len(order)])
     else:

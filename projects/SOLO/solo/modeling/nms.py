@@ -18,20 +18,25 @@ def points_nms(scores: torch.Tensor) -> torch.Tensor:
 
 
 def mask_iou_matrix(
-    masks: torch.Tensor, areas: torch.Tensor, labels: Optional[torch.Tensor] = None
+    masks: torch.Tensor,
+    areas: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(N, N) float32 IoU of (N, H, W) binary masks with pixel counts ``areas``, from exact
     integer intersection counts (matrix products).
 
     With ``labels`` (N,), masks of different labels get IoU 0: Matrix NMS and mask NMS compare a
     mask with its own class only, and on CPU only same-label pairs are then intersected (one
-    product per label present instead of one over all pairs; same values).
+    product per label present instead of one over all pairs; same values). With ``rows`` (N,)
+    int64, the N masks are ``masks[rows]`` (any number of rows in ``masks``): on CPU they are
+    read where they are, not gathered into a copy first.
     """
     flat = masks.flatten(1)
     if labels is not None and flat.device.type == "cpu":
-        inter = _same_label_intersections(flat, labels)
+        inter = _same_label_intersections(flat, labels, rows)
     else:
-        inter = _pairwise_intersections(flat)
+        inter = _pairwise_intersections(flat if rows is None else flat[rows])
         if labels is not None:
             inter = inter * (labels[:, None] == labels[None, :])
     union = areas[:, None] + areas[None, :] - inter
@@ -60,8 +65,11 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
 LABEL_BLOCK_ROWS = 48
 
 
-def _same_label_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """:func:`_pairwise_intersections` of the pairs with equal labels, 0 elsewhere.
+def _same_label_intersections(
+    flat: torch.Tensor, labels: torch.Tensor, rows: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`_pairwise_intersections` of the pairs with equal labels, 0 elsewhere, of the masks
+    ``flat`` (or ``flat[rows]``).
 
     Masks are sorted by label once and whole labels packed into diagonal blocks of about
     :data:`LABEL_BLOCK_ROWS` masks, one product per block (a product per label is mostly
@@ -69,9 +77,10 @@ def _same_label_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch
     """
     values, counts = torch.unique(labels, return_counts=True)
     if len(values) <= 1:
-        return _pairwise_intersections(flat)
+        return _pairwise_intersections(flat if rows is None else flat[rows])
     order = torch.argsort(labels, stable=True)
-    inter = flat.new_zeros((len(flat), len(flat)), dtype=torch.float32)
+    source = order if rows is None else rows[order]  # rows of ``flat`` in label order
+    inter = flat.new_zeros((len(labels), len(labels)), dtype=torch.float32)
     blocks, start, end = [], 0, 0
     for count in counts.tolist() + [None]:
         if count is None or (end > start and end + count - start > LABEL_BLOCK_ROWS):
@@ -81,8 +90,8 @@ def _same_label_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch
     # Each block's rows gathered into one scratch (not a gathered copy of all the masks).
     scratch = flat.new_empty((max(e - s for s, e in blocks), flat.shape[1]))
     for start, end in blocks:
-        rows = torch.index_select(flat, 0, order[start:end], out=scratch[: end - start])
-        inter[start:end, start:end] = _pairwise_intersections(rows)
+        block = torch.index_select(flat, 0, source[start:end], out=scratch[: end - start])
+        inter[start:end, start:end] = _pairwise_intersections(block)
     sorted_labels = labels[order]
     inter *= sorted_labels[:, None] == sorted_labels[None, :]  # blocks hold several labels
     rank = torch.empty_like(order)
@@ -117,8 +126,10 @@ def matrix_nms(
     kernel: str = "gaussian",
     sigma: float = 2.0,
     areas: torch.Tensor = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Matrix NMS: decayed scores of masks sorted by descending score.
+    """Matrix NMS: decayed scores of masks sorted by descending score (``masks[rows]`` with
+    ``rows``: see :func:`mask_iou_matrix`).
 
     Each mask's score is multiplied by min_i f(iou_i,j) / f(comp_i) over the higher-scored masks i
     of its class, where comp_i is the largest IoU of mask i with a mask scored above it.
@@ -131,8 +142,8 @@ def matrix_nms(
     if n == 0:
         return scores
     if areas is None:
-        areas = mask_areas(masks).float()
-    iou = mask_iou_matrix(masks, areas, labels)
+        areas = mask_areas(masks if rows is None else masks[rows]).float()
+    iou = mask_iou_matrix(masks, areas, labels, rows)
     return matrix_nms_from_iou(iou, labels, scores, kernel, sigma)
 
 
@@ -165,8 +176,10 @@ def mask_nms(
     scores: torch.Tensor,
     iou_threshold: float = 0.5,
     areas: torch.Tensor = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Greedy mask NMS on masks sorted by descending score; returns the boolean keep mask.
+    """Greedy mask NMS on masks sorted by descending score (``masks[rows]`` with ``rows``: see
+    :func:`mask_iou_matrix`); returns the boolean keep mask.
 
     Greedy NMS keeps mask j iff no kept mask ranked above j overlaps it (same class) by more than
     ``iou_threshold``. That recursion is solved as a fixed point with whole-matrix steps: after t
@@ -176,8 +189,8 @@ def mask_nms(
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=scores.device)
     if areas is None:
-        areas = mask_areas(masks).float()
-    suppresses = (mask_iou_matrix(masks, areas, labels) > iou_threshold) & (
+        areas = mask_areas(masks if rows is None else masks[rows]).float()
+    suppresses = (mask_iou_matrix(masks, areas, labels, rows) > iou_threshold) & (
         labels[:, None] == labels[None, :]
     )
     suppresses = suppresses.triu(diagonal=1).float()

@@ -216,10 +216,18 @@ def _inside(shape, origin, keep) -> torch.Tensor:
 def _plan_regions(probs, image_size, output_size, thresh):
     """Per instance and axis (:func:`_axis_plan`), from the low-resolution samples that may pass
     ``thresh``; returns (rows, cols, indices of the instances with a non-empty region)."""
-    low = (probs > thresh - THRESH_MARGIN * abs(thresh)).view(torch.uint8)
-    # amax over bytes: any() on bool is several times slower on CPU (as in masks_to_boxes).
-    rows = _axis_plan(low.amax(dim=2) > 0, image_size[0], output_size[0])
-    cols = _axis_plan(low.amax(dim=1) > 0, image_size[1], output_size[1])
+    low_thresh = thresh - THRESH_MARGIN * abs(thresh)
+    # A row/column has a sample above the threshold iff its maximum is: two float reductions
+    # instead of a (K, h, w) comparison to bool (a scalar loop on CPU). NaN maxima (a NaN
+    # sample, which is never above) take the comparison.
+    row_max, col_max = probs.amax(dim=2), probs.amax(dim=1)
+    if row_max.isnan().any():
+        low = (probs > low_thresh).view(torch.uint8)
+        # amax over bytes: any() on bool is several times slower on CPU (as in masks_to_boxes).
+        row_max, col_max = low.amax(dim=2), low.amax(dim=1)
+        low_thresh = 0
+    rows = _axis_plan(row_max > low_thresh, image_size[0], output_size[0])
+    cols = _axis_plan(col_max > low_thresh, image_size[1], output_size[1])
     return rows, cols, (rows["nonempty"] & cols["nonempty"]).nonzero()[:, 0]
 
 

@@ -51,7 +51,7 @@ from .candidate_pool import (
     accepts_out,
     consecutive_unique,
     ignoring_out,
-    masked_row_sums,
+    masks_and_sums,
     pooled_top_k,
     top_k,
     unique_with_first,
@@ -101,16 +101,14 @@ def mask_areas_and_sums(
 ):
     """Binary masks (K, h, w) ``probs > mask_thresh``, their int64 areas (K,) and the float32
     sums (K,) of the probabilities inside them (accumulated in float32: a half-precision sum
-    overflows beyond 65504). ``eager`` (the eager path, never traced) counts pixels with
-    :func:`nms.mask_areas`, sums with :func:`candidate_pool.masked_row_sums` (no full-size
-    copy; same values) and writes the masks into ``out`` (bool, ``probs``' shape) if given;
-    ``probs`` is left as it is either way."""
-    if eager and out is not None:
-        masks = torch.gt(probs, mask_thresh, out=out)
-    else:
-        masks = probs > mask_thresh
+    overflows beyond 65504). ``eager`` (the eager path, never traced) takes
+    :func:`candidate_pool.masks_and_sums` (row blocks, no full-size copy; same values) and
+    counts pixels with :func:`nms.mask_areas`, the masks written into ``out`` (bool,
+    ``probs``' shape) if given; ``probs`` is left as it is either way."""
     if eager:  # CPU int8 kernels and row blocks, which no exporter maps
-        return masks, mask_areas(masks), masked_row_sums(probs, masks)
+        masks, sums = masks_and_sums(probs, mask_thresh, out)
+        return masks, mask_areas(masks), sums
+    masks = probs > mask_thresh
     # Zeroing outside the masks gives the same values as multiplying by them (probabilities are
     # >= 0) without converting the bool masks to float first.
     inside = torch.where(masks, probs, 0)
@@ -263,11 +261,12 @@ class SOLOPostProcessor:
         # than carrying nms_pre float masks around).
         # The pool holds each chunk's masks as computed (rows index the kept candidates' masks)
         # and is cut to the best nms_pre when it holds more than 2 * nms_pre masks: the kept
-        # masks are gathered once, in score order, whatever the number of chunks.
+        # masks are gathered once, in score order, when there were several chunks; one chunk's
+        # are read where they are.
         candidates = torch.arange(len(cand_scores), device=device)
         pool, num_candidates = [], 0
-        # One chunk: its masks, the pooled ones and the final probabilities are written into
-        # kept buffers too (none of them is read after the next image's chunk).
+        # One chunk: its masks and the final probabilities are written into kept buffers too
+        # (neither is read after the next image's chunk).
         one_chunk = len(flat_cells) <= chunk
 
         def kept(rows, like, slot, dtype=None):
@@ -309,20 +308,23 @@ class SOLOPostProcessor:
         if not pool:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.candidates"):
-            pooled = min(self.nms_pre, sum(len(p[1]) for p in pool))
-            out = kept(pooled, scores, "pooled", torch.bool)
-            masks, _, cand_scores, labels, candidates, areas = pooled_top_k(pool, self.nms_pre, out)
+            # One entry (one chunk): NMS reads the best masks where they are, through their rows.
+            pooled = pooled_top_k(pool, self.nms_pre, gather=False)
+            masks, ranked, cand_scores, labels, candidates, areas = pooled
         if len(cand_scores) == 0:
             return _empty_instances(output_size, device), num_candidates
 
         with record_function("solo.postprocess.nms"):
             if self.nms_type == "matrix":
                 cand_scores = matrix_nms(
-                    masks, labels, cand_scores, self.matrix_nms_kernel, self.matrix_nms_sigma, areas
-                )
+                    masks, labels, cand_scores, self.matrix_nms_kernel, self.matrix_nms_sigma, areas,
+                    ranked,
+                )  # fmt: skip
                 keep = cand_scores >= self.update_thresh
             else:
-                keep = mask_nms(masks, labels, cand_scores, self.mask_nms_iou_thresh, areas)
+                keep = mask_nms(
+                    masks, labels, cand_scores, self.mask_nms_iou_thresh, areas, ranked
+                )
                 keep &= cand_scores >= self.update_thresh
             candidates, cand_scores, labels = top_k(
                 (candidates[keep], cand_scores[keep], labels[keep]),
