@@ -316,15 +316,11 @@ class SOLOPostProcessor:
 
         with record_function("solo.postprocess.nms"):
             if self.nms_type == "matrix":
-                cand_scores = matrix_nms(
-                    masks, labels, cand_scores, self.matrix_nms_kernel, self.matrix_nms_sigma, areas,
-                    ranked,
-                )  # fmt: skip
+                kernel, sigma = self.matrix_nms_kernel, self.matrix_nms_sigma
+                cand_scores = matrix_nms(masks, labels, cand_scores, kernel, sigma, areas, ranked)
                 keep = cand_scores >= self.update_thresh
             else:
-                keep = mask_nms(
-                    masks, labels, cand_scores, self.mask_nms_iou_thresh, areas, ranked
-                )
+                keep = mask_nms(masks, labels, cand_scores, self.mask_nms_iou_thresh, areas, ranked)
                 keep &= cand_scores >= self.update_thresh
             candidates, cand_scores, labels = top_k(
                 (candidates[keep], cand_scores[keep], labels[keep]),
