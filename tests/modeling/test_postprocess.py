@@ -272,6 +272,59 @@ def test_masks_and_sums_equal_the_comparison_and_plain_sums_bit_for_bit(rows, th
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masks_and_sums_round_the_threshold_to_the_probabilities_dtype(dtype):
+    """``probs > 0.6`` compares with 0.6 rounded to float16/bfloat16 (above 0.6): pixels equal
+    to that rounded value are outside, as in the comparison (threshold's half kernels compare
+    in float32)."""
+    from solo.modeling.candidate_pool import masks_and_sums
+
+    gen = torch.Generator().manual_seed(3)
+    for thresh in (0.3, 0.6, 0.999):
+        rounded = torch.tensor(thresh, dtype=dtype)
+        probs = torch.rand((20, 16, 24), generator=gen).to(dtype)
+        probs[:, :4] = rounded  # exactly the rounded threshold: outside
+        masks, sums = masks_and_sums(probs, thresh)
+        expected_masks = probs > thresh
+        assert torch.equal(masks, expected_masks), (dtype, thresh)
+        assert torch.equal(
+            sums, torch.where(expected_masks, probs, 0).flatten(1).sum(1, dtype=torch.float32)
+        )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_masks_and_sums_of_one_nan_row_or_strided_rows_are_the_plain_sums(threads):
+    """One NaN row among many is redone as a row of a larger sum (a lone row is summed split
+    across threads), and rows that are not contiguous (probabilities laid out (h, w, K)) are
+    summed in their own layout, as the plain formula does: bit for bit in both cases."""
+    from solo.modeling.candidate_pool import masks_and_sums
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(8)
+        probs = torch.rand((6, 200, 304), generator=gen)
+        probs[2, 0, 0] = float("nan")
+        permuted = torch.rand((200, 304, 4), generator=gen).permute(2, 0, 1)
+        for p in (probs, permuted):
+            masks, sums = masks_and_sums(p, 0.5)
+            expected = torch.where(p > 0.5, p, 0).flatten(1).sum(dim=1, dtype=torch.float32)
+            assert torch.equal(masks, p > 0.5) and torch.equal(sums, expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_masks_and_sums_write_other_outs_as_the_comparison_does():
+    """An ``out`` that is not a contiguous bool tensor of the probabilities' shape (uint8, a
+    different shape that the comparison resizes) gets the comparison's values."""
+    from solo.modeling.candidate_pool import masks_and_sums
+
+    probs = torch.rand((10, 8, 12), generator=torch.Generator().manual_seed(1))
+    for out in (torch.empty((10, 8, 12), dtype=torch.uint8), torch.empty(0, dtype=torch.bool)):
+        masks, _ = masks_and_sums(probs, 0.5, out)
+        assert torch.equal(masks, torch.gt(probs, 0.5, out=out.clone())) and masks is out
+
+
 def test_masks_and_sums_leave_nan_pixels_out_and_handle_negative_thresholds():
     """NaN pixels are outside the masks and out of the sums, as with the comparison (the row
     blocks' zeroing keeps NaN: those rows are redone); a negative threshold keeps exact zeros

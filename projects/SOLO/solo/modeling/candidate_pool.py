@@ -121,9 +121,12 @@ def masks_and_sums(
     NaN there: NaN is not <= any threshold) are done again the plain way.
     """
     p = probs.flatten(1)  # (0, h, w) too, which reshape(0, -1) refuses
-    if p.device.type != "cpu" or not thresh >= 0:
+    if not _blocks_apply(p, probs, thresh, out):
         masks = torch.gt(probs, thresh, out=out) if out is not None else probs > thresh
         return masks, torch.where(masks, probs, 0).flatten(1).sum(dim=1, dtype=torch.float32)
+    # The comparison rounds the threshold to the probabilities' dtype; threshold's half and
+    # bfloat16 kernels compare in float32: round it here (0.6 in float16 is 0.60009765625).
+    thresh = torch.tensor(thresh, dtype=p.dtype).item()
     masks = out if out is not None else torch.empty(probs.shape, dtype=torch.bool)
     m = masks.view(p.shape)
     sums = p.new_empty(len(p), dtype=torch.float32)
@@ -136,10 +139,30 @@ def masks_and_sums(
         m[start:end].copy_(inside)
     nan_rows = sums.isnan().nonzero()[:, 0]
     if len(nan_rows):
-        rows = p[nan_rows]
-        m[nan_rows] = rows > thresh
-        sums[nan_rows] = torch.where(m[nan_rows], rows, 0).sum(dim=1, dtype=torch.float32)
+        m[nan_rows] = p[nan_rows] > thresh
+        # One row would be summed split across threads: summed twice over, as among the others.
+        redo = nan_rows.repeat(2) if len(nan_rows) == 1 < len(p) else nan_rows
+        zeroed = torch.where(m[redo], p[redo], 0)
+        sums[nan_rows] = zeroed.sum(dim=1, dtype=torch.float32)[: len(nan_rows)]
     return masks, sums
+
+
+def _blocks_apply(p, probs, thresh, out) -> bool:
+    """Whether :func:`masks_and_sums`' row blocks give its plain formula's values: CPU, a
+    threshold >= 0 (exact zeros are outside), rows contiguous (a strided row is summed in its
+    own order), no autograd, and ``out`` (if any) a contiguous bool tensor of ``probs``' shape;
+    otherwise the plain formula runs."""
+    return (
+        p.device.type == "cpu"
+        and p.dtype.is_floating_point
+        and thresh >= 0
+        and (p.stride(1) == 1 or p.shape[1] <= 1)
+        and not (probs.requires_grad and torch.is_grad_enabled())
+        and (
+            out is None
+            or (out.dtype == torch.bool and out.shape == probs.shape and out.is_contiguous())
+        )
+    )
 
 
 def consecutive_unique(values: torch.Tensor):
