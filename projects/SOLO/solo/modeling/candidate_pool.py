@@ -118,7 +118,8 @@ def masks_and_sums(
     bool (nonzero is inside for a threshold >= 0): one vectorised pass each, where comparing
     to bool and ``where`` on bool masks are not. Every block has at least two rows: a single row
     is summed split across threads, which rounds differently. Rows holding NaN (whose sums are
-    NaN there: NaN is not <= any threshold) are done again the plain way.
+    NaN there: NaN is not <= any threshold) are done again the plain way; so is everything where
+    the blocks would round differently (:func:`_blocks_apply`).
     """
     p = probs.flatten(1)  # (0, h, w) too, which reshape(0, -1) refuses
     if not _blocks_apply(p, probs, thresh, out):
@@ -126,7 +127,7 @@ def masks_and_sums(
         return masks, torch.where(masks, probs, 0).flatten(1).sum(dim=1, dtype=torch.float32)
     # The comparison rounds the threshold to the probabilities' dtype; threshold's half and
     # bfloat16 kernels compare in float32: round it here (0.6 in float16 is 0.60009765625).
-    thresh = torch.tensor(thresh, dtype=p.dtype).item()
+    thresh = torch.tensor(float(thresh), dtype=p.dtype).item()
     masks = out if out is not None else torch.empty(probs.shape, dtype=torch.bool)
     m = masks.view(p.shape)
     sums = p.new_empty(len(p), dtype=torch.float32)
