@@ -199,12 +199,13 @@ def pooled_top_k(
             area.
         out: a (k', h, w) bool tensor, k' >= the number gathered, not one of the pool's masks,
             that the gathered masks are written into (its first rows are returned).
-        gather: False: a pool of one entry keeps its masks as they are, the returned rows in
-            descending score order pointing into them (nothing is copied).
+        gather: False: the masks are returned as computed (one entry's as they are, several
+            entries' concatenated), the returned rows in descending score order pointing into
+            them (not gathered into score order).
     Returns:
         one entry whose masks are gathered in descending score order (rows ``0..k-1``): the
-        only copy of the masks, whatever the number of entries (or, ``gather=False`` and one
-        entry, its masks and the best ``k`` rows).
+        only copy of the masks, whatever the number of entries (``gather=False``: the masks as
+        computed and the best ``k`` rows into them).
     """
     if len(pool) == 1:
         masks, rows = pool[0][:2]
@@ -214,7 +215,7 @@ def pooled_top_k(
         rows = torch.cat([p[1] + offset for p, offset in zip(pool, offsets)])
     scores, labels, candidates, areas = (torch.cat(parts) for parts in list(zip(*pool))[2:])
     order = torch.argsort(scores, descending=True)[:k]
-    if not gather and len(pool) == 1:
+    if not gather:
         return (masks, rows[order], scores[order], labels[order], candidates[order], areas[order])
     if out is not None:
         masks = torch.index_select(masks, 0, rows[order], out=out[: len(order)])

@@ -260,9 +260,8 @@ class SOLOPostProcessor:
         # chunk's probabilities when there was one chunk, else recomputed at the end (cheaper
         # than carrying nms_pre float masks around).
         # The pool holds each chunk's masks as computed (rows index the kept candidates' masks)
-        # and is cut to the best nms_pre when it holds more than 2 * nms_pre masks: the kept
-        # masks are gathered once, in score order, when there were several chunks; one chunk's
-        # are read where they are.
+        # and is cut to the best nms_pre (a gathered copy) when it holds more than 2 * nms_pre
+        # masks; at the end the masks are not gathered into score order: NMS reads their rows.
         candidates = torch.arange(len(cand_scores), device=device)
         pool, num_candidates = [], 0
         # One chunk: its masks and the final probabilities are written into kept buffers too
@@ -308,7 +307,6 @@ class SOLOPostProcessor:
         if not pool:
             return _empty_instances(output_size, device), num_candidates
         with record_function("solo.postprocess.candidates"):
-            # One entry (one chunk): NMS reads the best masks where they are, through their rows.
             pooled = pooled_top_k(pool, self.nms_pre, gather=False)
             masks, ranked, cand_scores, labels, candidates, areas = pooled
         if len(cand_scores) == 0:
