@@ -27,7 +27,7 @@ from solo.utils.measure import compute_ratios, conv_probe, flatten, machine_info
 
 logger = logging.getLogger("benchmark")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_REPEATS = {"inference": 5, "train": 5, "data": 50}
 MASK_FORMATS = {"dense": "bitmask", "cropped": "cropped"}  # --masks: TEST.MASK_FORMAT
 
@@ -208,8 +208,9 @@ class Report:
     mask_extent: Optional[str] = "objects"  # --mask-extent; None: trained weights (no calibration)
     image: Optional[str] = None  # --image
     masks_ratios: Optional[Dict[str, float]] = None  # ours_cropped / ours, every figure
-    # inference with --compare: both post-processings timed alternately in one process
-    # (measure.paired_times; ratio = ours / the compared model, pair by pair)
+    # inference with --compare: both post-processings timed alternately in one process, with
+    # ours' candidate mask products as a third call (measure.paired_times; ratio = ours / the
+    # compared model, round by round; ratios: the same for each call)
     postprocess_paired: Optional[dict] = None
     schema_version: int = SCHEMA_VERSION
     flop_convention: str = "fvcore: one multiply-add counts as one flop"
@@ -351,6 +352,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             f"{paired['ratio']['median']:.3g} (median of pairs; {paired['ratio']['min']:.3g}-"
             f"{paired['ratio']['max']:.3g})"
         )
+        if "ours_mask_products" in paired["ratios"]:
+            products = paired["ratios"]["ours_mask_products"]
+            print(
+                f"  of which ours' candidate mask products alone (every distinct candidate cell's "
+                f"mask probabilities, as its post-processing computes them): "
+                f"{ms['ours_mask_products']} ms, {products['median']:.3g}x {args.compare}'s whole "
+                f"post-processing ({products['min']:.3g}-{products['max']:.3g})"
+            )
     for runtime, ratio in report.runtime_ratios.items():
         print(f"ratio {runtime} / pytorch (inference): {ratio}")
     for runtime, ratio in (report.onnxruntime_ratios or {}).items():

@@ -18,6 +18,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+import solo.modeling.postprocess
 import solo.utils.benchmark_calibration
 import solo.utils.benchmark_jobs
 import solo.utils.benchmark_parts
@@ -91,10 +92,15 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     report = run(benchmark, tmp_path, "--task", "inference", "--compare", "mask_rcnn")
     printed = capsys.readouterr().out
     assert "ours / mask_rcnn" in printed and "timed alternately in one process" in printed
+    assert "candidate mask products alone" in printed
     paired = report["postprocess_paired"]  # both post-processings alternated in one process
-    assert paired["pairs"] == 1 and set(paired["ms"]) == {"ours", "mask_rcnn"}
+    assert paired["pairs"] == 1
+    assert set(paired["ms"]) == {"ours", "mask_rcnn", "ours_mask_products"}
     one_pair = paired["ms"]["ours"]["median"] / paired["ms"]["mask_rcnn"]["median"]
     assert paired["ratio"]["median"] == pytest.approx(one_pair, rel=2e-3)
+    assert paired["ratios"]["ours"] == paired["ratio"]
+    products = paired["ms"]["ours_mask_products"]["median"] / paired["ms"]["mask_rcnn"]["median"]
+    assert paired["ratios"]["ours_mask_products"]["median"] == pytest.approx(products, rel=2e-3)
     assert set(report["models"]) == {"ours", "mask_rcnn"}
     assert report["conv_probe"]["gflops_per_s"] > 0
     for model in report["models"].values():
@@ -142,6 +148,73 @@ def test_paired_times_alternate_the_calls_and_take_the_ratio_pair_by_pair(monkey
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert result["pairs"] == 3 and result["ms"]["a"]["median"] == 3000.0
     assert result["ratio"] == {"median": 2.0, "min": 1.5, "max": 4.0}
+    assert result["ratios"] == {"a": result["ratio"]}
+
+
+def test_paired_times_with_three_calls_reverse_the_order_each_round_and_divide_by_the_second(
+    monkeypatch,
+):
+    import solo.utils.measure as measure
+
+    clock, order = [0.0], []
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            clock[0] += seconds.pop(0)
+
+        return run
+
+    calls = {
+        "a": call("a", [9.0, 2.0, 6.0]),
+        "b": call("b", [9.0, 1.0, 2.0]),
+        "c": call("c", [9.0, 0.5, 3.0]),
+    }
+    result = measure.paired_times(calls, warmup=1, repeats=2, cuda=False)
+    assert order == ["a", "b", "c", "a", "b", "c", "c", "b", "a"]
+    assert result["ratio"] == result["ratios"]["a"] == {"median": 2.5, "min": 2.0, "max": 3.0}
+    assert result["ratios"]["c"] == {"median": 1.0, "min": 0.5, "max": 1.5}
+    assert "b" not in result["ratios"]
+    with pytest.raises(ValueError, match="two calls or more"):
+        measure.paired_times({"a": calls["a"]}, warmup=1, repeats=1, cuda=False)
+
+
+@pytest.mark.parametrize("head_name", ["SOLOv2Head", "SOLOHead"])
+def test_candidate_mask_products_compute_the_post_processors_distinct_candidate_cells(head_name):
+    """The benchmark's products call runs the head's mask_probs on exactly the distinct cells
+    above the score threshold, in the post-processor's chunks (here 7 cells at a time)."""
+    cfg = tiny_cfg(head_name)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    post = model.postprocessor
+    post.chunk_size = 7
+    batched = [{"image": solo.utils.benchmark_jobs.make_image(96, 128, seed=0)}]
+    with torch.no_grad():
+        images = model.preprocess_image(batched)
+        features = model.backbone(images.tensor)
+        outputs = model.head([features[f] for f in model.head_in_features])
+    padded = tuple(images.tensor.shape[-2:])
+    cells_seen = []
+
+    def mask_probs(image, levels, cells, size, out=None):
+        assert image == 0 and tuple(size) == (padded[0] // 4, padded[1] // 4)
+        assert out is not None and len(out) == len(cells) <= 7
+        cells_seen.append((levels.clone(), cells.clone()))
+        return model.head.inference_mask_probs(outputs, image, levels, cells, size, out=out)
+
+    post.score_thresh = float(
+        solo.modeling.postprocess.grid_scores(outputs.cate_logits)[0].max(dim=1).values.median()
+    )  # about half the cells pass: several chunks
+    products = solo.utils.benchmark_parts.candidate_mask_products(post, outputs, mask_probs, padded)
+    with torch.no_grad():
+        count = products()
+    scores = solo.modeling.postprocess.grid_scores(outputs.cate_logits)[0]
+    expected = sorted(set((scores > post.score_thresh).nonzero()[:, 0].tolist()))
+    sizes = [x.shape[-2] * x.shape[-1] for x in outputs.cate_logits]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    seen = [starts[lv] + c for ls, cs in cells_seen for lv, c in zip(ls.tolist(), cs.tolist())]
+    assert count == len(expected) > 7 and seen == expected
 
 
 def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_instances(

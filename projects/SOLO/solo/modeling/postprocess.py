@@ -247,8 +247,7 @@ class SOLOPostProcessor:
         """The image's instances, and the number of candidates competing for nms_pre."""
         device = scores.device
         stride4_size = (padded_size[0] // 4, padded_size[1] // 4)
-        pixels = stride4_size[0] * stride4_size[1]
-        chunk = max(1, min(self.chunk_size, candidate_pool.CHUNK_BYTES // (4 * max(pixels, 1))))
+        chunk = self.rows_per_chunk(stride4_size)
         with record_function("solo.postprocess.candidates"):
             flat_cells, labels = (scores > self.score_thresh).nonzero(as_tuple=True)
             cand_scores = scores[flat_cells, labels]
@@ -346,6 +345,12 @@ class SOLOPostProcessor:
         result.scores = cand_scores
         result.pred_classes = labels
         return result, num_candidates
+
+    def rows_per_chunk(self, stride4_size: Tuple[int, int]) -> int:
+        """How many distinct candidate cells' (h, w) float probabilities are computed at a time:
+        ``chunk_size``, fewer when they would exceed ``candidate_pool.CHUNK_BYTES``."""
+        pixels = stride4_size[0] * stride4_size[1]
+        return max(1, min(self.chunk_size, candidate_pool.CHUNK_BYTES // (4 * max(pixels, 1))))
 
     def _recompute(self, mask_probs, image, candidates, size, like, buffered):
         """The (K, *size) probabilities of K candidates given as ``(levels, cells, flat_cells,

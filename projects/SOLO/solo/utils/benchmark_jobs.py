@@ -304,9 +304,10 @@ def run_job(job: Job) -> dict:
 def run_paired(jobs: Sequence[Job]) -> dict:
     """Both models' post-processing built in one process and timed call by call, alternately
     (``measure.paired_times``): a ratio that machine-speed drift between the models' own runs
-    does not move."""
+    does not move. Ours' candidate mask products (``benchmark_parts.candidate_mask_products``,
+    a piece of its post-processing) are timed in the same rounds as ``ours_mask_products``."""
     with measuring_process(jobs[0].threads):
-        calls = {}
+        calls, products = {}, None
         for job in jobs:
             cfg = build_cfg(job)
             model = build_job_model(job, cfg)
@@ -314,5 +315,8 @@ def run_paired(jobs: Sequence[Job]) -> dict:
             with torch.no_grad():
                 parts, _ = inference_parts(model, batched, job.model == "mask_rcnn")
             calls[job.model] = parts["postprocess"]
+            products = parts.get("mask_products", products)
+        if products is not None:
+            calls["ours_mask_products"] = products
         with torch.no_grad():
             return paired_times(calls, jobs[0].warmup, jobs[0].repeats, jobs[0].device == "cuda")

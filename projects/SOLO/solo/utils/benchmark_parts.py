@@ -15,6 +15,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "benchmark_cfg",
     "benchmark_image",
+    "candidate_mask_products",
     "data_loader_seconds",
     "describe_model",
     "export_for_runtime",
@@ -142,7 +143,8 @@ def inference_parts(
     model, batched: List[dict], mask_rcnn: bool
 ) -> Tuple[Dict[str, Callable], Callable]:
     """Each part of ``model(batched)`` (preprocess, backbone, head, postprocess, total) as a call
-    on the previous part's output, in ``model.forward``'s order, and a function returning the
+    on the previous part's output, in ``model.forward``'s order (ours also ``mask_products``:
+    :func:`candidate_mask_products`, a piece of its postprocess), and a function returning the
     fvcore GFLOPs of the backbone and the head."""
     from detectron2.modeling.postprocessing import detector_postprocess
 
@@ -172,6 +174,8 @@ def inference_parts(
             cate_logits, image_sizes = outputs.cate_logits, images.image_sizes
             return model.postprocessor(cate_logits, mask_probs, padded, image_sizes, sizes)
 
+        mask_products = candidate_mask_products(model.postprocessor, outputs, mask_probs, padded)
+
     parts = {
         "preprocess": lambda: model.preprocess_image(batched),
         "backbone": lambda: model.backbone(images.tensor),
@@ -179,10 +183,39 @@ def inference_parts(
         "postprocess": postprocess,
         "total": lambda: model(batched),
     }
+    if not mask_rcnn:
+        parts["mask_products"] = mask_products
     return parts, lambda: {
         "backbone": count_gflops(model, model.backbone, (images.tensor,)),
         "head": count_gflops(model, head, (features,)),
     }
+
+
+def candidate_mask_products(post, outputs, mask_probs: Callable, padded) -> Callable:
+    """The mask probabilities the post-processor ``post`` computes for image 0 as a call of their
+    own: the head's ``mask_probs`` of every distinct cell with a category score above
+    ``post.score_thresh`` (after point NMS), at stride 4 of ``padded``, ``post.rows_per_chunk``
+    cells at a time into one kept buffer, as the post-processor does (SOLOv2: the dynamic
+    convolutions and their sigmoid). ``tools/benchmark.py`` times it next to both models'
+    post-processing: the part of ours that no post-processing change can make cheaper."""
+    from ..modeling.postprocess import grid_scores, split_cells
+
+    scores = grid_scores(outputs.cate_logits)[0]  # (sum S^2, C)
+    cells_per_level = [x.shape[-2] * x.shape[-1] for x in outputs.cate_logits]
+    distinct = torch.unique((scores > post.score_thresh).nonzero()[:, 0])
+    levels, cells = split_cells(distinct, cells_per_level)
+    size = (padded[0] // 4, padded[1] // 4)
+    chunk = post.rows_per_chunk(size)
+    buffer = scores.new_empty((min(chunk, len(distinct)), *size))
+
+    def products() -> int:
+        for start in range(0, len(distinct), chunk):
+            part = slice(start, start + chunk)
+            rows = len(levels[part])
+            mask_probs(0, levels[part], cells[part], size, out=buffer[:rows])
+        return len(distinct)
+
+    return products
 
 
 def export_for_runtime(

@@ -58,14 +58,17 @@ def measure(fn: Callable, warmup: int, repeats: int, threads: int, cuda: bool) -
 
 
 def paired_times(calls: Dict[str, Callable], warmup: int, repeats: int, cuda: bool) -> dict:
-    """Two calls timed alternately in one process (A B, B A, A B, ...; ``warmup`` untimed
-    rounds, at least one), so that a drift of the machine's speed reaches both alike.
+    """Two or more calls timed in turn in one process (A B C, C B A, A B C, ...; ``warmup``
+    untimed rounds, at least one), so that a drift of the machine's speed reaches all alike.
 
     Returns:
-        ``{"ms": {name: stats}, "ratio": {"median", "min", "max"}, "pairs": repeats}``, the
-        ratio of the first call's time to the second's, pair by pair.
+        ``{"ms": {name: stats}, "ratio": {"median", "min", "max"}, "ratios": {name: {...}},
+        "pairs": repeats}``: ``ratio``, the first call's time over the second's, round by round;
+        ``ratios``, the same for every call other than the second (the first's is ``ratio``).
     """
-    (a, call_a), (b, call_b) = calls.items()
+    names = list(calls)
+    if len(names) < 2:
+        raise ValueError(f"paired_times needs two calls or more, got {names}")
 
     def timed(call):
         start = time.perf_counter()
@@ -75,16 +78,23 @@ def paired_times(calls: Dict[str, Callable], warmup: int, repeats: int, cuda: bo
         return time.perf_counter() - start
 
     for _ in range(max(warmup, 1)):
-        timed(call_a), timed(call_b)
-    seconds = {a: [], b: []}
+        for call in calls.values():
+            timed(call)
+    seconds = {name: [] for name in names}
     for i in range(repeats):
-        for name, call in ((a, call_a), (b, call_b))[:: 1 if i % 2 == 0 else -1]:
-            seconds[name].append(timed(call))
-    ratios = [x / y for x, y in zip(seconds[a], seconds[b])]
+        for name in names[:: 1 if i % 2 == 0 else -1]:
+            seconds[name].append(timed(calls[name]))
+
+    def ratio(name):
+        values = [x / y for x, y in zip(seconds[name], seconds[names[1]])]
+        return {k: round(f(values), 4) for k, f in
+                {"median": statistics.median, "min": min, "max": max}.items()}  # fmt: skip
+
+    ratios = {name: ratio(name) for name in names if name != names[1]}
     return {
         "ms": {name: stats(values) for name, values in seconds.items()},
-        "ratio": {k: round(f(ratios), 4) for k, f in
-                  {"median": statistics.median, "min": min, "max": max}.items()},  # fmt: skip
+        "ratio": ratios[names[0]],
+        "ratios": ratios,
         "pairs": repeats,
     }
 
