@@ -19,9 +19,9 @@ from fnmatch import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
-from solo.utils.benchmark_calibration import MASK_EXTENTS
+from solo.utils.benchmark_calibration import CATE_SCORE_MAX, MASK_EXTENTS
 from solo.utils.benchmark_jobs import Job, run_job, run_paired, setup_logging
-from solo.utils.benchmark_parts import EXPORT_FORMATS, trained_weights
+from solo.utils.benchmark_parts import EXPORT_FORMATS, benchmark_cfg, trained_weights
 from solo.utils.cli import add_opts_argument, parse_args
 from solo.utils.measure import compute_ratios, conv_probe, flatten, machine_info
 
@@ -157,6 +157,16 @@ def check_args(args: argparse.Namespace):
             f"--mask-extent {args.mask_extent} with MODEL.WEIGHTS {weights}: a trained model is "
             "timed as it is, without calibration; drop --mask-extent."
         )
+    if not weights and args.task == "inference":
+        thresh = benchmark_cfg("ours", "inference", args.config_file, args.opts, "cpu").MODEL.SOLO
+        thresh = thresh.SCORE_THRESH
+        if not 0 < thresh < CATE_SCORE_MAX:
+            raise SystemExit(
+                f"MODEL.SOLO.SCORE_THRESH {thresh}: random weights are calibrated to category "
+                f"scores between the score threshold and {CATE_SCORE_MAX} "
+                "(solo.utils.benchmark_calibration), so it must lie in "
+                f"(0, {CATE_SCORE_MAX}); lower it, or time trained weights (MODEL.WEIGHTS)."
+            )
     if weights:
         args.mask_extent = None
     elif args.mask_extent is None:
@@ -347,18 +357,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if paired:
         ms = {name: f"{v['median']:.4g}" for name, v in paired["ms"].items()}
         print(
-            f"post-processing timed alternately in one process ({paired['pairs']} pair(s)): ours "
+            f"post-processing timed alternately in one process ({paired['pairs']} round(s)): ours "
             f"{ms['ours']} ms, {args.compare} {ms[args.compare]} ms (medians); ratio "
-            f"{paired['ratio']['median']:.3g} (median of pairs; {paired['ratio']['min']:.3g}-"
+            f"{paired['ratio']['median']:.3g} (median of rounds; {paired['ratio']['min']:.3g}-"
             f"{paired['ratio']['max']:.3g})"
         )
         if "ours_mask_products" in paired["ratios"]:
             products = paired["ratios"]["ours_mask_products"]
             print(
-                f"  of which ours' candidate mask products alone (every distinct candidate cell's "
-                f"mask probabilities, as its post-processing computes them): "
-                f"{ms['ours_mask_products']} ms, {products['median']:.3g}x {args.compare}'s whole "
-                f"post-processing ({products['min']:.3g}-{products['max']:.3g})"
+                f"  of which ours' candidate mask products alone (the mask probabilities of the "
+                f"{paired['ours_mask_products_cells']} distinct candidate cells, as its "
+                f"post-processing computes them): {ms['ours_mask_products']} ms, "
+                f"{products['median']:.3g}x {args.compare}'s whole post-processing "
+                f"({products['min']:.3g}-{products['max']:.3g})"
             )
     for runtime, ratio in report.runtime_ratios.items():
         print(f"ratio {runtime} / pytorch (inference): {ratio}")

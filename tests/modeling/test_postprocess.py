@@ -715,3 +715,51 @@ def test_mask_probs_callables_without_out_still_work_unbuffered():
         assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
         assert torch.equal(a.scores, b.scores)
     assert post._buffers.kept is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 1000])
+def test_cell_chunks_hold_at_most_rows_cells_and_never_split_a_cell(rows):
+    from solo.modeling.candidate_pool import cell_chunks
+
+    rng = np.random.default_rng(rows)
+    cells = np.sort(rng.integers(0, 40, 120))  # (cell, class) pairs in cell order, repeats
+    flat = torch.from_numpy(cells)
+    chunks = cell_chunks(flat, rows)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(flat)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, no gap
+    distinct = [len(set(cells[s:e].tolist())) for s, e in chunks]
+    assert max(distinct) <= rows and all(d > 0 for d in distinct)
+    assert len(chunks) == math.ceil(len(set(cells.tolist())) / rows)
+    assert all(cells[s - 1] != cells[s] for s, _ in chunks[1:])  # no cell split
+    assert cell_chunks(flat[:0], rows) == []
+
+
+@pytest.mark.parametrize("kind", ["solo", "solov2"])
+def test_chunks_count_distinct_cells_so_a_cell_of_many_classes_is_computed_once(kind):
+    """Most cells above the threshold for many classes: the chunks hold ``chunk_size`` distinct
+    cells (not (cell, class) pairs), each cell's mask is computed once, and the result is the
+    one-chunk result."""
+    outputs = random_outputs(kind, 13, cate_mean=0.5)  # ~60% of (cell, class) pairs pass
+    head_probs = mask_probs_of(kind, outputs)
+    results, calls = {}, {}
+    for chunk_size in (10_000, 7):
+        calls[chunk_size] = []
+
+        def mask_probs(image, levels, cells, size, out=None, seen=calls[chunk_size]):
+            seen.append((image, list(zip(levels.tolist(), cells.tolist()))))
+            return head_probs(image, levels, cells, size, out=out)
+
+        post = SOLOPostProcessor(min_mask_areas=LEVEL_STRIDES, chunk_size=chunk_size)
+        results[chunk_size] = post(
+            outputs.cate_logits, mask_probs, PADDED, IMAGE_SIZES, OUTPUT_SIZES
+        )
+    for image in range(len(IMAGE_SIZES)):
+        (whole,) = [c for i, c in calls[10_000] if i == image]
+        chunked = [c for i, c in calls[7] if i == image][:-1]  # the last: final instances
+        assert all(len(c) == 7 for c in chunked[:-1]) and 0 < len(chunked[-1]) <= 7
+        assert [cell for c in chunked for cell in c] == whole  # each cell once, in order
+        assert len(whole) > 50
+    for a, b in zip(results[7], results[10_000]):
+        assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)

@@ -101,6 +101,8 @@ def test_inference_report_times_calibrated_models_and_reads_postprocess_stages(
     assert paired["ratios"]["ours"] == paired["ratio"]
     products = paired["ms"]["ours_mask_products"]["median"] / paired["ms"]["mask_rcnn"]["median"]
     assert paired["ratios"]["ours_mask_products"]["median"] == pytest.approx(products, rel=2e-3)
+    cells = paired["ours_mask_products_cells"]
+    assert cells > 0 and f"mask probabilities of the {cells} distinct candidate cells" in printed
     assert set(report["models"]) == {"ours", "mask_rcnn"}
     assert report["conv_probe"]["gflops_per_s"] > 0
     for model in report["models"].values():
@@ -178,43 +180,51 @@ def test_paired_times_with_three_calls_reverse_the_order_each_round_and_divide_b
     assert "b" not in result["ratios"]
     with pytest.raises(ValueError, match="two calls or more"):
         measure.paired_times({"a": calls["a"]}, warmup=1, repeats=1, cuda=False)
+    for repeats, warmup in ((0, 1), (1, -1)):
+        with pytest.raises(ValueError, match="repeats >= 1 and warmup >= 0"):
+            measure.paired_times(calls, warmup=warmup, repeats=repeats, cuda=False)
 
 
 @pytest.mark.parametrize("head_name", ["SOLOv2Head", "SOLOHead"])
-def test_candidate_mask_products_compute_the_post_processors_distinct_candidate_cells(head_name):
-    """The benchmark's products call runs the head's mask_probs on exactly the distinct cells
-    above the score threshold, in the post-processor's chunks (here 7 cells at a time)."""
+@pytest.mark.parametrize("chunk_size", [10_000, 7])
+def test_candidate_mask_products_make_the_post_processors_calls_of_its_candidate_cells(
+    head_name, chunk_size
+):
+    """The benchmark's products call makes the post-processor's own mask_probs calls for its
+    candidates, chunk by chunk (all but the final instances' recomputation after several)."""
     cfg = tiny_cfg(head_name)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     post = model.postprocessor
-    post.chunk_size = 7
+    post.chunk_size = chunk_size
     batched = [{"image": solo.utils.benchmark_jobs.make_image(96, 128, seed=0)}]
     with torch.no_grad():
         images = model.preprocess_image(batched)
         features = model.backbone(images.tensor)
         outputs = model.head([features[f] for f in model.head_in_features])
     padded = tuple(images.tensor.shape[-2:])
-    cells_seen = []
+    calls = []
 
     def mask_probs(image, levels, cells, size, out=None):
-        assert image == 0 and tuple(size) == (padded[0] // 4, padded[1] // 4)
-        assert out is not None and len(out) == len(cells) <= 7
-        cells_seen.append((levels.clone(), cells.clone()))
+        assert out is not None and len(out) == len(cells)
+        calls.append((image, tuple(size), levels.tolist(), cells.tolist()))
         return model.head.inference_mask_probs(outputs, image, levels, cells, size, out=out)
 
-    post.score_thresh = float(
-        solo.modeling.postprocess.grid_scores(outputs.cate_logits)[0].max(dim=1).values.median()
-    )  # about half the cells pass: several chunks
+    scores = solo.modeling.postprocess.grid_scores(outputs.cate_logits)[0]
+    # About half the cells pass, several classes for many of them.
+    post.score_thresh = float(scores.max(dim=1).values.median())
     products = solo.utils.benchmark_parts.candidate_mask_products(post, outputs, mask_probs, padded)
     with torch.no_grad():
         count = products()
-    scores = solo.modeling.postprocess.grid_scores(outputs.cate_logits)[0]
-    expected = sorted(set((scores > post.score_thresh).nonzero()[:, 0].tolist()))
-    sizes = [x.shape[-2] * x.shape[-1] for x in outputs.cate_logits]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    seen = [starts[lv] + c for ls, cs in cells_seen for lv, c in zip(ls.tolist(), cs.tolist())]
-    assert count == len(expected) > 7 and seen == expected
+        ours = list(calls)
+        calls.clear()
+        (result,) = post(outputs.cate_logits, mask_probs, padded, images.image_sizes, [(96, 128)])
+    # After several chunks, a last call recomputes the final instances' rows (if any).
+    recomputed = len(ours) > 1 and len(result) > 0
+    assert ours == (calls[:-1] if recomputed else calls)
+    distinct = set((scores > post.score_thresh).nonzero()[:, 0].tolist())
+    assert count == len(distinct) == sum(len(c[3]) for c in ours) > 7
+    assert (len(ours) > 1) == (chunk_size == 7)
 
 
 def test_several_runtimes_are_timed_in_one_run_next_to_eager_with_the_same_instances(
@@ -537,6 +547,19 @@ def test_object_masks_leave_solo_v1_and_decoupled_masks_to_their_coverage_calibr
 ):
     model = build_model(tiny_cfg("DecoupledSOLOHead")).eval()
     assert calibration.add_object_masks(model, (96, 128)) is None
+
+
+@pytest.mark.parametrize("thresh", ["0.9", "0.99", "0.0"])
+def test_a_score_threshold_the_calibration_cannot_reach_is_refused(benchmark, calibration, thresh):
+    """Random weights are calibrated to scores in (SCORE_THRESH, CATE_SCORE_MAX]: at or above
+    0.9 no candidate (or, reversed, every pair) would pass; 0 is not a threshold."""
+    opts = ["MODEL.SOLO.SCORE_THRESH", thresh]
+    with pytest.raises(SystemExit, match=f"SCORE_THRESH {float(thresh)}.*must lie in"):
+        benchmark.main(["--config-file", TINY_CONFIG, *opts])
+    model = build_model(tiny_cfg("SOLOv2Head", opts=opts)).eval()
+    batched = [{"image": solo.utils.benchmark_jobs.make_image(64, 64, seed=0)}]
+    with pytest.raises(ValueError, match="cannot be calibrated"):
+        calibration.calibrate_solo(model, batched)
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,14 @@ in score order (:func:`pooled_top_k`).
 import functools
 import inspect
 import threading
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
     "CHUNK_BYTES",
     "ChunkBuffers",
     "accepts_out",
+    "cell_chunks",
     "consecutive_unique",
     "ignoring_out",
     "masks_and_sums",
@@ -164,6 +165,20 @@ def _blocks_apply(p, probs, thresh, out) -> bool:
             or (out.dtype == torch.bool and out.shape == probs.shape and out.is_contiguous())
         )
     )
+
+
+def cell_chunks(flat_cells: torch.Tensor, rows: int) -> List[Tuple[int, int]]:
+    """``(start, end)`` ranges of the candidates ``flat_cells`` (K,) int64, sorted by cell, so
+    that each range holds at most ``rows`` distinct cells and no cell is split between two
+    ranges: a chunk's masks are computed once per distinct cell, so its memory and its product
+    follow the cells, not the (cell, class) pairs (a cell above the threshold for many classes
+    is one mask)."""
+    if len(flat_cells) == 0:
+        return []
+    new_cell = torch.ones(len(flat_cells), dtype=torch.bool, device=flat_cells.device)
+    new_cell[1:] = flat_cells[1:] != flat_cells[:-1]
+    starts = new_cell.nonzero()[:, 0][:: max(1, rows)].tolist()
+    return list(zip(starts, starts[1:] + [len(flat_cells)]))
 
 
 def consecutive_unique(values: torch.Tensor):

@@ -17,9 +17,9 @@ at most ``max_per_image``. The survivors' soft masks are upsampled to the padded
 the image, resized to the requested output size and binarised.
 
 Memory stays bounded: candidate masks are computed in chunks of at most ``chunk_size``
-candidates and ``candidate_pool.CHUNK_BYTES`` of float masks (on CPU written into a buffer kept
-between calls, :class:`candidate_pool.ChunkBuffers`), keeping only the best ``nms_pre`` so far,
-and the final full-resolution masks are produced chunk by chunk as booleans.
+distinct candidate cells and ``candidate_pool.CHUNK_BYTES`` of float masks (on CPU written into
+a buffer kept between calls, :class:`candidate_pool.ChunkBuffers`), keeping only the best
+``nms_pre`` so far, and the final full-resolution masks are produced chunk by chunk as booleans.
 
 Observability (stable names, read by ``tools/benchmark.py``): the stages run inside
 ``torch.profiler.record_function`` ranges
@@ -49,6 +49,7 @@ from . import candidate_pool
 from .candidate_pool import (
     ChunkBuffers,
     accepts_out,
+    cell_chunks,
     consecutive_unique,
     ignoring_out,
     masks_and_sums,
@@ -265,16 +266,17 @@ class SOLOPostProcessor:
         pool, num_candidates = [], 0
         # One chunk: its masks and the final probabilities are written into kept buffers too
         # (neither is read after the next image's chunk).
-        one_chunk = len(flat_cells) <= chunk
+        # Chunks of at most ``chunk`` distinct cells: a cell above the threshold for several
+        # classes is one mask, computed once. The candidates are in cell order (nonzero() of
+        # (cells, classes)), so repeats are consecutive.
+        chunks = cell_chunks(flat_cells, chunk)
+        one_chunk = len(chunks) <= 1
 
         def kept(rows, like, slot, dtype=None):
             return self._buffers.take(rows, stride4_size, like, slot, dtype) if one_chunk else None
 
-        for start in range(0, len(cand_scores), chunk):
-            part = slice(start, start + chunk)
-            # A cell above the threshold for several classes is one mask: computed once. The
-            # candidates are in cell order (nonzero() of (cells, classes)), so repeats are
-            # consecutive.
+        for start, end in chunks:
+            part = slice(start, end)
             unique, first, inverse = consecutive_unique(flat_cells[part])
             with record_function("solo.postprocess.mask_probs"):
                 out = self._buffers.take(len(unique), stride4_size, scores) if buffered else None
@@ -347,8 +349,9 @@ class SOLOPostProcessor:
         return result, num_candidates
 
     def rows_per_chunk(self, stride4_size: Tuple[int, int]) -> int:
-        """How many distinct candidate cells' (h, w) float probabilities are computed at a time:
-        ``chunk_size``, fewer when they would exceed ``candidate_pool.CHUNK_BYTES``."""
+        """How many distinct candidate cells' (h, w) float probabilities are computed at a time
+        (:func:`candidate_pool.cell_chunks`): ``chunk_size``, fewer when they would exceed
+        ``candidate_pool.CHUNK_BYTES``."""
         pixels = stride4_size[0] * stride4_size[1]
         return max(1, min(self.chunk_size, candidate_pool.CHUNK_BYTES // (4 * max(pixels, 1))))
 

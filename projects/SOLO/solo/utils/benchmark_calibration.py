@@ -231,11 +231,20 @@ def calibrate_solo(model: nn.Module, batched: List[dict], mask_extent: str = "im
         ``instances_out``, the output masks' area fractions and the settings.
     Raises:
         RuntimeError: when the post-processor records no candidate count.
-        ValueError: an unknown ``mask_extent``.
+        ValueError: an unknown ``mask_extent``; a score threshold outside
+            (0, :data:`CATE_SCORE_MAX`).
     """
     if mask_extent not in MASK_EXTENTS:
         raise ValueError(f"mask_extent={mask_extent!r} is not one of {MASK_EXTENTS}.")
     post, head = model.postprocessor, model.head
+    if not 0 < post.score_thresh < CATE_SCORE_MAX:
+        # The calibrated scores span (score threshold, CATE_SCORE_MAX]: an empty or reversed
+        # range would leave no candidate, or every (cell, class) pair, above the threshold.
+        raise ValueError(
+            f"MODEL.SOLO.SCORE_THRESH={post.score_thresh} cannot be calibrated: random weights "
+            f"are calibrated to scores between it and {CATE_SCORE_MAX}, so it must lie in "
+            f"(0, {CATE_SCORE_MAX}). Lower it, or time trained weights (MODEL.WEIGHTS)."
+        )
     images = model.preprocess_image(batched[:1])
     hook = None
     if mask_extent == "objects":

@@ -305,7 +305,8 @@ def run_paired(jobs: Sequence[Job]) -> dict:
     """Both models' post-processing built in one process and timed call by call, alternately
     (``measure.paired_times``): a ratio that machine-speed drift between the models' own runs
     does not move. Ours' candidate mask products (``benchmark_parts.candidate_mask_products``,
-    a piece of its post-processing) are timed in the same rounds as ``ours_mask_products``."""
+    a piece of its post-processing) are timed in the same rounds as ``ours_mask_products``;
+    ``ours_mask_products_cells`` is how many candidate cells' masks that call computes."""
     with measuring_process(jobs[0].threads):
         calls, products = {}, None
         for job in jobs:
@@ -318,5 +319,10 @@ def run_paired(jobs: Sequence[Job]) -> dict:
             products = parts.get("mask_products", products)
         if products is not None:
             calls["ours_mask_products"] = products
+            with torch.no_grad():
+                cells = products()  # what the products call computes, in the report
         with torch.no_grad():
-            return paired_times(calls, jobs[0].warmup, jobs[0].repeats, jobs[0].device == "cuda")
+            paired = paired_times(calls, jobs[0].warmup, jobs[0].repeats, jobs[0].device == "cuda")
+        if products is not None:
+            paired["ours_mask_products_cells"] = cells
+        return paired

@@ -192,28 +192,31 @@ def inference_parts(
 
 
 def candidate_mask_products(post, outputs, mask_probs: Callable, padded) -> Callable:
-    """The mask probabilities the post-processor ``post`` computes for image 0 as a call of their
-    own: the head's ``mask_probs`` of every distinct cell with a category score above
-    ``post.score_thresh`` (after point NMS), at stride 4 of ``padded``, ``post.rows_per_chunk``
-    cells at a time into one kept buffer, as the post-processor does (SOLOv2: the dynamic
-    convolutions and their sigmoid). ``tools/benchmark.py`` times it next to both models'
-    post-processing: the part of ours that no post-processing change can make cheaper."""
+    """The candidates' mask probabilities the post-processor ``post`` computes for image 0, as a
+    call of their own returning how many cells it computed: the head's ``mask_probs`` of every
+    distinct cell with a category score above ``post.score_thresh`` (after point NMS), at stride
+    4 of ``padded``, in the post-processor's chunks (:func:`candidate_pool.cell_chunks` of
+    ``post.rows_per_chunk`` cells) into one kept buffer (SOLOv2: the dynamic convolutions and
+    their sigmoid). When there are several chunks the post-processor also recomputes its final
+    instances' rows (at most ``max_per_image``), which this call leaves out.
+    ``tools/benchmark.py`` times it next to both models' post-processing."""
+    from ..modeling.candidate_pool import cell_chunks, consecutive_unique
     from ..modeling.postprocess import grid_scores, split_cells
 
     scores = grid_scores(outputs.cate_logits)[0]  # (sum S^2, C)
     cells_per_level = [x.shape[-2] * x.shape[-1] for x in outputs.cate_logits]
-    distinct = torch.unique((scores > post.score_thresh).nonzero()[:, 0])
-    levels, cells = split_cells(distinct, cells_per_level)
+    flat_cells = (scores > post.score_thresh).nonzero()[:, 0]  # in cell order, as the post's
     size = (padded[0] // 4, padded[1] // 4)
-    chunk = post.rows_per_chunk(size)
-    buffer = scores.new_empty((min(chunk, len(distinct)), *size))
+    calls = []
+    for start, end in cell_chunks(flat_cells, post.rows_per_chunk(size)):
+        unique = consecutive_unique(flat_cells[start:end])[0]
+        calls.append(split_cells(unique, cells_per_level))
+    buffer = scores.new_empty((max([len(c[0]) for c in calls], default=0), *size))
 
     def products() -> int:
-        for start in range(0, len(distinct), chunk):
-            part = slice(start, start + chunk)
-            rows = len(levels[part])
-            mask_probs(0, levels[part], cells[part], size, out=buffer[:rows])
-        return len(distinct)
+        for levels, cells in calls:
+            mask_probs(0, levels, cells, size, out=buffer[: len(cells)])
+        return sum(len(c[0]) for c in calls)
 
     return products
 

@@ -60,15 +60,25 @@ def measure(fn: Callable, warmup: int, repeats: int, threads: int, cuda: bool) -
 def paired_times(calls: Dict[str, Callable], warmup: int, repeats: int, cuda: bool) -> dict:
     """Two or more calls timed in turn in one process (A B C, C B A, A B C, ...; ``warmup``
     untimed rounds, at least one), so that a drift of the machine's speed reaches all alike.
+    The order is reversed every round: the first and last calls follow themselves every other
+    round (A B | B A), the middle ones never.
 
     Returns:
         ``{"ms": {name: stats}, "ratio": {"median", "min", "max"}, "ratios": {name: {...}},
         "pairs": repeats}``: ``ratio``, the first call's time over the second's, round by round;
         ``ratios``, the same for every call other than the second (the first's is ``ratio``).
+
+    Raises:
+        ValueError: fewer than two calls, ``repeats`` < 1 or ``warmup`` < 0.
     """
     names = list(calls)
     if len(names) < 2:
         raise ValueError(f"paired_times needs two calls or more, got {names}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(
+            f"paired_times needs repeats >= 1 and warmup >= 0, got repeats={repeats}, "
+            f"warmup={warmup}"
+        )
 
     def timed(call):
         start = time.perf_counter()
@@ -95,7 +105,7 @@ def paired_times(calls: Dict[str, Callable], warmup: int, repeats: int, cuda: bo
         "ms": {name: stats(values) for name, values in seconds.items()},
         "ratio": ratios[names[0]],
         "ratios": ratios,
-        "pairs": repeats,
+        "pairs": repeats,  # rounds (the schema's name, from when there were two calls)
     }
 
 
