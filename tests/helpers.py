@@ -197,6 +197,16 @@ def force_candidates(model, logit=4.0):
             conv.bias.fill_(float(layers.mask_factors))
 
 
+def tied_scores_model(head_name):
+    """A tiny model whose every (cell, class) pair scores sigmoid(20) = 1.0 in float32: the
+    classes of a cell share its mask and maskness, so their scores tie exactly."""
+    model = build(tiny_cfg(head_name, ()))
+    force_candidates(model, logit=20.0)
+    with torch.no_grad():
+        model.head.prediction_layers().category.weight.zero_()
+    return model.eval()
+
+
 # Crafted head outputs (three levels, one or two images) for the post-processing tests.
 NUM_CLASSES = 3
 GRIDS = [12, 8, 6]

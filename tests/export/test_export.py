@@ -17,6 +17,7 @@ from helpers import (
     load_script,
     random_image,
     shapes_cache,
+    tied_scores_model,
     tiny_cfg,
 )
 from solo.export import (
@@ -70,6 +71,37 @@ def test_fixed_size_postprocess_equals_eager_postprocessor(head_name):
     torch.testing.assert_close(scores[:n], expected.scores, atol=1e-5, rtol=0)
     # Rows past num_detections are padding.
     assert (scores[n:] == -1).all()
+
+
+@pytest.mark.parametrize("head_name", HEADS)
+def test_fixed_size_postprocess_ranks_exact_ties_as_the_eager_postprocessor(head_name):
+    """Tied scores come out in the eager order (candidate order) in the graph too: its top-k
+    selections are stable sorts (``topk`` ordered the tied classes otherwise)."""
+    model = tied_scores_model(head_name)
+    module = SOLOExportModule(model, 5000).eval()
+    img = random_image(SAMPLE_SIZE, seed=1)
+    (expected,) = eager(model, [{"image": img}])
+    padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
+    with torch.no_grad():
+        scores, labels, masks, num_det, num_cand = module(padded)
+    n = int(num_det)
+    assert n == len(expected) > 0 and len(torch.unique(expected.scores)) < n  # ties
+    assert torch.equal(labels[:n], expected.pred_classes)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_exported_files_rank_exact_ties_as_eager(fmt, tmp_path):
+    model = tied_scores_model("SOLOv2Head")
+    sample = random_image(SAMPLE_SIZE, 0)
+    exported = ExportedModel(
+        export_model(model, fmt, str(tmp_path), sample_image=sample, max_candidates=5000)
+    )
+    inputs = [{"image": sample}]
+    (expected,) = eager(model, inputs)
+    (actual,) = [r["instances"] for r in exported(inputs)]
+    assert len(torch.unique(expected.scores)) < len(expected)  # ties
+    assert torch.equal(actual.pred_classes, expected.pred_classes)
+    assert_same_predictions(expected, actual)
 
 
 def test_more_candidates_than_k0_keeps_the_best_category_scores():

@@ -12,6 +12,7 @@ from helpers import (
     load_script,
     random_image,
     spread_scores_model,
+    tied_scores_model,
     tiny_cfg,
 )
 from solo.export import ExportedModel, ExportError, compare_predictions, export_model
@@ -54,6 +55,20 @@ def test_openvino_f32_equals_eager_at_three_sizes(head_name, tmp_path):
         # Same instances and classes in order, scores within 1e-3, masks up to boundary pixels.
         assert compare_predictions(expected, actual, score_atol=1e-3) == []
         assert exported.last_num_candidates[0] <= LARGE_K0
+
+
+def test_openvino_ranks_exact_ties_as_eager(tmp_path):
+    """Tied scores in the eager order: OpenVINO's TopK from ONNX breaks ties by index too."""
+    model = tied_scores_model("SOLOv2Head")
+    sample = random_image(SIZES[0][0], 0)
+    path = export_model(model, "onnx", str(tmp_path), sample_image=sample, max_candidates=5000)
+    exported = ExportedModel(path, runtime="openvino")
+    inputs = [{"image": sample}]
+    with torch.no_grad():
+        (expected,) = [r["instances"] for r in model(inputs)]
+    (actual,) = [r["instances"] for r in exported(inputs)]
+    assert len(torch.unique(expected.scores)) < len(expected)  # ties
+    assert torch.equal(actual.pred_classes, expected.pred_classes)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "f16"])

@@ -763,3 +763,25 @@ def test_chunks_count_distinct_cells_so_a_cell_of_many_classes_is_computed_once(
         assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks)
         assert torch.equal(a.pred_classes, b.pred_classes)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["solo", "decoupled", "solov2"])
+@pytest.mark.parametrize("nms_type", ["matrix", "mask"])
+def test_chunk_size_keeps_the_order_of_exactly_tied_scores(kind, nms_type):
+    """Every class of a cell scoring 1.0 (logit 20 in float32) shares the cell's mask, hence its
+    maskness: exact ties. They are ranked by candidate order (cell, then class) whatever the
+    chunking: the pool's sorts are stable (an unstable sort permuted the tied classes differently
+    for different chunk sizes)."""
+    outputs = random_outputs(kind, 3)
+    tied = [torch.full_like(c, 20.0) for c in outputs.cate_logits]
+    outputs = HeadOutputs(tied, outputs.mask_outputs)
+    args = dict(nms_pre=30, max_per_image=25, nms_type=nms_type)
+    reference = run_ours(kind, outputs, chunk_size=1000, **args)
+    for r in reference:  # several instances, some of them tied
+        assert len(r) >= 5 and len(torch.unique(r.scores)) < len(r.scores)
+    for chunk_size in (1, 3, 7):
+        results = run_ours(kind, outputs, chunk_size=chunk_size, **args)
+        for a, b in zip(results, reference):
+            assert torch.equal(a.pred_classes, b.pred_classes), chunk_size
+            assert torch.equal(a.pred_masks, b.pred_masks), chunk_size
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)

@@ -31,6 +31,26 @@ def read_onnx_metadata(path: str) -> str:
     return next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), "")
 
 
+def _stable_top_k(model, path: str) -> None:
+    """Make every TopK of an OpenVINO ``model`` (read from ``path``) break exact ties by lower
+    index, as ONNX's TopK specifies and as the eager post-processor ranks them (its ONNX reader
+    leaves OpenVINO's default, unstable order: tied classes of a cell came out permuted).
+
+    Raises:
+        ExportError: a TopK without the ``stable`` attribute (OpenVINO older than opset 11).
+    """
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "TopK":
+            continue
+        if "stable" not in op.get_attributes():
+            raise ExportError(
+                f"OpenVINO read {path} with a TopK of version {op.get_type_info().version_id}, "
+                "which has no stable (index) order for ties: install openvino>=2024.0 (the "
+                "export extra)."
+            )
+        op.set_attribute("stable", True)
+
+
 def openvino_session(
     path: str, num_threads: int, precision: str = "f32"
 ) -> Tuple[Callable[[np.ndarray], Tuple[np.ndarray, ...]], str]:
@@ -71,7 +91,9 @@ def openvino_session(
             f"{capabilities}: use precision 'f32'."
         )
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(num_threads)}
-    compiled = core.compile_model(core.read_model(path), "CPU", config)
+    model = core.read_model(path)
+    _stable_top_k(model, path)
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(image: np.ndarray) -> Tuple[np.ndarray, ...]:

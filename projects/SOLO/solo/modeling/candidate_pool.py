@@ -5,7 +5,8 @@ callables), repeated cells, maskness sums, and the pool of the best ``nms_pre``.
 Candidates are (cell, class) pairs; a cell above the score threshold for several classes has one
 mask. Masks are computed in chunks into :class:`ChunkBuffers`; the pool keeps each chunk's
 binary masks as computed, with the rows of the kept candidates, and gathers the best ones once,
-in score order (:func:`pooled_top_k`).
+in score order (:func:`pooled_top_k`). Rankings are stable (exact ties in candidate order), in
+the eager and the fixed-size post-processing alike (:func:`ranked`).
 """
 
 import functools
@@ -23,6 +24,8 @@ __all__ = [
     "ignoring_out",
     "masks_and_sums",
     "pooled_top_k",
+    "ranked",
+    "ranked_candidates",
     "top_k",
     "unique_with_first",
 ]
@@ -229,7 +232,9 @@ def pooled_top_k(
         offsets = torch.tensor([0] + [len(p[0]) for p in pool[:-1]]).cumsum(0).tolist()
         rows = torch.cat([p[1] + offset for p, offset in zip(pool, offsets)])
     scores, labels, candidates, areas = (torch.cat(parts) for parts in list(zip(*pool))[2:])
-    order = torch.argsort(scores, descending=True)[:k]
+    # Stable: exact ties (the classes of one cell share its mask, hence its maskness) keep
+    # candidate order, so the chunking cannot reorder them.
+    order = torch.argsort(scores, descending=True, stable=True)[:k]
     if not gather:
         return (masks, rows[order], scores[order], labels[order], candidates[order], areas[order])
     if out is not None:
@@ -247,6 +252,31 @@ def pooled_top_k(
 
 
 def top_k(tensors: Tuple[torch.Tensor, ...], score_index: int, k: int):
-    """Sort ``tensors`` (a tuple of aligned tensors) by descending score and keep the first k."""
-    order = torch.argsort(tensors[score_index], descending=True)[:k]
+    """Sort ``tensors`` (a tuple of aligned tensors) by descending score, exact ties in their
+    given order (a stable sort), and keep the first k."""
+    order = torch.argsort(tensors[score_index], descending=True, stable=True)[:k]
     return tuple(t[order] for t in tensors)
+
+
+def ranked(values: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of (N,) ``values`` and their indices, exact ties in index order (a stable
+    sort, as the eager post-processor's pool ranks them; ``topk`` leaves that order open)."""
+    if torch.onnx.is_in_onnx_export():
+        # The exporter has no stable sort; ONNX's TopK breaks ties by lower index (its spec).
+        return values.topk(k)
+    values, indices = torch.sort(values, descending=True, stable=True)
+    return values[:k], indices[:k]
+
+
+def ranked_candidates(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ranked` for the K0 best of every (cell, class) pair: ``topk`` selects them (far
+    cheaper than sorting every pair), then :func:`ranked` orders them. Which of the pairs
+    tied with the k-th score are selected stays ``topk``'s choice; whenever the candidates (pairs
+    above the score threshold) fit in K0, those pairs score at most the threshold and are
+    padding."""
+    values, indices = scores.topk(k)
+    if torch.onnx.is_in_onnx_export():
+        return values, indices
+    by_index = torch.argsort(indices)
+    values, order = ranked(values[by_index], k)
+    return values, indices[by_index][order]

@@ -147,6 +147,15 @@ def matrix_nms(
     return matrix_nms_from_iou(iou, labels, scores, kernel, sigma)
 
 
+def float_mask_iou(masks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """(K, K) IoU of (K, h, w) binary masks from one float product (exact counts below 2^24
+    pixels). The fixed-size path's: :func:`mask_iou_matrix` takes int8 kernels on CPU, which no
+    exporter maps."""
+    flat = masks.flatten(1).to(areas.dtype)
+    inter = flat @ flat.t()
+    return inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1e-6)
+
+
 def matrix_nms_from_iou(
     iou: torch.Tensor,
     labels: torch.Tensor,

@@ -20,6 +20,16 @@ Memory stays bounded: candidate masks are computed in chunks of at most ``chunk_
 distinct candidate cells and ``candidate_pool.CHUNK_BYTES`` of float masks (on CPU written into
 a buffer kept between calls, :class:`candidate_pool.ChunkBuffers`), keeping only the best
 ``nms_pre`` so far, and the final full-resolution masks are produced chunk by chunk as booleans.
+The final instances' stride-4 soft masks are one (up to ``max_per_image``, h/4, w/4) float
+tensor (rows of the chunk's probabilities with one chunk, else computed again in one call): 24
+MB at 800x1216, 300 MB at 3000x4000 with 100 instances, in a kept buffer only within
+``CHUNK_BYTES``.
+
+Ties and chunking: exact score ties (a cell's classes share its mask) rank in candidate order
+(cell, then class), whatever the chunking, here and in :meth:`SOLOPostProcessor.fixed_size`. A
+chunk size can still change a score's sixth digit: products over another number of rows may
+round a probability by one ulp (BLAS blocks rows by their count), flipping a pixel at
+``mask_thresh``.
 
 Observability (stable names, read by ``tools/benchmark.py``): the stages run inside
 ``torch.profiler.record_function`` ranges
@@ -54,12 +64,15 @@ from .candidate_pool import (
     ignoring_out,
     masks_and_sums,
     pooled_top_k,
+    ranked,
+    ranked_candidates,
     top_k,
     unique_with_first,
 )
 from .heads.base import CandidateMaskProbs
 from .nms import (
     MATRIX_NMS_KERNELS,
+    float_mask_iou,
     mask_areas,
     mask_nms,
     matrix_nms,
@@ -120,15 +133,6 @@ def rescore(scores: torch.Tensor, areas: torch.Tensor, sums: torch.Tensor) -> to
     """Category scores times maskness (mean probability inside the binary mask); an empty mask
     counts as area 1 (it never survives the area filter)."""
     return scores * (sums / areas.clamp(min=1))
-
-
-def float_mask_iou(masks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
-    """(K, K) IoU of (K, h, w) binary masks from one float product (exact counts below 2^24
-    pixels). The fixed-size path's: ``nms.mask_iou_matrix`` takes int8 kernels on CPU, which no
-    exporter maps."""
-    flat = masks.flatten(1).to(areas.dtype)
-    inter = flat @ flat.t()
-    return inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1e-6)
 
 
 class SOLOPostProcessor:
@@ -255,20 +259,15 @@ class SOLOPostProcessor:
             levels, cells = split_cells(flat_cells, cells_per_level)
             min_areas = self._min_areas(device)[levels]
 
-        # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory).
-        # Only the binary masks are pooled. The final instances' soft masks are read from the
-        # chunk's probabilities when there was one chunk, else recomputed at the end (cheaper
-        # than carrying nms_pre float masks around).
-        # The pool holds each chunk's masks as computed (rows index the kept candidates' masks)
-        # and is cut to the best nms_pre (a gathered copy) when it holds more than 2 * nms_pre
-        # masks; at the end the masks are not gathered into score order: NMS reads their rows.
+        # Mask, area filter and maskness rescoring, chunk by chunk (bounded memory); only the
+        # binary masks are pooled, as computed (rows index the kept candidates' masks), cut to
+        # the best nms_pre when the pool holds more than 2 * nms_pre masks; NMS reads their rows.
+        # The final soft masks are rows of the chunk's probabilities when there was one chunk
+        # (its masks and those rows then go to kept buffers too), else computed again.
+        # Chunks hold at most ``chunk`` distinct cells; a cell above the threshold for several
+        # classes is one mask. Candidates are in cell order (nonzero()), so repeats are adjacent.
         candidates = torch.arange(len(cand_scores), device=device)
         pool, num_candidates = [], 0
-        # One chunk: its masks and the final probabilities are written into kept buffers too
-        # (neither is read after the next image's chunk).
-        # Chunks of at most ``chunk`` distinct cells: a cell above the threshold for several
-        # classes is one mask, computed once. The candidates are in cell order (nonzero() of
-        # (cells, classes)), so repeats are consecutive.
         chunks = cell_chunks(flat_cells, chunk)
         one_chunk = len(chunks) <= 1
 
@@ -413,7 +412,7 @@ class SOLOPostProcessor:
         # Static top K0 over every (cell, class) pair: the official candidates are those above
         # the threshold, marked valid; the rest of the K0 is padding that cannot survive.
         k0 = min(max_candidates, flat.numel())
-        cand_scores, pairs = flat.topk(k0)
+        cand_scores, pairs = ranked_candidates(flat, k0)
         valid = cand_scores > self.score_thresh
         cells_per_level = [x.shape[-2] * x.shape[-1] for x in cate_logits]
         levels, cells = split_cells(pairs // num_classes, cells_per_level)
@@ -426,7 +425,7 @@ class SOLOPostProcessor:
         rescored = torch.where(keep, rescore(cand_scores, areas, inside), -1.0)
 
         k1 = min(self.nms_pre, k0)
-        rescored, order = rescored.topk(k1)
+        rescored, order = ranked(rescored, k1)
         iou = float_mask_iou(masks[order], areas[order].to(probs.dtype))
         decayed = matrix_nms_from_iou(
             iou, labels[order], rescored, self.matrix_nms_kernel, self.matrix_nms_sigma
@@ -434,7 +433,7 @@ class SOLOPostProcessor:
         # Padding rows come last, so they never decay a candidate.
         final = (rescored > -1) & (decayed >= self.update_thresh)
         k2 = min(self.max_per_image, k1)
-        det_scores, det = torch.where(final, decayed, -1.0).topk(k2)
+        det_scores, det = ranked(torch.where(final, decayed, -1.0), k2)
         num_detections = final.sum().clamp(max=k2)
         chosen = order[det]
         return det_scores, labels[chosen], probs[chosen], num_detections, num_candidates
