@@ -55,16 +55,22 @@ def assert_same_predictions(expected, actual):
     assert compare_predictions(expected, actual) == []
 
 
-@pytest.mark.parametrize("head_name", HEADS)
-def test_fixed_size_postprocess_equals_eager_postprocessor(head_name):
-    """The in-graph post-processing as plain PyTorch: same instances as SOLOPostProcessor."""
-    model = forced_model(head_name)
-    module = SOLOExportModule(model, LARGE_K0).eval()
+def fixed_size_and_eager(model, k0):
+    """Eager instances of a seeded image, and the export module's raw outputs for it."""
+    module = SOLOExportModule(model, k0).eval()
     img = random_image(SAMPLE_SIZE, seed=1)
     (expected,) = eager(model, [{"image": img}])
     padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
     with torch.no_grad():
-        scores, labels, masks, num_det, num_cand = module(padded)
+        return expected, module(padded)
+
+
+@pytest.mark.parametrize("head_name", HEADS)
+def test_fixed_size_postprocess_equals_eager_postprocessor(head_name):
+    """The in-graph post-processing as plain PyTorch: same instances as SOLOPostProcessor."""
+    expected, (scores, labels, masks, num_det, num_cand) = fixed_size_and_eager(
+        forced_model(head_name), LARGE_K0
+    )
     n = int(num_det)
     assert n == len(expected) > 0 and int(num_cand) <= LARGE_K0
     assert torch.equal(labels[:n], expected.pred_classes)
@@ -77,13 +83,9 @@ def test_fixed_size_postprocess_equals_eager_postprocessor(head_name):
 def test_fixed_size_postprocess_ranks_exact_ties_as_the_eager_postprocessor(head_name):
     """Tied scores come out in the eager order (candidate order) in the graph too: its top-k
     selections are stable sorts (``topk`` ordered the tied classes otherwise)."""
-    model = tied_scores_model(head_name)
-    module = SOLOExportModule(model, 5000).eval()
-    img = random_image(SAMPLE_SIZE, seed=1)
-    (expected,) = eager(model, [{"image": img}])
-    padded = pad_image(img.float(), module.pixel_mean, module.size_divisibility)
-    with torch.no_grad():
-        scores, labels, masks, num_det, num_cand = module(padded)
+    expected, (scores, labels, masks, num_det, num_cand) = fixed_size_and_eager(
+        tied_scores_model(head_name), 5000
+    )
     n = int(num_det)
     assert n == len(expected) > 0 and len(torch.unique(expected.scores)) < n  # ties
     assert torch.equal(labels[:n], expected.pred_classes)
