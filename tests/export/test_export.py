@@ -28,7 +28,9 @@ from solo.export import (
     export_model,
     pad_image,
 )
+from solo.export.openvino import openvino_session
 from solo.modeling.nms import points_nms
+from solo.modeling.postprocess import SOLOPostProcessor
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
 
@@ -89,6 +91,66 @@ def test_fixed_size_postprocess_ranks_exact_ties_as_the_eager_postprocessor(head
     n = int(num_det)
     assert n == len(expected) > 0 and len(torch.unique(expected.scores)) < n  # ties
     assert torch.equal(labels[:n], expected.pred_classes)
+
+
+class CrossScoreTie(torch.nn.Module):
+    """One level of 4x4 cells, 2 classes: candidate A (cell 0, class 0) scores 0.75 with a mask
+    of probability 1.0, candidate B (cell 1, class ``b_class``) scores 1.0 with a mask of 0.75
+    overlapping A's: both rescore to exactly 0.75, from different category scores. ``forward``
+    is the fixed-size post-processing (scores, labels, soft masks)."""
+
+    def __init__(self, b_class):
+        super().__init__()
+        logits = torch.full((1, 2, 4, 4), -20.0)
+        logits[0, 0, 0, 0] = 1.0986121892929077  # one float32 below log(3): sigmoid 0.75
+        assert logits[0, 0, 0, 0].sigmoid() == 0.75
+        logits[0, b_class, 0, 1] = 20.0  # sigmoid: 1.0
+        table = torch.zeros((16, 16, 16))
+        table[0, :8, :8], table[1, :8, 4:12] = 1.0, 0.75
+        self.register_buffer("table", table)
+        self.logits = logits
+        self.post = SOLOPostProcessor(min_mask_areas=[0], nms_pre=500, max_per_image=100)
+
+    def eager(self):
+        probs = lambda image, levels, cells, size, out=None: self.table[cells]  # noqa: E731
+        (result,) = self.post([self.logits], probs, (64, 64), [(64, 64)], [(64, 64)])
+        return result.scores, result.pred_classes, result.pred_masks[:, 0, 0]
+
+    def forward(self, logits):
+        return self.post.fixed_size([logits], lambda levels, cells: self.table[cells], 100)[:3]
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("b_class", [0, 1])
+def test_ties_from_different_category_scores_rank_in_candidate_order_in_the_graph(
+    b_class, runtime, tmp_path
+):
+    """A tie after maskness rescoring between candidates of different category scores ranks
+    in candidate order in the graph as in eager inference (the K0 selection used to stay in
+    category-score order, so B came first, and with one class Matrix NMS decayed the other)."""
+    module = CrossScoreTie(b_class).eval()
+    scores, labels, top_left = module.eager()
+    assert scores.tolist()[0] == 0.75 and top_left.tolist()[0]  # A first
+    with torch.no_grad():
+        outputs = module(module.logits)
+    if runtime != "torch":
+        path = str(tmp_path / "tie.onnx")
+        with torch.no_grad():
+            torch.onnx.export(module, (module.logits,), path, input_names=["image"], dynamo=False)
+        if runtime == "onnxruntime":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+            outputs = session.run(None, {"image": module.logits.numpy()})
+        else:
+            pytest.importorskip("openvino", reason="openvino is not installed")
+            outputs = openvino_session(path, 1)[0](module.logits.numpy())
+        outputs = [torch.as_tensor(o) for o in outputs]
+    got_scores, got_labels, got_masks = outputs
+    n = len(scores)
+    assert torch.equal(got_labels[:n], labels)
+    torch.testing.assert_close(got_scores[:n], scores, atol=1e-6, rtol=0)
+    assert torch.equal(got_masks[:n, 0, 0] > 0.5, top_left)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])

@@ -2,6 +2,7 @@
 inference, CPU."""
 
 import json
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from helpers import (
     tiny_cfg,
 )
 from solo.export import ExportedModel, ExportError, compare_predictions, export_model
+from solo.export.openvino import _stable_top_k
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[export])")
 openvino = pytest.importorskip(
@@ -69,6 +71,23 @@ def test_openvino_ranks_exact_ties_as_eager(tmp_path):
     (actual,) = [r["instances"] for r in exported(inputs)]
     assert len(torch.unique(expected.scores)) < len(expected)  # ties
     assert torch.equal(actual.pred_classes, expected.pred_classes)
+
+
+def test_openvino_topk_of_an_older_operation_set_is_replaced_by_a_stable_one():
+    """A TopK without the ``stable`` attribute (operation set 3, as older readers and IR files
+    hold) is swapped for a stable set-11 TopK with the same attributes."""
+    from openvino import opset3
+
+    x = opset3.parameter([1800], np.float32, name="x")
+    top = opset3.topk(x, np.int64(1800), axis=0, mode="max", sort="value")
+    model = openvino.Model([opset3.result(top.output(1))], [x], "older_topk")
+    ties = np.ones(1800, np.float32)
+    core = openvino.Core()
+    _stable_top_k(model)
+    (replaced,) = [op for op in model.get_ordered_ops() if op.get_type_name() == "TopK"]
+    assert replaced.get_type_info().version_id == "opset11"
+    assert replaced.get_attributes()["stable"] and replaced.get_attributes()["sort"] == "value"
+    np.testing.assert_array_equal(core.compile_model(model, "CPU")(ties)[0], np.arange(1800))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "f16"])

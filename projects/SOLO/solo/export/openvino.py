@@ -1,7 +1,8 @@
 """Running exported ONNX files with OpenVINO's CPU runtime (``ExportedModel(runtime="openvino")``).
 
-OpenVINO reads the ONNX file written by :func:`solo.export.export_model` unchanged (also an INT8
-file written by :mod:`solo.export.quantize`). ``precision`` is OpenVINO's
+OpenVINO reads the ONNX file written by :func:`solo.export.export_model` (also an INT8 file
+written by :mod:`solo.export.quantize`); its TopK nodes are then made stable, so that exact ties
+rank by lower index as ONNX specifies. ``precision`` is OpenVINO's
 ``INFERENCE_PRECISION_HINT``: ``f32`` computes in float32 like ONNX Runtime (the default, and
 set explicitly because OpenVINO otherwise picks bf16 on CPUs that have it); ``bf16`` and ``f16``
 are opt-in and refused on a CPU without them (``OPTIMIZATION_CAPABILITIES``).
@@ -31,24 +32,28 @@ def read_onnx_metadata(path: str) -> str:
     return next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), "")
 
 
-def _stable_top_k(model, path: str) -> None:
-    """Make every TopK of an OpenVINO ``model`` (read from ``path``) break exact ties by lower
-    index, as ONNX's TopK specifies and as the eager post-processor ranks them (its ONNX reader
-    leaves OpenVINO's default, unstable order: tied classes of a cell came out permuted).
+def _stable_top_k(model) -> None:
+    """Make every TopK of an OpenVINO ``model`` break exact ties by lower index, as ONNX's TopK
+    specifies and as the eager post-processor ranks them: OpenVINO's ONNX reader leaves its
+    default, unstable order (tied classes of a cell came out permuted). A TopK of an operation
+    set before 11, which has no ``stable`` attribute, is replaced by a stable set-11 TopK with
+    the same inputs and attributes."""
+    from openvino import opset11
 
-    Raises:
-        ExportError: a TopK without the ``stable`` attribute (OpenVINO older than opset 11).
-    """
     for op in model.get_ordered_ops():
         if op.get_type_name() != "TopK":
             continue
-        if "stable" not in op.get_attributes():
-            raise ExportError(
-                f"OpenVINO read {path} with a TopK of version {op.get_type_info().version_id}, "
-                "which has no stable (index) order for ties: install openvino>=2024.0 (the "
-                "export extra)."
-            )
-        op.set_attribute("stable", True)
+        attributes = op.get_attributes()
+        if "stable" in attributes:
+            op.set_attribute("stable", True)
+            continue
+        stable = opset11.topk(
+            op.input_value(0), op.input_value(1), attributes["axis"], attributes["mode"],
+            attributes["sort"], attributes.get("index_element_type", "i32"), stable=True,
+        )  # fmt: skip
+        for old, new in zip(op.outputs(), stable.outputs()):
+            for target in old.get_target_inputs():
+                target.replace_source_output(new)
 
 
 def openvino_session(
@@ -92,7 +97,7 @@ def openvino_session(
         )
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(num_threads)}
     model = core.read_model(path)
-    _stable_top_k(model, path)
+    _stable_top_k(model)
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 

@@ -25,7 +25,7 @@ __all__ = [
     "masks_and_sums",
     "pooled_top_k",
     "ranked",
-    "ranked_candidates",
+    "selected_candidates",
     "top_k",
     "unique_with_first",
 ]
@@ -268,15 +268,12 @@ def ranked(values: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return values[:k], indices[:k]
 
 
-def ranked_candidates(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`ranked` for the K0 best of every (cell, class) pair: ``topk`` selects them (far
-    cheaper than sorting every pair), then :func:`ranked` orders them. Which of the pairs
-    tied with the k-th score are selected stays ``topk``'s choice; whenever the candidates (pairs
-    above the score threshold) fit in K0, those pairs score at most the threshold and are
-    padding."""
+def selected_candidates(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k best of (N,) ``scores`` (every (cell, class) pair) and their indices, in index
+    order (candidate order), so that later :func:`ranked` ties follow candidate order as in the
+    eager pool. ``topk`` selects them (far cheaper than sorting every pair); which of the pairs
+    tied with the k-th score are selected stays its choice: whenever the candidates (pairs above
+    the score threshold) fit in K0, those pairs score at most the threshold and are padding."""
     values, indices = scores.topk(k)
-    if torch.onnx.is_in_onnx_export():
-        return values, indices
-    by_index = torch.argsort(indices)
-    values, order = ranked(values[by_index], k)
-    return values, indices[by_index][order]
+    indices, order = indices.sort()  # distinct: no tie to break
+    return values[order], indices

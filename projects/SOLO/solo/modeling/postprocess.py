@@ -25,11 +25,11 @@ tensor (rows of the chunk's probabilities with one chunk, else computed again in
 MB at 800x1216, 300 MB at 3000x4000 with 100 instances, in a kept buffer only within
 ``CHUNK_BYTES``.
 
-Ties and chunking: exact score ties (a cell's classes share its mask) rank in candidate order
-(cell, then class), whatever the chunking, here and in :meth:`SOLOPostProcessor.fixed_size`. A
-chunk size can still change a score's sixth digit: products over another number of rows may
-round a probability by one ulp (BLAS blocks rows by their count), flipping a pixel at
-``mask_thresh``.
+Ties and chunking: exact ties of the rescored score rank in candidate order (cell, then class),
+whatever the chunking, here and in :meth:`SOLOPostProcessor.fixed_size` (final order: decayed
+score, then that rank). A chunk size can still change a score's sixth digit: products over
+another number of rows may round a probability by one ulp (BLAS blocks rows by their count),
+flipping a pixel at ``mask_thresh``.
 
 Observability (stable names, read by ``tools/benchmark.py``): the stages run inside
 ``torch.profiler.record_function`` ranges
@@ -65,7 +65,7 @@ from .candidate_pool import (
     masks_and_sums,
     pooled_top_k,
     ranked,
-    ranked_candidates,
+    selected_candidates,
     top_k,
     unique_with_first,
 )
@@ -412,7 +412,7 @@ class SOLOPostProcessor:
         # Static top K0 over every (cell, class) pair: the official candidates are those above
         # the threshold, marked valid; the rest of the K0 is padding that cannot survive.
         k0 = min(max_candidates, flat.numel())
-        cand_scores, pairs = ranked_candidates(flat, k0)
+        cand_scores, pairs = selected_candidates(flat, k0)
         valid = cand_scores > self.score_thresh
         cells_per_level = [x.shape[-2] * x.shape[-1] for x in cate_logits]
         levels, cells = split_cells(pairs // num_classes, cells_per_level)
