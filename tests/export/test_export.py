@@ -153,6 +153,35 @@ def test_ties_from_different_category_scores_rank_in_candidate_order_in_the_grap
     assert torch.equal(got_masks[:n, 0, 0] > 0.5, top_left)
 
 
+def test_a_nan_category_logit_takes_no_k0_slot_from_a_candidate():
+    """NaN is no candidate (NaN > SCORE_THRESH is False) but ``topk`` ranks it first: with K0 =
+    the number of candidates it used to push the one candidate out of the graph's K0."""
+    module = CrossScoreTie(1)
+    module.logits[0, 0, 1, 1] = float("nan")
+    module.logits[0, 1, 3, 3] = float("nan")
+    scores, labels, _ = module.eager()
+    assert len(scores) == 2
+    with torch.no_grad():
+        got_scores, got_labels, _, num_det, num_cand = module.post.fixed_size(
+            [module.logits], lambda levels, cells: module.table[cells], 2
+        )
+    assert int(num_cand) == 2 and int(num_det) == 2
+    assert torch.equal(got_labels[:2], labels) and torch.equal(got_scores[:2], scores)
+
+
+def test_every_onnx_topk_has_a_constant_k(tmp_path):
+    """TensorRT's ONNX parser wants TopK's K as an initializer: the K0 selection's index sort
+    is a TopK of constant K too (a sort exported one with K read from a shape)."""
+    onnx = pytest.importorskip("onnx")
+    path = export_model(forced_model("SOLOv2Head"), "onnx", str(tmp_path), max_candidates=300)
+    graph = onnx.load(path).graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    top_ks = [n for n in graph.node if n.op_type == "TopK"]
+    assert len(top_ks) == 4
+    assert all(n.input[1] in constants for n in top_ks), [n.input[1] for n in top_ks]
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
 def test_exported_files_rank_exact_ties_as_eager(fmt, tmp_path):
     model = tied_scores_model("SOLOv2Head")

@@ -90,6 +90,23 @@ def test_openvino_topk_of_an_older_operation_set_is_replaced_by_a_stable_one():
     np.testing.assert_array_equal(core.compile_model(model, "CPU")(ties)[0], np.arange(1800))
 
 
+def test_openvino_topk_without_sorting_is_left_as_it_is():
+    """A TopK with ``sort="none"`` asks for no order (OpenVINO refuses ``stable`` there): it is
+    neither replaced nor set stable, and the model still compiles."""
+    from openvino import opset3, opset11
+
+    x = opset3.parameter([8], np.float32, name="x")
+    older = opset3.topk(x, np.int64(3), axis=0, mode="max", sort="none")
+    newer = opset11.topk(x, np.int64(3), axis=0, mode="max", sort="none")
+    outputs = [opset3.result(older.output(0)), opset3.result(newer.output(0))]
+    model = openvino.Model(outputs, [x], "unsorted_topk")
+    _stable_top_k(model)
+    top_ks = [op for op in model.get_ordered_ops() if op.get_type_name() == "TopK"]
+    assert sorted(op.get_type_info().version_id for op in top_ks) == ["opset11", "opset3"]
+    assert not any(op.get_attributes().get("stable") for op in top_ks)
+    openvino.Core().compile_model(model, "CPU")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "f16"])
 def test_openvino_reduced_precision_runs_where_the_cpu_has_it(precision, tmp_path):
     """bf16/f16 are opt-in: on a CPU with the capability they run (same number of outputs,

@@ -44,6 +44,8 @@ def _stable_top_k(model) -> None:
         if op.get_type_name() != "TopK":
             continue
         attributes = op.get_attributes()
+        if attributes.get("sort") == "none":  # no order asked for (OpenVINO refuses stable)
+            continue
         if "stable" in attributes:
             op.set_attribute("stable", True)
             continue

@@ -275,5 +275,6 @@ def selected_candidates(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, tor
     tied with the k-th score are selected stays its choice: whenever the candidates (pairs above
     the score threshold) fit in K0, those pairs score at most the threshold and are padding."""
     values, indices = scores.topk(k)
-    indices, order = indices.sort()  # distinct: no tie to break
+    # Distinct, so no tie to break; topk rather than sort: ONNX gets a constant K.
+    indices, order = indices.topk(k, largest=False)
     return values[order], indices

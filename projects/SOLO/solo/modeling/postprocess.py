@@ -407,7 +407,10 @@ class SOLOPostProcessor:
         scores = grid_scores(cate_logits)[0]  # (sum S^2, C)
         num_classes = scores.shape[1]
         flat = scores.flatten()
-        num_candidates = (flat > self.score_thresh).sum()
+        above = flat > self.score_thresh
+        num_candidates = above.sum()
+        # Pairs that are no candidates (a NaN score among them: topk ranks NaN first) rank last.
+        flat = torch.where(above, flat, float("-inf"))
 
         # Static top K0 over every (cell, class) pair: the official candidates are those above
         # the threshold, marked valid; the rest of the K0 is padding that cannot survive.
