@@ -20,10 +20,8 @@ Memory stays bounded: candidate masks are computed in chunks of at most ``chunk_
 distinct candidate cells and ``candidate_pool.CHUNK_BYTES`` of float masks (on CPU written into
 a buffer kept between calls, :class:`candidate_pool.ChunkBuffers`), keeping only the best
 ``nms_pre`` so far, and the final full-resolution masks are produced chunk by chunk as booleans.
-The final instances' stride-4 soft masks are one (up to ``max_per_image``, h/4, w/4) float
-tensor (rows of the chunk's probabilities with one chunk, else computed again in one call): 24
-MB at 800x1216, 300 MB at 3000x4000 with 100 instances, in a kept buffer only within
-``CHUNK_BYTES``.
+The final instances' stride-4 soft masks are one (<= ``max_per_image``, h/4, w/4) float tensor
+(24 MB at 800x1216, 300 MB at 3000x4000 for 100 instances; kept only within ``CHUNK_BYTES``).
 
 Ties and chunking: exact ties of the rescored score rank in candidate order (cell, then class),
 whatever the chunking, here and in :meth:`SOLOPostProcessor.fixed_size` (final order: decayed
@@ -409,11 +407,11 @@ class SOLOPostProcessor:
         flat = scores.flatten()
         above = flat > self.score_thresh
         num_candidates = above.sum()
-        # Pairs that are no candidates (a NaN score among them: topk ranks NaN first) rank last.
-        flat = torch.where(above, flat, float("-inf"))
 
         # Static top K0 over every (cell, class) pair: the official candidates are those above
-        # the threshold, marked valid; the rest of the K0 is padding that cannot survive.
+        # the threshold, marked valid; the rest of the K0 is padding that cannot survive, -inf
+        # so that it ranks last (a NaN score, which topk ranks first, too).
+        flat = torch.where(above, flat, float("-inf"))
         k0 = min(max_candidates, flat.numel())
         cand_scores, pairs = selected_candidates(flat, k0)
         valid = cand_scores > self.score_thresh
